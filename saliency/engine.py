@@ -1,0 +1,456 @@
+"""One forward, one batched backward, many methods and many targets.
+
+All hook handling lives here. The user's model is only ever touched through forward hooks that are
+removed in ``finally`` and through the train/eval flags, which are restored in ``finally``: after
+``explain`` returns or raises, the model is bit-identical and hook-free. ReLUs are routed through a
+``TorchFunctionMode`` instead of module hooks, so in-place ReLUs, ReLU modules reused within one
+forward (torchvision's Bottleneck) and functional ``F.relu`` calls are all handled the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+CHANNEL_REDUCTIONS = ("sum", "abs_sum", "abs_max", "none")
+PROPAGATION_POLICIES = ("signed", "pos")
+BIAS_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------------------------- ReLU rules
+def _row_percentile(values: Tensor, q: float) -> Tensor:
+    """Per-sample q-th percentile (numpy's linear interpolation) over all but the first dim."""
+    flat = values.flatten(1).sort(dim=1).values
+    pos = (flat.shape[1] - 1) * q / 100.0
+    lo, frac = int(pos), pos - int(pos)
+    hi = min(lo + 1, flat.shape[1] - 1)
+    tau = flat[:, lo] + frac * (flat[:, hi] - flat[:, lo])
+    return tau.view(-1, *([1] * (values.dim() - 1)))
+
+
+def _relu_backward(rule: str, out: Tensor, grad: Tensor, q: float) -> Tensor:
+    """The backward signal through a ReLU under a propagation rule (SPEC §1.3); ``out`` = ReLU output."""
+    if rule == "gradient":
+        return grad * (out > 0)
+    if rule == "guided_backprop":
+        return grad.clamp_min(0) * (out > 0)
+    if rule == "deconvnet":
+        return grad.clamp_min(0)
+    if rule in ("rectgrad", "rectgrad_abs"):
+        score = out * grad
+        if rule == "rectgrad_abs":
+            score = score.abs()
+        return grad * (score > _row_percentile(score, q))
+    raise ValueError(f"unknown ReLU rule {rule!r}")
+
+
+class _RuleReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, rule: str, positive: bool, q: float) -> Tensor:  # type: ignore[override]
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        ctx.rule, ctx.positive, ctx.q = rule, positive, q
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        grad_in = _relu_backward(ctx.rule, out, grad, ctx.q)
+        if ctx.positive:
+            grad_in = grad_in.clamp_min(0)
+        return grad_in, None, None, None
+
+
+_RELU_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+
+
+class _ReLURouting(TorchFunctionMode):
+    """Makes every ReLU out-of-place (so captured tensors keep their values and gradients) and, when a
+    rule is given, gives it that rule's backward."""
+
+    def __init__(self, rule: str = "gradient", positive: bool = False, q: float = 98.0):
+        super().__init__()
+        self.rule, self.positive, self.q = rule, positive, q
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCS:
+            x = args[0]
+            if self.rule == "gradient" and not self.positive:
+                return torch.relu(x)
+            return _RuleReLU.apply(x, self.rule, self.positive, self.q)
+        return func(*args, **(kwargs or {}))
+
+
+# --------------------------------------------------------------------------------------------- passes
+@dataclass
+class Pass:
+    """What one forward + batched backward produced. Gradients carry a target axis T after the batch."""
+
+    logits: Tensor                       # B×classes
+    input_grad: Tensor                   # B×T×C×H×W
+    layer_act: Tensor | None = None      # B×K×h×w
+    layer_grad: Tensor | None = None     # B×T×K×h×w
+    bias_terms: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (bias K, grad B×T×K×h×w)
+
+
+@contextlib.contextmanager
+def evaluation(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (saliency explains the inference model; train-mode BatchNorm would also
+    update running statistics) and restore every module's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def implicit_bias(module: nn.Module) -> Tensor | None:
+    """The bias a layer adds, read now (randomised models change it): a conv's own bias, or
+    BatchNorm in eval mode folded to β − γ·μ/√(σ²+ε)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.running_mean is None:
+            return None  # batch statistics: not an affine map, so no implicit bias
+        scale = torch.rsqrt(module.running_var + module.eps)
+        weight = module.weight if module.weight is not None else torch.ones_like(scale)
+        bias = module.bias if module.bias is not None else torch.zeros_like(scale)
+        return (bias - module.running_mean * weight * scale).detach()
+    bias = getattr(module, "bias", None)
+    return bias.detach() if isinstance(bias, Tensor) else None
+
+
+def _batched_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """Gradients of each column of ``outputs`` (B×T) w.r.t. ``inputs``, stacked as B×T×…: one
+    backward with T batched grad_outputs (vmap); one backward per target where vmap cannot batch."""
+    batch, num_targets = outputs.shape
+    if num_targets == 1:
+        grads = torch.autograd.grad(outputs[:, 0].sum(), inputs, allow_unused=True)
+        return [None if g is None else g.unsqueeze(1) for g in grads]
+    eye = torch.eye(num_targets, dtype=outputs.dtype, device=outputs.device)
+    grad_outputs = eye[:, None, :].expand(num_targets, batch, num_targets)
+    try:
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True)
+    except RuntimeError:  # an op without a vmap rule: one backward per target instead
+        return _looped_grad(outputs, inputs)
+    return [None if g is None else g.transpose(0, 1) for g in grads]
+
+
+def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None = None,
+             bias_layers: bool = False, linear_biases: bool = False, rule: str = "gradient",
+             positive: bool = False, rectgrad_q: float = 98.0, batched: bool = True) -> Pass:
+    """One forward and one backward for all targets, capturing what the methods asked for.
+
+    ``targets`` is B×T. ``rule``/``positive`` set the ReLU backward (SPEC §1.3). The model must be in
+    eval mode already (``explain`` takes care of it).
+    """
+    captured: dict[str, Tensor] = {}
+    bias_calls: list[tuple[Tensor, Tensor]] = []
+    handles = []
+
+    def capture_layer(_module, _inputs, output):
+        if not isinstance(output, Tensor):
+            raise ValueError(f"layer {layer!r} returns {type(output).__name__}, not a tensor")
+        captured["act"] = output
+        return output.clone()  # later in-place ops act on the copy, never on what we differentiate
+
+    def capture_bias(module, _inputs, output):
+        bias = implicit_bias(module)
+        if bias is not None and isinstance(output, Tensor):
+            bias_calls.append((bias, output))
+
+    try:
+        if layer is not None:
+            handles.append(dict(model.named_modules())[layer].register_forward_hook(capture_layer))
+        if bias_layers or linear_biases:
+            kinds = BIAS_LAYER_TYPES + ((nn.Linear,) if linear_biases else ())
+            kinds = kinds if bias_layers else (nn.Linear,)
+            for module in model.modules():
+                if isinstance(module, kinds):
+                    handles.append(module.register_forward_hook(capture_bias))
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), _ReLURouting(rule, positive, rectgrad_q):
+            logits = model(x)
+            check_logits(logits)
+            check_targets(targets, logits.shape[1], x.shape[0])
+            selected = logits.gather(1, targets)
+            inputs = [x]
+            if layer is not None:
+                act = captured.get("act")
+                if act is None or act.dim() != 4:
+                    shape = None if act is None else tuple(act.shape)
+                    raise ValueError(f"layer {layer!r} gives output of shape {shape}; CAM methods need "
+                                     f"a convolutional layer whose output is B×K×h×w")
+                inputs.append(act)
+            inputs += [out for _, out in bias_calls]
+            if batched:
+                grads = _batched_grad(selected, inputs)
+            else:
+                grads = _looped_grad(selected, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = Pass(logits=logits.detach(), input_grad=grads[0])
+    rest = grads[1:]
+    if layer is not None:
+        result.layer_act, result.layer_grad = captured["act"].detach(), rest[0]
+        rest = rest[1:]
+    result.bias_terms = [(bias, g) for (bias, _), g in zip(bias_calls, rest) if g is not None]
+    return result
+
+
+def _looped_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    per_target = [torch.autograd.grad(outputs[:, t].sum(), inputs, retain_graph=True, allow_unused=True)
+                  for t in range(outputs.shape[1])]
+    return [None if per_target[0][i] is None else torch.stack([p[i] for p in per_target], dim=1)
+            for i in range(len(inputs))]
+
+
+def forward_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits without gradients, in eval mode (for choosing targets)."""
+    with torch.no_grad(), evaluation(model), _ReLURouting():
+        logits = model(x)
+    check_logits(logits)
+    return logits
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return logits of shape B×classes, got {shape}")
+    bad = (~torch.isfinite(logits)).any(dim=1)
+    if bad.any():
+        raise ValueError(f"the model produced non-finite logits (NaN/inf) for images "
+                         f"{bad.nonzero().flatten().tolist()}; no maps were computed")
+
+
+def check_targets(targets: Tensor, num_classes: int, batch: int) -> None:
+    if targets.shape[0] != batch:
+        raise ValueError(f"targets has {targets.shape[0]} rows but x has {batch} images")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"targets must be class indices in [0, {num_classes - 1}], "
+                         f"got values from {int(targets.min())} to {int(targets.max())}")
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+    return None
+
+
+def check_input(model: nn.Module, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor B×C×H×W, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dimensions B×C×H×W, got shape {tuple(x.shape)}")
+    channels = _input_channels(model)
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the model's first convolution expects "
+                         f"{channels}")
+
+
+def normalize_targets(targets, batch: int, device: torch.device) -> Tensor:
+    """B or B×T class indices → LongTensor B×T."""
+    t = torch.as_tensor(targets, device=device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class indices, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != batch or t.shape[1] == 0:
+        raise ValueError(f"targets must have shape B or B×T with B = {batch} and T ≥ 1, "
+                         f"got {tuple(t.shape)}")
+    return t.long()
+
+
+def default_cam_layer(model: nn.Module) -> str:
+    """The last Conv2d registered in the model (for torchvision CNNs: the last conv executed)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError("CAM methods need a convolutional layer, and the model has no nn.Conv2d; "
+                         "pass layer=<module name>")
+    return names[-1]
+
+
+def check_layer(model: nn.Module, layer: str) -> None:
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        raise ValueError(f"unknown layer {layer!r}; convolutional layers of this model: "
+                         f"{', '.join(convs[-8:])}{' …' if len(convs) > 8 else ''}")
+    if isinstance(modules[layer], (nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Dropout)):
+        raise ValueError(f"layer {layer!r} is a {type(modules[layer]).__name__}, not a convolutional "
+                         f"layer; CAM methods need a layer whose output is B×K×h×w")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def fingerprint(*parts: Tensor | int | str) -> int:
+    """A stable 63-bit seed from tensors' bytes and plain values (for model-/image-dependent noise)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, Tensor):
+            h.update(part.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def model_fingerprint(model: nn.Module) -> int:
+    """Changes whenever a parameter or buffer changes (randomised states), cheap to compute."""
+    sums = [t.detach().double().sum().reshape(1) for t in model.state_dict().values() if t.is_floating_point()]
+    return fingerprint(torch.cat(sums) if sums else torch.zeros(1))
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of …×h×w maps to size (half-pixel centres, like cv2.resize)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    lead = maps.shape[:-2]
+    out = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]), size=size, mode="bilinear",
+                        align_corners=False)
+    return out.reshape(*lead, *size)
+
+
+def reduce_channels(maps: Tensor, how: str) -> Tensor:
+    """B×T×C×H×W → B×T×H×W (or kept, for "none")."""
+    if how == "sum":
+        return maps.sum(dim=2)
+    if how == "abs_sum":
+        return maps.abs().sum(dim=2)
+    if how == "abs_max":
+        return maps.abs().amax(dim=2)
+    if how == "none":
+        return maps
+    raise ValueError(f"unknown channel_reduction {how!r}; allowed: {', '.join(CHANNEL_REDUCTIONS)}")
+
+
+# --------------------------------------------------------------------------------------------- context
+@dataclass
+class Options:
+    layer: str | None = None
+    channel_reduction: str = "sum"
+    propagation: str = "signed"
+    relu_map: bool = False
+    seed: int = 0
+    ig_steps: int = 32
+    ig_baseline: Tensor | float | None = None
+    sg_samples: int = 16
+    sg_noise: float = 0.15
+    rectgrad_q: float = 98.0
+    internal_batch_size: int = 64
+
+
+class Context:
+    """One explain call: the inputs, the options, and the passes shared between methods (cached)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, targets: Tensor, options: Options,
+                 needs_layer: bool, needs_biases: bool):
+        self.model, self.x, self.targets, self.options = model, x, targets, options
+        self._needs_layer, self._needs_biases = needs_layer, needs_biases
+        self._passes: dict[tuple, Pass] = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.x.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def positive_propagation(self) -> bool:
+        return self.options.propagation == "pos"
+
+    def shared_pass(self) -> Pass:
+        """The plain-gradient pass that serves gradient, input×gradient and every CAM variant."""
+        key = ("shared",)
+        if key not in self._passes:
+            self._passes[key] = run_pass(
+                self.model, self.x, self.targets,
+                layer=self.options.layer if self._needs_layer else None,
+                bias_layers=self._needs_biases, positive=self.positive_propagation,
+                rectgrad_q=self.options.rectgrad_q, batched=not self.positive_propagation)
+        return self._passes[key]
+
+    def rule_pass(self, rule: str) -> Pass:
+        """Input gradients under a modified ReLU backward (guided backprop, deconvnet, rectgrad)."""
+        key = ("rule", rule)
+        if key not in self._passes:
+            self._passes[key] = run_pass(self.model, self.x, self.targets, rule=rule,
+                                         positive=self.positive_propagation,
+                                         rectgrad_q=self.options.rectgrad_q, batched=False)
+        return self._passes[key]
+
+    def gradients_at(self, inputs: Tensor, repeats: int) -> Tensor:
+        """Input gradients at ``repeats`` perturbed copies of the batch, laid out (repeats·B)×C×H×W
+        with the copy index outermost; returns repeats×B×T×C×H×W. Chunked to bound memory."""
+        batch = self.x.shape[0]
+        targets = self.targets.repeat(repeats, 1)
+        chunk = max(batch, (self.options.internal_batch_size // batch) * batch)
+        grads = []
+        for start in range(0, inputs.shape[0], chunk):
+            p = run_pass(self.model, inputs[start:start + chunk], targets[start:start + chunk],
+                         positive=self.positive_propagation, batched=not self.positive_propagation)
+            grads.append(p.input_grad)
+        return torch.cat(grads).reshape(repeats, batch, *grads[0].shape[1:])
+
+
+# --------------------------------------------------------------------------------------------- explain
+def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=None,
+            layer: str | None = None, *, channel_reduction: str = "sum", propagation: str = "signed",
+            relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
+            sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
+            internal_batch_size: int = 64) -> dict[str, Tensor]:
+    """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
+
+    Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
+    (B×T×C×H×W for input-space methods when ``channel_reduction="none"``; CAM-style maps then get C=1).
+    Methods that need the same forward/backward share it. The model is left unchanged.
+    """
+    from saliency.methods import get_method  # the methods import this module
+
+    method_ids = [methods] if isinstance(methods, str) else list(methods)
+    if not method_ids:
+        raise ValueError("methods is empty; see saliency.available_methods()")
+    resolved = [get_method(m) for m in method_ids]
+    if channel_reduction not in CHANNEL_REDUCTIONS:
+        raise ValueError(f"unknown channel_reduction {channel_reduction!r}; allowed: "
+                         f"{', '.join(CHANNEL_REDUCTIONS)}")
+    if propagation not in PROPAGATION_POLICIES:
+        raise ValueError(f"unknown propagation {propagation!r}; allowed: {', '.join(PROPAGATION_POLICIES)}")
+    if not 0.0 <= rectgrad_q <= 100.0:
+        raise ValueError(f"rectgrad_q must be a percentile in [0, 100], got {rectgrad_q}")
+    check_input(model, x)
+    needs_layer = any(m.needs_layer for m in resolved)
+    if needs_layer:
+        layer = default_cam_layer(model) if layer is None else layer
+        check_layer(model, layer)
+    with evaluation(model):
+        if targets is None:
+            with torch.no_grad(), _ReLURouting():
+                targets = model(x).argmax(dim=1)
+        target_matrix = normalize_targets(targets, x.shape[0], x.device)
+        options = Options(layer=layer, channel_reduction=channel_reduction, propagation=propagation,
+                          relu_map=relu_map, seed=seed, ig_steps=ig_steps, ig_baseline=ig_baseline,
+                          sg_samples=sg_samples, sg_noise=sg_noise, rectgrad_q=rectgrad_q,
+                          internal_batch_size=internal_batch_size)
+        ctx = Context(model, x, target_matrix, options, needs_layer,
+                      any(m.needs_biases for m in resolved))
+        maps: dict[str, Tensor] = {}
+        for method_id, method in zip(method_ids, resolved):
+            result = method.compute(ctx)
+            if result.dim() == 5:
+                result = reduce_channels(result, channel_reduction)
+            elif channel_reduction == "none":
+                result = result.unsqueeze(2)
+            maps[method_id] = result.detach().to(torch.float32)
+    return maps
+
+
+MethodFn = Callable[[Context], Tensor]

@@ -1,0 +1,72 @@
+"""The method registry: ids (e.g. "gradcampp/signed") → method objects. One line per method."""
+from __future__ import annotations
+
+from saliency.methods.base import POLICIES, Method
+from saliency.methods.cam import FullGrad, GradCAM, GradCAMPlusPlus
+from saliency.methods.controls import EdgeSobel, RandomMap
+from saliency.methods.gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+from saliency.methods.lrp import LRP
+from saliency.methods.propagation import ReLURuleMethod
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.id in _REGISTRY:
+        raise ValueError(f"method id {method.id!r} is registered twice")
+    _REGISTRY[method.id] = method
+    return method
+
+
+def _register_policies(cls, name: str, family: str, default_policy: str) -> None:
+    """The bare id uses the published policy; "name/φ" exists for every φ (the paper's variants)."""
+    register(cls(id=name, family=family, policy=default_policy, default=True))
+    for policy in POLICIES:
+        register(cls(id=f"{name}/{policy}", family=family, policy=policy, default=False))
+
+
+register(Gradient(id="gradient", family="gradient"))
+register(InputXGradient(id="input_x_gradient", family="gradient"))
+register(IntegratedGradients(id="integrated_gradients", family="gradient"))
+register(SmoothGrad(id="smoothgrad", family="gradient"))
+_register_policies(GradCAM, "gradcam", "cam", "signed")
+_register_policies(GradCAMPlusPlus, "gradcampp", "cam", "pos")
+_register_policies(FullGrad, "fullgrad", "cam", "abs")
+register(ReLURuleMethod(id="guided_backprop", family="propagation", policy="pos", rule="guided_backprop"))
+register(ReLURuleMethod(id="deconvnet", family="propagation", policy="pos", rule="deconvnet"))
+register(ReLURuleMethod(id="rectgrad", family="propagation", policy="pos", rule="rectgrad"))
+register(ReLURuleMethod(id="rectgrad/abs", family="propagation", policy="abs", rule="rectgrad_abs",
+                        default=False))
+register(LRP(id="lrp_epsilon", family="lrp", policy="signed"))
+register(LRP(id="lrp_zplus", family="lrp", policy="pos"))
+register(LRP(id="lrp_alpha2beta1", family="lrp", policy="signed"))
+register(LRP(id="lrp_epsilon_plus_flat", family="lrp", policy="pos"))
+register(EdgeSobel(id="edge_sobel", family="control"))
+register(RandomMap(id="random", family="control"))
+
+#: The methods of the paper's experiments (the default run): bare ids, the policy variants of the
+#: aggregation methods, the propagation family and both controls.
+PAPER_METHODS = (
+    "gradient", "gradcam", "gradcampp", "gradcampp/signed", "gradcampp/abs",
+    "fullgrad", "fullgrad/signed", "fullgrad/pos", "guided_backprop", "rectgrad", "rectgrad/abs",
+    "lrp_epsilon", "lrp_zplus", "edge_sobel", "random",
+)
+
+
+def available_methods() -> list[str]:
+    """Every method id, including the policy variants."""
+    return list(_REGISTRY)
+
+
+def get_method(method_id: str) -> Method:
+    try:
+        return _REGISTRY[method_id]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown saliency method {method_id!r}; valid ids: "
+                         f"{', '.join(_REGISTRY)}") from None
+
+
+def method_table() -> list[dict]:
+    """id, family, policy, default (True for the bare, published-default ids)."""
+    return [{"id": m.id, "family": m.family, "policy": m.policy, "default": m.default}
+            for m in _REGISTRY.values()]

@@ -1,0 +1,55 @@
+"""What a saliency method is, and the gradient-handling policies φ of SPEC §1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from saliency.engine import Context
+
+POLICIES = ("signed", "pos", "abs", "neg")
+
+
+def apply_policy(values: Tensor, policy: str) -> Tensor:
+    """φ: signed = identity, pos = ReLU, abs = |·|, neg = −ReLU(−·)."""
+    if policy == "signed":
+        return values
+    if policy == "pos":
+        return values.clamp_min(0)
+    if policy == "abs":
+        return values.abs()
+    if policy == "neg":
+        return values.clamp_max(0)
+    raise ValueError(f"unknown gradient policy {policy!r}; allowed: {', '.join(POLICIES)}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A saliency method: ``compute(ctx)`` returns B×T×C×H×W (input space) or B×T×H×W maps.
+
+    ``needs_layer``/``needs_biases`` tell the engine what the shared pass must capture so that one
+    forward and one backward serve every method of the call.
+    """
+
+    id: str
+    family: str
+    policy: str | None = None
+    default: bool = True
+    needs_layer: bool = False
+    needs_biases: bool = False
+
+    def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
+        raise NotImplementedError
+
+
+def min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Rescale each map (over its last two dims) to [0, 1], as FullGrad's ψ (eps as pytorch-grad-cam)."""
+    shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (eps + shifted.amax(dim=(-2, -1), keepdim=True))
+
+
+def stable_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))

@@ -1,0 +1,100 @@
+"""Aggregation family (SPEC §1.2): GradCAM, GradCAM++ and FullGrad, each under every policy φ.
+
+The policy is where "positive aggregation" happens: GradCAM++ (φ = pos) and FullGrad (φ = abs)
+keep only positive or absolute layer gradients. All variants read the same shared pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saliency.methods.base import Method, apply_policy, min_max
+
+GRADCAMPP_EPS = 1e-6
+
+
+def _weighted_sum(weights: Tensor, act: Tensor) -> Tensor:
+    """Σ_k w_k A^k: weights B×T×K, activations B×K×h×w → B×T×h×w."""
+    return torch.einsum("btk,bkhw->bthw", weights, act)
+
+
+def _finish(ctx, cam: Tensor) -> Tensor:
+    from saliency.engine import upsample
+
+    cam = upsample(cam, ctx.size)
+    return cam.clamp_min(0) if ctx.options.relu_map else cam
+
+
+@dataclass(frozen=True)
+class GradCAM(Method):
+    """w_k = mean_ij φ(g^k_ij)."""
+
+    needs_layer: bool = True
+
+    def compute(self, ctx) -> Tensor:
+        p = ctx.shared_pass()
+        weights = apply_policy(p.layer_grad, self.policy).mean(dim=(-2, -1))
+        return _finish(ctx, _weighted_sum(weights, p.layer_act))
+
+
+def gradcampp_alpha(act: Tensor, grad: Tensor) -> Tensor:
+    """Closed-form GradCAM++ coefficients α = g² / (2g² + Σ_ab A_ab·g³ + ε), 0 where g = 0.
+
+    act B×K×h×w, grad B×T×K×h×w → α B×T×K×h×w."""
+    g2 = grad * grad
+    act_sum = act.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)
+    alpha = g2 / (2 * g2 + act_sum * g2 * grad + GRADCAMPP_EPS)
+    return torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+
+
+@dataclass(frozen=True)
+class GradCAMPlusPlus(Method):
+    """w_k = Σ_ij α^k_ij φ(g^k_ij)."""
+
+    needs_layer: bool = True
+
+    def compute(self, ctx) -> Tensor:
+        p = ctx.shared_pass()
+        alpha = gradcampp_alpha(p.layer_act, p.layer_grad)
+        weights = (alpha * apply_policy(p.layer_grad, self.policy)).sum(dim=(-2, -1))
+        return _finish(ctx, _weighted_sum(weights, p.layer_act))
+
+
+@dataclass(frozen=True)
+class FullGrad(Method):
+    """ψ(x ⊙ ∇_x y) + Σ_layers Σ_channels ψ(b ⊙ ∇_b y), ψ = φ then per-map min-max, then upsampling.
+
+    Biases are those of every Conv2d and BatchNorm2d (folded), read at call time. Min-max is taken
+    per (image, target, channel) at the layer's resolution; as upsampling is linear, channels are
+    summed before upsampling once per layer (equal to upsampling each channel, far cheaper).
+    """
+
+    needs_biases: bool = True
+
+    def compute(self, ctx) -> Tensor:
+        from saliency.engine import upsample
+
+        p = ctx.shared_pass()
+        input_term = ctx.x.unsqueeze(1) * p.input_grad
+        total = min_max(apply_policy(input_term, self.policy)).sum(dim=2)
+        for bias, grad in p.bias_terms:
+            term = apply_policy(bias.view(1, 1, -1, 1, 1) * grad, self.policy)
+            total = total + upsample(min_max(term).sum(dim=2), ctx.size)
+        return _finish(ctx, total)
+
+
+def fullgrad_completeness(model, x: Tensor, targets) -> tuple[Tensor, Tensor]:
+    """(y_c, Σ x⊙∇_x y_c + Σ b⊙∇_b y_c) per image and target, the raw terms of FullGrad with every
+    bias included (conv, folded BatchNorm and Linear). Equal for piecewise-linear ReLU networks."""
+    from saliency.engine import evaluation, normalize_targets, run_pass
+
+    t = normalize_targets(targets, x.shape[0], x.device)
+    with evaluation(model):
+        p = run_pass(model, x, t, bias_layers=True, linear_biases=True)
+    total = (x.unsqueeze(1) * p.input_grad).flatten(2).sum(dim=2)
+    for bias, grad in p.bias_terms:
+        shape = (1, 1, -1) + (1,) * (grad.dim() - 3)
+        total = total + (bias.view(shape) * grad).flatten(2).sum(dim=2)
+    return p.logits.gather(1, t), total

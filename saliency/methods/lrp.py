@@ -1,0 +1,80 @@
+"""Layer-wise relevance propagation through zennit (SPEC §1.3).
+
+Rules and canonizers are zennit's: BatchNorm is merged into the preceding convolution and ResNet
+residual sums become explicit modules that split relevance. The relevance at the logits starts as
+y_c (not 1), so for a bias-free network under ε/z⁺ the input relevance sums to the logit.
+Everything runs on a private copy: zennit's canonizers edit the model they are given.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saliency.methods.base import Method
+
+EPSILON = 1e-6
+
+
+def composite(name: str, canonizers: list):
+    """The zennit composite for one of our LRP ids."""
+    from zennit import composites, rules, types
+
+    if name == "lrp_epsilon_plus_flat":
+        return composites.EpsilonPlusFlat(epsilon=EPSILON, canonizers=canonizers)
+    layer_rule = {"lrp_epsilon": lambda: rules.Epsilon(epsilon=EPSILON),
+                  "lrp_zplus": rules.ZPlus,
+                  "lrp_alpha2beta1": lambda: rules.AlphaBeta(alpha=2.0, beta=1.0)}[name]
+    layer_map = composites.layer_map_base() + [(types.Convolution, layer_rule()),
+                                               (torch.nn.Linear, layer_rule())]
+    return composites.LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
+
+
+def canonizers_for(model: nn.Module) -> list:
+    """zennit's canonizer for torchvision ResNets and VGGs, generic BatchNorm merging otherwise."""
+    from torchvision.models import VGG, ResNet
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    if isinstance(model, ResNet):
+        return [ResNetCanonizer()]
+    if isinstance(model, VGG):
+        return [VGGCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode with out-of-place ReLUs (zennit hooks modules; in-place outputs break them)."""
+    clone = copy.deepcopy(model).eval()
+    for module in clone.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return clone
+
+
+def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str) -> Tensor:
+    """Input relevance B×T×C×H×W for targets B×T, starting from R = y_c at the target logit."""
+    clone = private_copy(model)
+    comp = composite(name, canonizers_for(clone))
+    inputs = x.detach().requires_grad_(True)
+    with torch.enable_grad(), comp.context(clone) as modified:
+        logits = modified(inputs)
+        relevance = []
+        for t in range(targets.shape[1]):
+            start = torch.zeros_like(logits)
+            start.scatter_(1, targets[:, t:t + 1], logits.gather(1, targets[:, t:t + 1]).detach())
+            (grad,) = torch.autograd.grad(logits, inputs, grad_outputs=start,
+                                          retain_graph=t + 1 < targets.shape[1])
+            relevance.append(grad)
+    return torch.stack(relevance, dim=1)
+
+
+@dataclass(frozen=True)
+class LRP(Method):
+    def compute(self, ctx) -> Tensor:
+        if ctx.positive_propagation:
+            raise ValueError(f"{self.id} has its own propagation rules; propagation='pos' applies to "
+                             f"gradient-based methods only")
+        return lrp_relevance(ctx.model, ctx.x, ctx.targets, self.id)

@@ -1,0 +1,95 @@
+"""Small seeded models shared by the tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+from torch import nn
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    _randomise_batchnorm(model)
+    return model.eval()
+
+
+def vgg16(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(num_classes=num_classes)
+    return model.eval()
+
+
+def vgg11_bn(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11_bn(num_classes=num_classes)
+    _randomise_batchnorm(model)
+    return model.eval()
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Give BatchNorm non-trivial statistics and affine parameters, like a trained network."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+class SmallCNN(nn.Module):
+    """VGG-style with BatchNorm, in-place ReLUs, a reused ReLU module and a functional relu."""
+
+    def __init__(self, channels: int = 3, classes: int = 5, bias: bool = True, batchnorm: bool = True):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1, bias=bias)
+        self.bn1 = norm(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=bias)
+        self.bn2 = norm(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=bias)
+        self.relu = nn.ReLU(inplace=True)  # reused twice below
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32, bias=bias)
+        self.fc2 = nn.Linear(32, classes, bias=bias)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.pool(self.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.conv3(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.fc2(nn.functional.relu(self.fc1(x)))
+
+
+def small_cnn(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallCNN(**kw)
+    _randomise_batchnorm(model)
+    return model.eval()
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """A copy whose ReLU modules are out-of-place and distinct per call site (what hook-based
+    libraries such as captum and pytorch-grad-cam need to give correct answers)."""
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return clone
+
+
+def state_snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_model_untouched(model: nn.Module, snapshot: dict, training: bool = False) -> None:
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for key, value in snapshot.items():
+        assert torch.equal(state[key], value), key
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, module
+        assert not module._backward_hooks and not getattr(module, "_backward_pre_hooks", {}), module
+        assert module.training == training

@@ -1,0 +1,167 @@
+"""Our maps against the field's reference implementations (captum, pytorch-grad-cam, zennit)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import saliency
+from models_for_tests import resnet18, small_cnn, vgg11_bn, vgg16, without_inplace
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def assert_close_to_max(ours: torch.Tensor, theirs: torch.Tensor, atol: float = 1e-5) -> None:
+    """|ours − theirs| ≤ atol · max|theirs|, per image."""
+    for a, b in zip(ours, theirs):
+        scale = b.abs().max().clamp_min(1e-12)
+        assert float((a - b).abs().max() / scale) <= atol
+
+
+@pytest.fixture(scope="module")
+def resnet_case():
+    model = resnet18()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return model, x, torch.tensor([3, 7])
+
+
+@pytest.fixture(scope="module")
+def vgg_case():
+    model = vgg16()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return model, x, torch.tensor([1, 4])
+
+
+CAPTUM = {
+    "gradient": lambda m: captum_attr.Saliency(m),
+    "input_x_gradient": lambda m: captum_attr.InputXGradient(m),
+    "guided_backprop": lambda m: captum_attr.GuidedBackprop(m),
+    "deconvnet": lambda m: captum_attr.Deconvolution(m),
+}
+
+
+@pytest.mark.parametrize("case", ["resnet_case", "vgg_case"])
+@pytest.mark.parametrize("method", list(CAPTUM))
+def test_gradient_family_equals_captum(request, case, method):
+    model, x, targets = request.getfixturevalue(case)
+    ours = saliency.explain(model, x, [method], targets, channel_reduction="none")[method][:, 0]
+    oracle = CAPTUM[method](without_inplace(model))
+    kwargs = {"abs": False} if method == "gradient" else {}
+    theirs = oracle.attribute(x.clone().requires_grad_(), target=targets, **kwargs).detach()
+    assert_close_to_max(ours, theirs)
+
+
+@pytest.mark.parametrize("case", ["resnet_case", "vgg_case"])
+def test_integrated_gradients_equals_captum(request, case):
+    model, x, targets = request.getfixturevalue(case)
+    steps = 6
+    ours = saliency.explain(model, x, "integrated_gradients", targets, channel_reduction="none",
+                            ig_steps=steps)["integrated_gradients"][:, 0]
+    theirs = captum_attr.IntegratedGradients(model).attribute(
+        x, baselines=0.0, target=targets, n_steps=steps, method="riemann_right").detach()
+    assert_close_to_max(ours, theirs)
+
+
+# ------------------------------------------------------------------------------- pytorch-grad-cam
+def _grad_cam_raw(cam_class, model, layer_module, x, targets):
+    """pytorch-grad-cam's CAM before its ReLU and min-max, at the layer's resolution."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = cam_class(model=model, target_layers=[layer_module])
+    try:
+        cam_targets = [ClassifierOutputTarget(int(c)) for c in targets]
+        outputs = cam.activations_and_grads(x)
+        model.zero_grad()
+        sum(t(o) for t, o in zip(cam_targets, outputs)).backward()
+        acts = cam.activations_and_grads.activations[0].numpy()
+        grads = cam.activations_and_grads.gradients[0].numpy()
+        return torch.from_numpy(cam.get_cam_image(x, layer_module, cam_targets, acts, grads))
+    finally:
+        cam.activations_and_grads.release()
+
+
+def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return [float(np.corrcoef(u.flatten().double().numpy(), v.flatten().double().numpy())[0, 1])
+            for u, v in zip(a, b)]
+
+
+@pytest.mark.parametrize("model_fn,size", [(resnet18, 224), (vgg11_bn, 64)])
+@pytest.mark.parametrize("method,cam_name", [("gradcam", "GradCAM"), ("gradcampp", "GradCAMPlusPlus")])
+def test_cams_agree_with_pytorch_grad_cam(model_fn, size, method, cam_name):
+    import pytorch_grad_cam
+
+    model = model_fn()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    targets = torch.tensor([0, 5])
+    layer = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    ours = saliency.explain(model, x, method, targets, layer=layer)[method][:, 0]
+    oracle_model = without_inplace(model)
+    raw = _grad_cam_raw(getattr(pytorch_grad_cam, cam_name), oracle_model,
+                        dict(oracle_model.named_modules())[layer], x, targets)
+    theirs = F.interpolate(raw[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    assert min(_pearson_per_image(ours, theirs)) >= 0.999
+    assert_close_to_max(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_fn,size", [(resnet18, 224), (vgg11_bn, 64)])
+def test_fullgrad_agrees_with_pytorch_grad_cam(model_fn, size):
+    from pytorch_grad_cam import FullGrad
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = model_fn()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([2, 8])
+    ours = saliency.explain(model, x, "fullgrad", targets)["fullgrad"][:, 0]
+    oracle_model = without_inplace(model)
+    cam = FullGrad(model=oracle_model, target_layers=[])
+    try:
+        cam_targets = [ClassifierOutputTarget(int(c)) for c in targets]
+        x_in = x.clone().requires_grad_(True)
+        outputs = cam.activations_and_grads(x_in)
+        sum(t(o) for t, o in zip(cam_targets, outputs)).backward()
+        theirs = torch.from_numpy(cam.compute_cam_per_layer(x_in, cam_targets, False))[:, 0]
+    finally:
+        cam.activations_and_grads.release()
+    assert min(_pearson_per_image(ours, theirs)) >= 0.999
+    assert_close_to_max(ours, theirs, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- zennit
+LRP_COMPOSITES = ["lrp_epsilon", "lrp_zplus", "lrp_alpha2beta1", "lrp_epsilon_plus_flat"]
+
+
+def _zennit_relevance(model, x, targets, method):
+    from torchvision.models import ResNet, VGG
+    from zennit import composites, rules, types
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    canonizers = ([ResNetCanonizer()] if isinstance(model, ResNet) else
+                  [VGGCanonizer()] if isinstance(model, VGG) else [SequentialMergeBatchNorm()])
+    if method == "lrp_epsilon_plus_flat":
+        composite = composites.EpsilonPlusFlat(epsilon=1e-6, canonizers=canonizers)
+    else:
+        rule = {"lrp_epsilon": lambda: rules.Epsilon(epsilon=1e-6), "lrp_zplus": rules.ZPlus,
+                "lrp_alpha2beta1": lambda: rules.AlphaBeta(2.0, 1.0)}[method]
+        composite = composites.LayerMapComposite(
+            layer_map=composites.layer_map_base() + [(types.Convolution, rule()), (torch.nn.Linear, rule())],
+            canonizers=canonizers)
+    def start(logits):  # relevance y_c at the target logit of the (canonized) model
+        return torch.zeros_like(logits).scatter_(1, targets[:, None], logits.gather(1, targets[:, None]))
+
+    with Gradient(model=model, composite=composite) as attributor:
+        _, relevance = attributor(x, start)
+    return relevance
+
+
+@pytest.mark.parametrize("model_fn,size", [(resnet18, 96), (vgg11_bn, 64), (small_cnn, 16)])
+@pytest.mark.parametrize("method", LRP_COMPOSITES)
+def test_lrp_equals_zennit(model_fn, size, method):
+    model = model_fn()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    targets = torch.tensor([1, 3])
+    ours = saliency.explain(model, x, method, targets, channel_reduction="none")[method][:, 0]
+    theirs = _zennit_relevance(without_inplace(model), x, targets, method)
+    assert_close_to_max(ours, theirs)
