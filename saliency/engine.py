@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -453,4 +453,3 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     return maps
 
 
-MethodFn = Callable[[Context], Tensor]

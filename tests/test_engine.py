@@ -1,0 +1,359 @@
+"""Properties of the engine and the methods: completeness, conservation, sharing, hygiene, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import saliency
+from saliency.methods.cam import fullgrad_completeness
+from saliency.methods.gradient import integrated_gradients_delta
+from models_for_tests import (SmallCNN, assert_model_untouched, resnet18, small_cnn, state_snapshot,
+                              without_inplace)
+
+SHARED = ["gradient", "input_x_gradient"] + [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad")
+                                            for p in ("signed", "pos", "abs", "neg")]
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = small_cnn()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return model, x
+
+
+def test_every_method_gives_raw_maps_of_the_contract_shape(small):
+    model, x = small
+    targets = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    maps = saliency.explain(model, x, saliency.available_methods(), targets, ig_steps=4, sg_samples=3)
+    assert set(maps) == set(saliency.available_methods())
+    for method_id, m in maps.items():
+        assert m.shape == (3, 2, 16, 16) and m.dtype == torch.float32, method_id
+        assert torch.isfinite(m).all(), method_id
+    assert (maps["gradient"] < 0).any()  # raw and signed: no normalisation, no ReLU
+    assert (maps["gradcam"] < 0).any()
+
+
+def test_method_table_lists_every_id_once_with_published_defaults():
+    table = {row["id"]: row for row in saliency.method_table()}
+    assert list(table) == saliency.available_methods()
+    assert table["gradcam"]["policy"] == "signed" and table["gradcam"]["default"]
+    assert table["gradcampp"]["policy"] == "pos" and table["fullgrad"]["policy"] == "abs"
+    assert not table["gradcampp/signed"]["default"]
+    for family, name in [("cam", "gradcampp"), ("cam", "fullgrad"), ("cam", "gradcam")]:
+        for policy in ("signed", "pos", "abs", "neg"):
+            assert table[f"{name}/{policy}"]["family"] == family
+    for required in ["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop",
+                     "deconvnet", "rectgrad", "rectgrad/abs", "lrp_epsilon", "lrp_zplus", "lrp_alpha2beta1",
+                     "lrp_epsilon_plus_flat", "edge_sobel", "random"]:
+        assert required in table
+
+
+def test_bare_ids_equal_their_policy_variant(small):
+    model, x = small
+    maps = saliency.explain(model, x, ["gradcam", "gradcam/signed", "gradcampp", "gradcampp/pos",
+                                       "fullgrad", "fullgrad/abs"], torch.tensor([1, 2, 3]))
+    assert torch.equal(maps["gradcam"], maps["gradcam/signed"])
+    assert torch.equal(maps["gradcampp"], maps["gradcampp/pos"])
+    assert torch.equal(maps["fullgrad"], maps["fullgrad/abs"])
+
+
+# ------------------------------------------------------------------------------ completeness
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_fullgrad_completeness(batchnorm):
+    model = small_cnn(batchnorm=batchnorm)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    logits, total = fullgrad_completeness(model, x, torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4]]))
+    assert torch.allclose(total, logits, rtol=1e-4, atol=1e-5 * logits.abs().max())
+
+
+def test_fullgrad_completeness_on_resnet18():
+    model = resnet18()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    logits, total = fullgrad_completeness(model, x, torch.tensor([4]))
+    assert torch.allclose(total, logits, rtol=1e-4, atol=1e-4 * logits.abs().max())
+
+
+def test_fullgrad_reads_biases_at_call_time(small):
+    model, x = small
+    before = saliency.explain(model, x, "fullgrad/signed", torch.tensor([0, 1, 2]))["fullgrad/signed"]
+    changed = small_cnn()
+    with torch.no_grad():
+        changed.conv2.bias.add_(torch.linspace(-1, 1, 16))
+    after = saliency.explain(changed, x, "fullgrad/signed", torch.tensor([0, 1, 2]))["fullgrad/signed"]
+    assert not torch.allclose(before, after)
+
+
+def test_lrp_epsilon_conserves_the_logit_on_a_bias_free_net():
+    model = small_cnn(bias=False, batchnorm=False)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[0, 2], [1, 3], [4, 4]])
+    for method in ["lrp_epsilon", "lrp_zplus"]:
+        relevance = saliency.explain(model, x, method, targets)[method]
+        logits = model(x).gather(1, targets)
+        sums = relevance.flatten(2).sum(dim=2)
+        if method == "lrp_epsilon":
+            assert torch.allclose(sums, logits, rtol=1e-4, atol=1e-5)
+        else:  # z+ conserves only where positive contributions exist at every layer
+            positive = logits > 0
+            assert torch.allclose(sums[positive], logits[positive], rtol=1e-3, atol=1e-5)
+
+
+def test_integrated_gradients_completeness_delta_shrinks_with_steps(small):
+    model, x = small
+    targets = torch.tensor([0, 1, 2])
+    deltas = []
+    for steps in (4, 64):
+        ig = saliency.explain(model, x, "integrated_gradients", targets, ig_steps=steps)["integrated_gradients"]
+        deltas.append(integrated_gradients_delta(model, x, targets, ig).abs().max())
+    assert deltas[1] < deltas[0]
+    logits = model(x).gather(1, targets[:, None])
+    assert deltas[1] < 0.05 * logits.abs().max()
+
+
+# ------------------------------------------------------------------------------ propagation
+def test_gradient_with_positive_propagation_is_guided_backprop(small):
+    model, x = small
+    targets = torch.tensor([1, 2, 3])
+    gbp = saliency.explain(model, x, "guided_backprop", targets)["guided_backprop"]
+    pos = saliency.explain(model, x, "gradient", targets, propagation="pos")["gradient"]
+    plain = saliency.explain(model, x, "gradient", targets)["gradient"]
+    assert torch.allclose(gbp, pos, atol=1e-7)
+    assert not torch.allclose(gbp, plain)
+
+
+def test_rectgrad_rule_keeps_units_above_the_per_image_percentile():
+    import numpy as np
+
+    from saliency.engine import _relu_backward
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 8, 10, 10, generator=g).clamp_min(0)
+    grad = torch.randn(4, 8, 10, 10, generator=g)
+    kept = _relu_backward("rectgrad", out, grad, 90.0)
+    for b in range(4):
+        score = (out[b] * grad[b]).numpy()
+        tau = np.percentile(score, 90.0)
+        assert torch.equal(kept[b], grad[b] * torch.from_numpy(score > tau))
+        assert abs(float((kept[b] != 0).float().mean()) - 0.10) < 0.01
+    abs_kept = _relu_backward("rectgrad_abs", out, grad, 90.0)
+    score = (out * grad).abs()
+    assert torch.equal(abs_kept[0], grad[0] * (score[0] > np.percentile(score[0].numpy(), 90.0)))
+
+
+def test_rectgrad_maps_get_sparser_with_a_higher_percentile(small):
+    model, x = small
+    targets = torch.tensor([1, 2, 3])
+    zeros = [float((saliency.explain(model, x, "rectgrad", targets, rectgrad_q=q)["rectgrad"] == 0)
+                   .float().mean()) for q in (50.0, 99.0)]
+    assert zeros[1] > zeros[0]
+
+
+def test_policies_differ_where_gradients_are_negative(small):
+    model, x = small
+    maps = saliency.explain(model, x, ["gradcampp/signed", "gradcampp/pos", "gradcam/pos", "gradcam/neg"],
+                            torch.tensor([0, 1, 2]), layer="conv3")
+    assert not torch.allclose(maps["gradcampp/signed"], maps["gradcampp/pos"])
+    assert not torch.allclose(maps["gradcam/pos"], maps["gradcam/neg"])
+
+
+# ------------------------------------------------------------------------------ sharing and batching
+def test_t_targets_in_one_call_equal_t_separate_calls(small):
+    model, x = small
+    methods = SHARED + ["guided_backprop", "rectgrad", "lrp_epsilon", "integrated_gradients", "smoothgrad",
+                        "random", "edge_sobel"]
+    targets = torch.tensor([[0, 1, 4], [2, 3, 0], [4, 4, 1]])
+    together = saliency.explain(model, x, methods, targets, ig_steps=4, sg_samples=3)
+    for t in range(3):
+        alone = saliency.explain(model, x, methods, targets[:, t], ig_steps=4, sg_samples=3)
+        for m in methods:
+            assert torch.allclose(together[m][:, t], alone[m][:, 0], rtol=1e-4, atol=1e-6), (m, t)
+
+
+def test_batch_of_b_equals_b_single_calls(small):
+    model, x = small
+    methods = SHARED + ["guided_backprop", "deconvnet", "rectgrad", "lrp_zplus", "smoothgrad", "random"]
+    targets = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    batch = saliency.explain(model, x, methods, targets, sg_samples=3)
+    for b in range(3):
+        single = saliency.explain(model, x[b:b + 1], methods, targets[b:b + 1], sg_samples=3)
+        for m in methods:
+            assert torch.allclose(batch[m][b], single[m][0], rtol=1e-4, atol=1e-6), (m, b)
+
+
+def test_inplace_and_reused_relus_give_the_same_maps_as_distinct_out_of_place_ones():
+    model = resnet18()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    methods = ["gradient", "gradcam", "fullgrad", "guided_backprop", "rectgrad", "lrp_epsilon"]
+    a = saliency.explain(model, x, methods, torch.tensor([1, 2]))
+    b = saliency.explain(without_inplace(model), x, methods, torch.tensor([1, 2]))
+    for m in methods:
+        assert torch.allclose(a[m], b[m], atol=1e-6), m
+
+
+def test_results_are_deterministic(small):
+    model, x = small
+    methods = ["smoothgrad", "random", "rectgrad", "fullgrad"]
+    first = saliency.explain(model, x, methods, torch.tensor([0, 1, 2]), seed=3, sg_samples=4)
+    again = saliency.explain(model, x, methods, torch.tensor([0, 1, 2]), seed=3, sg_samples=4)
+    other = saliency.explain(model, x, ["smoothgrad", "random"], torch.tensor([0, 1, 2]), seed=4, sg_samples=4)
+    for m in methods:
+        assert torch.equal(first[m], again[m]), m
+    assert not torch.equal(first["smoothgrad"], other["smoothgrad"])
+    assert not torch.equal(first["random"], other["random"])
+
+
+def test_random_control_changes_with_target_and_model(small):
+    model, x = small
+    maps = saliency.explain(model, x, "random", torch.tensor([[0, 1]] * 3))["random"]
+    assert not torch.allclose(maps[:, 0], maps[:, 1])
+    changed = small_cnn()
+    with torch.no_grad():
+        changed.fc2.weight.mul_(-1)
+    other = saliency.explain(changed, x, "random", torch.tensor([[0, 1]] * 3))["random"]
+    assert not torch.allclose(maps, other)
+
+
+def test_edge_sobel_equals_skimage_and_ignores_the_model(small):
+    from skimage.filters import sobel
+
+    model, x = small
+    maps = saliency.explain(model, x, "edge_sobel", torch.tensor([[0, 1]] * 3), channel_reduction="none")
+    edges = maps["edge_sobel"]
+    for b in range(3):
+        for c in range(3):
+            expected = torch.from_numpy(sobel(x[b, c].double().numpy())).float()
+            assert torch.allclose(edges[b, 0, c], expected, atol=1e-5)
+    assert torch.equal(edges[:, 0], edges[:, 1])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "abs_sum", "abs_max", "none"])
+def test_channel_reduction(small, reduction):
+    model, x = small
+    t = torch.tensor([0, 1, 2])
+    raw = saliency.explain(model, x, ["gradient", "gradcam"], t, channel_reduction="none")
+    out = saliency.explain(model, x, ["gradient", "gradcam"], t, channel_reduction=reduction)
+    expected = {"sum": raw["gradient"].sum(2), "abs_sum": raw["gradient"].abs().sum(2),
+                "abs_max": raw["gradient"].abs().amax(2), "none": raw["gradient"]}[reduction]
+    assert torch.allclose(out["gradient"], expected)
+    assert raw["gradcam"].shape == (3, 1, 1, 16, 16)
+
+
+def test_relu_map_option_only_clips_cams(small):
+    model, x = small
+    t = torch.tensor([0, 1, 2])
+    plain = saliency.explain(model, x, ["gradcam", "gradient"], t)
+    clipped = saliency.explain(model, x, ["gradcam", "gradient"], t, relu_map=True)
+    assert torch.allclose(clipped["gradcam"], plain["gradcam"].clamp_min(0))
+    assert torch.equal(clipped["gradient"], plain["gradient"])
+
+
+def test_default_targets_are_the_top_class(small):
+    model, x = small
+    top = model(x).argmax(1)
+    assert torch.equal(saliency.explain(model, x, "gradient")["gradient"],
+                       saliency.explain(model, x, "gradient", top)["gradient"])
+
+
+# ------------------------------------------------------------------------------ hygiene
+def test_model_unchanged_and_hook_free_after_success():
+    model = resnet18().train()
+    snapshot = state_snapshot(model)
+    saliency.explain(model, torch.randn(2, 3, 32, 32), saliency.available_methods(), torch.tensor([1, 2]),
+                     ig_steps=2, sg_samples=2)
+    assert_model_untouched(model, snapshot, training=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class Exploding(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_model_unchanged_and_hook_free_after_an_error():
+    model = small_cnn()
+    model.fc1 = nn.Sequential(model.fc1, Exploding()).eval()
+    snapshot = state_snapshot(model)
+    for methods in (["gradient", "gradcam", "fullgrad"], ["guided_backprop"], ["lrp_zplus"],
+                    ["integrated_gradients"]):
+        with pytest.raises(RuntimeError, match="boom"):
+            saliency.explain(model, torch.randn(2, 3, 16, 16), methods, torch.tensor([0, 1]))
+        assert_model_untouched(model, snapshot)
+
+
+def test_model_unchanged_after_a_bad_target_error(small):
+    model, x = small
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError):
+        saliency.explain(model, x, ["gradcam", "fullgrad"], torch.tensor([0, 1, 99]))
+    assert_model_untouched(model, snapshot)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unknown_method_lists_valid_ids(small):
+    model, x = small
+    with pytest.raises(ValueError, match=r"unknown saliency method 'gradcam\+\+'.*gradcampp/signed"):
+        saliency.explain(model, x, ["gradient", "gradcam++"], torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("layer,message", [("conv9", "unknown layer 'conv9'.*conv3"),
+                                           ("fc1", "layer 'fc1' is a Linear, not a convolutional")])
+def test_bad_layer(small, layer, message):
+    model, x = small
+    with pytest.raises(ValueError, match=message):
+        saliency.explain(model, x, "gradcam", torch.tensor([0, 1, 2]), layer=layer)
+
+
+@pytest.mark.parametrize("targets,message", [
+    (torch.tensor([0, 1, 5]), r"class indices in \[0, 4\].*to 5"),
+    (torch.tensor([0, -1, 2]), r"class indices in \[0, 4\]"),
+    (torch.tensor([0, 1]), "targets must have shape B or B×T with B = 3"),
+    (torch.zeros(3, 1, 1, dtype=torch.long), "targets must have shape"),
+    (torch.tensor([0.0, 1.0, 2.0]), "integer class indices"),
+])
+def test_bad_targets(small, targets, message):
+    model, x = small
+    with pytest.raises(ValueError, match=message):
+        saliency.explain(model, x, ["gradient", "lrp_epsilon"], targets)
+
+
+@pytest.mark.parametrize("x,message", [
+    (torch.randn(3, 16, 16), "4 dimensions B×C×H×W"),
+    (torch.randn(2, 1, 16, 16), "x has 1 channels but the model's first convolution expects 3"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.long), "float tensor"),
+])
+def test_bad_x(small, x, message):
+    model, _ = small
+    with pytest.raises(ValueError, match=message):
+        saliency.explain(model, x, "gradient", torch.tensor([0, 1]))
+
+
+def test_non_finite_logits(small):
+    model, x = small
+    x = x.clone()
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite logits .* images \[1\]"):
+        saliency.explain(model, x, ["gradient", "gradcam"], torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"channel_reduction": "mean"}, "unknown channel_reduction 'mean'; allowed: sum, abs_sum"),
+    ({"propagation": "abs"}, "unknown propagation 'abs'; allowed: signed, pos"),
+    ({"rectgrad_q": 120}, "rectgrad_q must be a percentile"),
+])
+def test_bad_options(small, kwargs, message):
+    model, x = small
+    with pytest.raises(ValueError, match=message):
+        saliency.explain(model, x, "gradient", torch.tensor([0, 1, 2]), **kwargs)
+
+
+def test_empty_methods(small):
+    model, x = small
+    with pytest.raises(ValueError, match="methods is empty"):
+        saliency.explain(model, x, [], torch.tensor([0, 1, 2]))
+
+
+def test_cam_on_a_model_without_convolutions():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        saliency.explain(model, torch.randn(2, 3, 2, 2), "gradcam", torch.tensor([0, 1]))
