@@ -357,3 +357,16 @@ def test_cam_on_a_model_without_convolutions():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         saliency.explain(model, torch.randn(2, 3, 2, 2), "gradcam", torch.tensor([0, 1]))
+
+
+def test_vmap_and_looped_backward_agree(small):
+    from saliency.engine import evaluation, run_pass
+
+    model, x = small
+    targets = torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1]])
+    with evaluation(model):
+        batched = run_pass(model, x, targets, layer="conv2", bias_layers=True, batched=True)
+        looped = run_pass(model, x, targets, layer="conv2", bias_layers=True, batched=False)
+    assert torch.allclose(batched.input_grad, looped.input_grad, atol=1e-7)
+    assert torch.allclose(batched.layer_grad, looped.layer_grad, atol=1e-7)
+    assert len(batched.bias_terms) == len(looped.bias_terms) == 5  # conv1, bn1, conv2, bn2, conv3
