@@ -44,12 +44,15 @@ register(LRP(id="lrp_epsilon_plus_flat", family="lrp", policy="pos"))
 register(EdgeSobel(id="edge_sobel", family="control"))
 register(RandomMap(id="random", family="control"))
 
-#: The methods of the paper's experiments (the default run): bare ids, the policy variants of the
-#: aggregation methods, the propagation family and both controls.
+#: The methods of the paper's experiments (the default run): every bare id, the signed/pos/abs
+#: variants of the two positive-aggregation methods, RectGrad's non-positive control, both controls.
 PAPER_METHODS = (
-    "gradient", "gradcam", "gradcampp", "gradcampp/signed", "gradcampp/abs",
-    "fullgrad", "fullgrad/signed", "fullgrad/pos", "guided_backprop", "rectgrad", "rectgrad/abs",
-    "lrp_epsilon", "lrp_zplus", "edge_sobel", "random",
+    "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad",
+    "gradcam", "gradcampp", "gradcampp/signed", "gradcampp/pos", "gradcampp/abs",
+    "fullgrad", "fullgrad/signed", "fullgrad/pos", "fullgrad/abs",
+    "guided_backprop", "deconvnet", "rectgrad", "rectgrad/abs",
+    "lrp_epsilon", "lrp_zplus", "lrp_alpha2beta1", "lrp_epsilon_plus_flat",
+    "edge_sobel", "random",
 )
 
 
