@@ -370,3 +370,29 @@ def test_vmap_and_looped_backward_agree(small):
     assert torch.allclose(batched.input_grad, looped.input_grad, atol=1e-7)
     assert torch.allclose(batched.layer_grad, looped.layer_grad, atol=1e-7)
     assert len(batched.bias_terms) == len(looped.bias_terms) == 5  # conv1, bn1, conv2, bn2, conv3
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "alexnet"])
+def test_every_method_runs_on_torchvision_cnns(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=7).eval()
+    if hasattr(model, "classifier"):  # narrow the 4096-wide dense layers: same structure, faster test
+        features = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
+        model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(features, 32), nn.ReLU(inplace=True),
+                                         nn.Linear(32, 7)).eval()
+    snapshot = state_snapshot(model)
+    x = torch.randn(1, 3, 64, 64)
+    maps = saliency.explain(model, x, saliency.available_methods(), torch.tensor([[1, 2]]),
+                            ig_steps=2, sg_samples=2)
+    for method_id, m in maps.items():
+        assert m.shape == (1, 2, 64, 64) and torch.isfinite(m).all(), method_id
+    assert_model_untouched(model, snapshot)
+
+
+def test_paper_methods_are_registered():
+    from saliency.methods import PAPER_METHODS
+
+    assert set(PAPER_METHODS) <= set(saliency.available_methods())
+    assert {"gradcampp/signed", "fullgrad/signed", "rectgrad/abs", "edge_sobel", "random"} <= set(PAPER_METHODS)
