@@ -1,0 +1,299 @@
+"""The run configuration: one YAML file, validated by pydantic, with ``--set key.path=value`` overrides.
+
+Every field has a default and a description; ``default_yaml()`` prints them all as a commented YAML
+file. A bad value raises ``ConfigError`` naming the field (``tests.others``) and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from saliency.data import DATASETS, SPLITS
+from saliency.engine import CHANNEL_REDUCTIONS, PROPAGATION_POLICIES
+from saliency.methods import PAPER_METHODS, available_methods
+from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
+from saliency.sanity import OTHERS, TARGET_MODES
+from saliency.similarity import METRICS
+
+STORE_MAPS = ("none", "sample", "all")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the allowed values."""
+
+
+def _split_commas(value: Any) -> Any:
+    """``--set methods.ids=gradient,gradcampp`` gives a string; lists accept comma-separated strings."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_choices(values: list[str], allowed: tuple[str, ...] | list[str], what: str) -> list[str]:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; allowed: {', '.join(allowed)}")
+    if not values:
+        raise ValueError(f"at least one {what} is needed; allowed: {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} listed twice: {values}")
+    return values
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("reference", description='a torchvision.models name (e.g. "resnet18"), "reference" '
+                      '(the small CNN trained on the bundled MNIST digits) or "package.module:function"')
+    weights: str | None = Field(None, description="a state_dict file (read with weights_only=True) or a "
+                                "torchvision weights name; null = the model's default (trained reference "
+                                "CNN, random torchvision weights)")
+    num_classes: int | None = Field(None, ge=2, description="number of classes; null = the model's own")
+    layer: str | None = Field(None, description="module name of the CAM layer; null = the last conv layer")
+
+
+class DataConfig(Section):
+    dataset: Literal[DATASETS] = Field("mnist", description="which dataset (saliency.data)")
+    split: Literal[SPLITS] = Field("test", description="train or test split (test = held-out images)")
+    limit: int | None = Field(1000, ge=1, description="use the first N images of the split; null = all")
+    root: str | None = Field(None, description="local directory for imagefolder / torchvision datasets")
+    image_size: int | None = Field(None, ge=1, description="resize images to this side; null = dataset default")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keywords for a torchvision "
+                                    'dataset, e.g. {dataset: CIFAR10}')
+
+
+class MethodsConfig(Section):
+    ids: list[str] = Field(default_factory=lambda: list(PAPER_METHODS), description="saliency method ids "
+                           "(saliency-sanity methods lists them); default: every method of the paper")
+    channel_reduction: Literal[CHANNEL_REDUCTIONS] = Field(
+        "sum", description="how input-space maps reduce the colour channels")
+    propagation: Literal[PROPAGATION_POLICIES] = Field(
+        "signed", description="backward policy at every ReLU on top of each method's rule")
+    relu_map: bool = Field(False, description="apply a final ReLU to CAM maps")
+    ig_steps: int = Field(32, ge=1, description="integrated gradients: number of steps")
+    sg_samples: int = Field(16, ge=1, description="smoothgrad: number of noisy samples")
+    sg_noise: float = Field(0.15, gt=0, description="smoothgrad: noise std as a share of the image range")
+    rectgrad_q: float = Field(98.0, ge=0, le=100, description="rectgrad: percentile threshold")
+
+    _split = field_validator("ids", mode="before")(_split_commas)
+
+    @field_validator("ids")
+    @classmethod
+    def _known_methods(cls, ids: list[str]) -> list[str]:
+        return _check_choices(ids, available_methods(), "method ids")
+
+    def explain_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"ids"})
+
+
+class TestsConfig(Section):
+    class_sensitivity: bool = Field(True, description="run the class sensitivity test")
+    others: list[Literal[OTHERS]] = Field(["min", "random"], description="the other classes compared "
+                                          "with the top class")
+    mprt: bool = Field(True, description="run the model parameter randomisation test")
+    emprt: bool = Field(True, description="also score eMPRT (entropy rise) on the MPRT states")
+
+    _split = field_validator("others", mode="before")(_split_commas)
+
+
+class RandomisationConfig(Section):
+    order: Literal[ORDERS] = Field("cascade_top_down", description="order of the randomised layers")
+    granularity: Literal[GRANULARITIES] = Field("module", description="one state per module or per block")
+    init: Literal[INITS] = Field("reset", description="reset_parameters() or normal(sigma)")
+    sigma: float = Field(0.01, gt=0, description="std of the normal init")
+    bn_stats: Literal[BN_STATS] = Field("keep", description="BatchNorm running statistics: keep or reset")
+    target: Literal[TARGET_MODES] = Field("original", description="explain the original top class, or "
+                                          "recompute the argmax of each randomised model")
+
+
+class MetricsConfig(Section):
+    names: list[str] = Field(["ssim", "spearman_abs"], description="similarity metrics")
+    n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% CI of the summary")
+
+    _split = field_validator("names", mode="before")(_split_commas)
+
+    @field_validator("names")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        return _check_choices(names, METRICS, "metrics")
+
+
+class ComputeConfig(Section):
+    actors: int | None = Field(None, ge=1, description="Ray actors; null = one per GPU, else CPUs / "
+                               "threads_per_actor")
+    threads_per_actor: int = Field(1, ge=1, description="torch threads (and Ray CPUs) per actor")
+    device: Literal[DEVICES] = Field("auto", description="auto = one GPU per actor when the cluster has "
+                                     "GPUs, else CPU")
+    batch_size: int = Field(50, ge=1, description="images per saliency batch")
+    images_per_shard: int = Field(100, ge=1, description="images per shard (one Prefect task, one "
+                                  "Parquet part)")
+    retries: int = Field(2, ge=0, description="Prefect retries of a failed shard")
+
+
+class StorageConfig(Section):
+    out: str = Field("runs", description="results root (a path or a pyarrow filesystem URI such as "
+                     "s3://bucket/prefix); the run directory is <out>/<run name>")
+    store_maps: Literal[STORE_MAPS] = Field("sample", description="store saliency maps (float16): none, "
+                                            "the first sample_images images, or all")
+    sample_images: int = Field(4, ge=1, description="images whose maps are stored when store_maps=sample")
+    report: bool = Field(True, description="render the HTML report into <run dir>/report")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="log the run to MLflow")
+    uri: str | None = Field(None, description="MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else "
+                            "sqlite:///<out>/mlflow.db")
+    experiment: str = Field("saliency-sanity", description="MLflow experiment name")
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0, description="seed of the random classes, noise and randomised models")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    methods: MethodsConfig = Field(default_factory=MethodsConfig)
+    tests: TestsConfig = Field(default_factory=TestsConfig)
+    randomisation: RandomisationConfig = Field(default_factory=RandomisationConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the results: everything but where and how fast they are computed.
+
+        Batching and sharding are part of it because they fix which images share a batch and a part.
+        """
+        data = self.model_dump(mode="json", exclude={"compute", "tracking"})
+        data["storage"] = {k: data["storage"][k] for k in ("store_maps", "sample_images")}
+        data["compute"] = {k: getattr(self.compute, k) for k in ("batch_size", "images_per_shard")}
+        return data
+
+    def run_id(self) -> str:
+        """Content hash of ``identity()``: the same experiment always gets the same id."""
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        """The run directory's name, e.g. ``reference-mnist-3fa2c1d94b07``."""
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model.name).strip("_")
+        return f"{model}-{self.data.dataset}-{self.run_id()}"
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.limit": 1000, ...}``: dotted keys, lists joined by commas (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field; allowed: {', '.join(_allowed_keys(item['loc'][:-1]))}"
+        got = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"config field `{field}`: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"data.limit=32"`` → (["data", "limit"], 32); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key.path=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, refusing keys the schema does not have."""
+    model: type[BaseModel] = Config
+    target = data
+    for depth, part in enumerate(path):
+        if part not in model.model_fields:
+            where = ".".join(path[:depth]) or "the top level"
+            raise ConfigError(f"config field `{'.'.join(path)}`: unknown field; allowed at {where}: "
+                              f"{', '.join(model.model_fields)}")
+        if depth == len(path) - 1:
+            target[part] = value
+            return
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"config field `{'.'.join(path[:depth + 1])}` has no sub-fields")
+        model = annotation
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"config field `{'.'.join(path[:depth + 1])}` must be a mapping")
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or a dict, or nothing = the embedded default), apply overrides, validate."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = json.loads(json.dumps(source))  # a deep copy
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
+                              f"allowed: {', '.join(Config.model_fields)}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def default_yaml() -> str:
+    """The embedded default configuration as YAML, every field preceded by its description."""
+    lines = ["# saliency-sanity configuration: every field with its default."]
+    defaults = Config().model_dump(mode="json")
+    for name, field in Config.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{name}:")
+            for sub, sub_field in annotation.model_fields.items():
+                lines.append(f"  # {sub_field.description}")
+                dumped = yaml.safe_dump({sub: defaults[name][sub]}, default_flow_style=True, width=10**6)
+                lines.append("  " + dumped.strip().removeprefix("{").removesuffix("}"))
+        else:
+            lines.append(f"# {field.description}")
+            lines.append(f"{name}: {json.dumps(defaults[name])}")
+    return "\n".join(lines) + "\n"
