@@ -1,0 +1,282 @@
+"""The Ray actor: holds the model once and runs saliency/ on the batches of one shard at a time.
+
+Scores depend only on (config, image): randomised models are rebuilt from the seed, random classes
+and noise are seeded per image, and torch uses a fixed number of threads per actor. So a shard gives
+the same bits on any actor, and a run the same tables with one actor or many.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor, nn
+
+from flows.config import Config, ConfigError
+from saliency.engine import explain
+from saliency.randomize import parameter_layers, randomized_state
+from saliency.sanity import SCORE_SCHEMA, class_sensitivity, parameter_randomization, random_other_classes
+from tasks.shards import Shard, load_data, state_names
+from tasks.storage import FAILURE_SCHEMA, maps_schema, tensor_column
+
+
+class ShardWorker:
+    """Computes one shard: its score records, its stored maps and its per-image failures."""
+
+    def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
+                 model: nn.Module | None = None) -> None:
+        self.cfg = Config.model_validate(config)
+        torch.set_num_threads(self.cfg.compute.threads_per_actor)
+        self.run_id = run_id
+        self.device = torch.device(device)
+        self.dataset = load_data(self.cfg)
+        self.model: nn.Module | None = None
+        self.healthy = False  # True once a batch has succeeded here
+        if model is not None:
+            self.set_model(model)
+
+    def set_model(self, model: nn.Module) -> dict[str, Any]:
+        """Hold the model (the planner's copy, so that every actor explains the very same weights)."""
+        self.model = model.to(self.device).eval()
+        return self.ready()
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs (node, process, device)."""
+        return {"node": _node_id(), "pid": os.getpid(), "device": str(self.device)}
+
+    def run(self, shard: Shard) -> dict[str, Any]:
+        start = time.perf_counter()
+        failures: list[tuple[str, str, BaseException | str]] = []
+        samples = []  # (position in the dataset, sample)
+        for index in range(shard.start, shard.stop):
+            try:
+                samples.append((index, self.dataset[index]))
+            except Exception as error:  # a corrupt or unreadable image
+                failures.append((self.dataset.image_ids[index], "load", error))
+        scores, maps = [], []
+        size = self.cfg.compute.batch_size
+        for first in range(0, len(samples), size):
+            batch = self._finite(samples[first:first + size], failures)
+            scores += self._guarded(batch, self._scores, failures, "explain")
+            failed = {image_id for image_id, _, _ in failures}
+            keep = [item for item in batch if self._keeps_map(item[0]) and item[1].image_id not in failed]
+            maps += self._guarded(keep, self._maps, failures, "maps")
+        return {
+            "shard": shard.index,
+            "scores": self._stamp(pa.concat_tables(scores) if scores else SCORE_SCHEMA.empty_table(), shard),
+            "maps": self._stamp(pa.concat_tables(maps), shard) if maps else None,
+            "failures": self._failure_table(failures, shard),
+            "n_images": shard.n_images,
+            "seconds": time.perf_counter() - start,
+            **self.ready(),
+        }
+
+    # ------------------------------------------------------------------------------------ batches
+    def _tensors(self, batch: list) -> tuple[list[str], Tensor, list[int]]:
+        ids = [sample.image_id for _, sample in batch]
+        x = torch.stack([sample.image for _, sample in batch]).to(self.device)
+        return ids, x, [sample.label for _, sample in batch]
+
+    def _finite(self, batch: list, failures: list) -> list:
+        """Drop images whose logits are not finite (recorded as failures)."""
+        if not batch:
+            return batch
+        _, x, _ = self._tensors(batch)
+        with torch.no_grad():
+            finite = torch.isfinite(self.model(x)).all(dim=1).tolist()
+        for ok, (_, sample) in zip(finite, batch):
+            if not ok:
+                failures.append((sample.image_id, "forward", "the model produced non-finite logits (NaN/inf)"))
+        return [item for ok, item in zip(finite, batch) if ok]
+
+    def _guarded(self, batch: list, compute: Callable[[list], pa.Table], failures: list,
+                 stage: str) -> list[pa.Table]:
+        """Run a batch; if it fails, run its images one by one and record the ones that fail.
+
+        If nothing has ever succeeded on this worker, a failure is not the images' fault (a bad layer
+        name, a broken model): raise, so that the shard fails and the run stops with the error.
+        """
+        if not batch:
+            return []
+        try:
+            tables = [compute(batch)]
+        except Exception as error:
+            tables, failed = [], []
+            if len(batch) == 1:
+                failed.append((batch[0][1].image_id, stage, error))
+            else:
+                for item in batch:
+                    try:
+                        tables.append(compute([item]))
+                    except Exception as image_error:
+                        failed.append((item[1].image_id, stage, image_error))
+            if not tables and not self.healthy:
+                raise error
+            failures.extend(failed)
+        self.healthy = self.healthy or bool(tables)
+        return tables
+
+    def _scores(self, batch: list) -> pa.Table:
+        ids, x, labels = self._tensors(batch)
+        cfg = self.cfg
+        common = {"image_ids": ids, "labels": labels, "model_name": cfg.model.name, "layer": cfg.model.layer,
+                  "explain_kwargs": cfg.methods.explain_kwargs()}
+        tables = []
+        if cfg.tests.class_sensitivity:
+            tables.append(class_sensitivity(self.model, x, cfg.methods.ids, others=cfg.tests.others,
+                                            metrics=cfg.metrics.names, seed=cfg.seed, **common))
+        if cfg.tests.mprt or cfg.tests.emprt:
+            r = cfg.randomisation
+            table = parameter_randomization(
+                self.model, x, cfg.methods.ids, order=r.order, granularity=r.granularity, init=r.init,
+                metrics=cfg.metrics.names, target=r.target, seed=cfg.seed, bn_stats=r.bn_stats,
+                sigma=r.sigma, emprt=cfg.tests.emprt, **common)
+            if not cfg.tests.mprt:
+                table = table.filter(pc.not_equal(table["test"], "mprt"))
+            tables.append(table)
+        return pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+
+    # ------------------------------------------------------------------------------------ maps
+    def _keeps_map(self, index: int) -> bool:
+        store = self.cfg.storage.store_maps
+        return store == "all" or (store == "sample" and index < self.cfg.storage.sample_images)
+
+    def _maps(self, batch: list) -> pa.Table:
+        """The maps behind the scores: original (top class), the other classes, every MPRT state."""
+        ids, x, _ = self._tensors(batch)
+        cfg, r = self.cfg, self.cfg.randomisation
+        kwargs = {"layer": cfg.model.layer, "seed": cfg.seed, **cfg.methods.explain_kwargs()}
+        with torch.no_grad():
+            logits = self.model(x)
+        order = logits.argsort(dim=1, descending=True, stable=True)
+        top = order[:, 0]
+        blocks: list[tuple[str, str, int, Tensor, dict[str, Tensor]]] = []  # test, state, index, targets, maps
+        others = {"min": lambda: logits.argmin(dim=1), "second": lambda: order[:, 1],
+                  "random": lambda: random_other_classes(top, logits.shape[1], cfg.seed, ids)}
+        names = cfg.tests.others if cfg.tests.class_sensitivity else []
+        targets = torch.stack([top] + [others[name]() for name in names], dim=1)
+        maps = explain(self.model, x, cfg.methods.ids, targets, **kwargs)
+        blocks.append(("original", "original", -1, top, {m: v[:, 0] for m, v in maps.items()}))
+        for j, name in enumerate(names):
+            blocks.append(("class_sensitivity", name, j, targets[:, j + 1],
+                           {m: v[:, j + 1] for m, v in maps.items()}))
+        if cfg.tests.mprt or cfg.tests.emprt:
+            layers = parameter_layers(self.model, example_input=x[:1], granularity=r.granularity)
+            for k, state in enumerate(state_names(layers, r.order)):
+                model = randomized_state(self.model, layers, r.order, k, init=r.init, seed=cfg.seed,
+                                         bn_stats=r.bn_stats, sigma=r.sigma)
+                with torch.no_grad():
+                    state_targets = model(x).argmax(dim=1) if r.target == "recompute" else top
+                maps = explain(model, x, cfg.methods.ids, state_targets[:, None], **kwargs)
+                blocks.append(("mprt", state, k, state_targets, {m: v[:, 0] for m, v in maps.items()}))
+        return self._map_table(ids, blocks)
+
+    def _map_table(self, ids: list[str], blocks: list) -> pa.Table:
+        columns: dict[str, list] = {name: [] for name in ("image_id", "method", "test", "state",
+                                                          "state_index", "target_class")}
+        arrays = []
+        for test, state, index, targets, maps in blocks:
+            for method in self.cfg.methods.ids:
+                values = maps[method]
+                values = values.sum(dim=1) if values.dim() == 4 else values  # channel_reduction="none"
+                for b, image_id in enumerate(ids):
+                    columns["image_id"].append(image_id)
+                    columns["method"].append(method)
+                    columns["test"].append(test)
+                    columns["state"].append(state)
+                    columns["state_index"].append(index)
+                    columns["target_class"].append(int(targets[b]))
+                    arrays.append(values[b].detach().cpu().numpy())
+        stacked = np.stack(arrays)
+        schema = maps_schema(*stacked.shape[1:])
+        n = len(arrays)
+        data = {"run_id": [""] * n, "shard": [0] * n, **columns, "map": tensor_column(stacked)}
+        return pa.table({name: data[name] for name in schema.names}, schema=schema)
+
+    # ------------------------------------------------------------------------------------ tables
+    def _stamp(self, table: pa.Table, shard: Shard) -> pa.Table:
+        """Fill the run id and shard columns."""
+        n = table.num_rows
+        table = table.set_column(table.schema.get_field_index("run_id"), table.schema.field("run_id"),
+                                 pa.array([self.run_id] * n, pa.string()))
+        return table.set_column(table.schema.get_field_index("shard"), table.schema.field("shard"),
+                                pa.array([shard.index] * n, pa.int32()))
+
+    def _failure_table(self, failures: list, shard: Shard) -> pa.Table:
+        rows = [{"run_id": self.run_id, "shard": shard.index, "image_id": image_id, "stage": stage,
+                 "error_type": type(error).__name__ if isinstance(error, BaseException) else "NonFiniteLogits",
+                 "message": str(error)}
+                for image_id, stage, error in failures]
+        return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+class ActorPool:
+    """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, run_id: str, n_actors: int, use_gpu: bool) -> None:
+        import ray
+
+        self._remote = ray.remote(ShardWorker).options(num_cpus=cfg.compute.threads_per_actor,
+                                                       num_gpus=1 if use_gpu else 0)
+        self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu")
+        self._model = ray.put(model.cpu())
+        self._free: queue.Queue = queue.Queue()
+        self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
+        self.workers = ray.get([actor.set_model.remote(self._model) for actor in self.actors])
+        for actor in self.actors:
+            self._free.put(actor)
+
+    def _replace(self, dead):
+        """A new actor for one that died (its process crashed or its node left)."""
+        import ray
+
+        actor = self._remote.remote(*self._args)
+        ray.get(actor.set_model.remote(self._model))
+        self.actors[self.actors.index(dead)] = actor
+        return actor
+
+    def run(self, shard: Shard) -> dict[str, Any]:
+        """Run a shard on the next free actor; a dead actor is replaced and the error re-raised (the
+        Prefect task retries the shard)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        actor = self._free.get()
+        try:
+            return ray.get(actor.run.remote(shard))
+        except RayActorError:
+            actor = self._replace(actor)
+            raise
+        finally:
+            self._free.put(actor)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def actor_count(cfg: Config, n_shards: int) -> tuple[int, bool]:
+    """(number of actors, whether each gets a GPU) for the connected Ray cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = cfg.compute.device == "cuda" or (cfg.compute.device == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise ConfigError("config field `compute.device`: cuda was asked for but the Ray cluster has no GPU; "
+                          f"allowed: {', '.join(('auto', 'cpu'))}")
+    room = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // cfg.compute.threads_per_actor)
+    return max(1, min(cfg.compute.actors or room, room, n_shards)), use_gpu

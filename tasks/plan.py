@@ -1,0 +1,145 @@
+"""plan_shards: load the data and the model, cut the images into shards, write (or check) manifest.json."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from flows.config import Config, ConfigError
+from saliency.randomize import parameter_layers
+from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
+from tasks.storage import FAILURE_SCHEMA, RunDir, join
+
+LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "zennit", "pyarrow", "pydantic",
+             "ray", "prefect", "mlflow")
+
+
+@dataclass
+class Plan:
+    run_dir: RunDir
+    run_id: str
+    manifest: dict[str, Any]
+    shards: list[Shard]
+    pending: list[Shard]
+    model: nn.Module = field(repr=False)
+
+    @property
+    def n_images(self) -> int:
+        return sum(s.n_images for s in self.shards)
+
+
+def code_version() -> str:
+    """The git commit of the code (with "-dirty" for local changes), else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return _version("saliency-sanity")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}}
+
+
+def _example_input(dataset):
+    for i in range(len(dataset)):
+        try:
+            return dataset[i].image[None]
+        except Exception:  # a corrupt image: try the next one (the shard records it)
+            continue
+    raise ConfigError(f"dataset {dataset.name!r} has no readable image")
+
+
+def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> dict[str, Any]:
+    layers = parameter_layers(model, example_input=_example_input(dataset),
+                              granularity=cfg.randomisation.granularity)
+    ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
+    r = cfg.randomisation
+    return {
+        "run_id": cfg.run_id(),
+        "run_name": cfg.run_name(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": code_version(),
+        "libraries": library_versions(),
+        "config": cfg.model_dump(mode="json"),
+        "identity": cfg.identity(),
+        "model": cfg.model.name,
+        "dataset": dataset.name,
+        "n_images": len(dataset),
+        "image_ids_sha256": ids,
+        "num_classes": dataset.num_classes,
+        "seeds": {"seed": cfg.seed,
+                  "randomised_layers": "seeded per (seed, module name), drawn on the CPU",
+                  "random_other_class": "seeded per (seed, image id)"},
+        "randomisation": {"order": r.order, "granularity": r.granularity, "init": r.init,
+                          "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target},
+        "layers": layers,
+        "states": state_names(layers, r.order),
+        "shards": [{"index": s.index, "start": s.start, "stop": s.stop, "n_images": s.n_images,
+                    "first_image": dataset.image_ids[s.start], "last_image": dataset.image_ids[s.stop - 1]}
+                   for s in shards],
+        "dataset_failures": len(dataset.failures),
+    }
+
+
+def _relative(path: str, root: str | None) -> str:
+    """An image id like the dataset's own: the path relative to the data root where possible."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except (TypeError, ValueError):
+        return path
+
+
+def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> None:
+    for key in ("identity", "image_ids_sha256", "shards", "layers"):
+        if old.get(key) != new.get(key):
+            raise ConfigError(f"the run directory holds a run whose {key} differs from this one "
+                              f"(the data or the code changed); use another --out to start afresh")
+
+
+@task(name="plan_shards", cache_policy=NO_CACHE)
+def plan_shards(cfg: Config) -> Plan:
+    """Cut the dataset into shards and write manifest.json; on a re-run, keep the manifest and list the
+    shards whose scores part is still missing (resume)."""
+    run_dir = RunDir(join(cfg.storage.out, cfg.run_name()))
+    dataset = load_data(cfg)
+    if len(dataset) == 0:
+        raise ConfigError(f"config field `data`: dataset {cfg.data.dataset!r} has no images")
+    model = load_configured_model(cfg)
+    shards = shard_ranges(len(dataset), cfg.compute.images_per_shard)
+    manifest = build_manifest(cfg, dataset, model, shards)
+    if run_dir.exists("manifest.json"):
+        old = run_dir.read_json("manifest.json")
+        _same_plan(old, manifest)
+        manifest = old
+    else:
+        run_dir.write_json(manifest, "manifest.json")
+    run_dir.remove_temporaries()
+    if dataset.failures and not run_dir.exists("failures", "part-dataset.parquet"):
+        rows = [{"run_id": cfg.run_id(), "shard": -1, "image_id": _relative(path, cfg.data.root),
+                 "stage": "load", "error_type": message.partition(":")[0], "message": message}
+                for path, message in dataset.failures]
+        run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
+    done = run_dir.done_shards()
+    return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model)

@@ -1,0 +1,44 @@
+"""Shards and the data/model loading shared by the planner and the actors (no Prefect here: actors import it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from flows.config import Config
+from saliency.data import ImageDataset, load_dataset
+from saliency.models import load_model
+from saliency.randomize import state_name
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Images [start, stop) of the dataset, in its stable order."""
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def n_images(self) -> int:
+        return self.stop - self.start
+
+
+def shard_ranges(n_images: int, images_per_shard: int) -> list[Shard]:
+    return [Shard(i, start, min(start + images_per_shard, n_images))
+            for i, start in enumerate(range(0, n_images, images_per_shard))]
+
+
+def load_data(cfg: Config) -> ImageDataset:
+    d = cfg.data
+    return load_dataset(d.dataset, split=d.split, limit=d.limit, root=d.root, image_size=d.image_size,
+                        **d.options)
+
+
+def load_configured_model(cfg: Config) -> nn.Module:
+    return load_model(cfg.model.name, weights=cfg.model.weights, num_classes=cfg.model.num_classes)
+
+
+def state_names(layers: list[str], order: str) -> list[str]:
+    """MPRT state names in state order (top-down and independent count from the logits)."""
+    ordered = layers if order == "cascade_bottom_up" else layers[::-1]
+    return [state_name(k, layer) for k, layer in enumerate(ordered)]

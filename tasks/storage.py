@@ -1,0 +1,159 @@
+"""The run directory on any pyarrow filesystem (local path, file://, s3://, gs://...).
+
+Layout: manifest.json, scores/part-<shard>.parquet, maps/part-<shard>.parquet,
+failures/part-<shard>.parquet, summary.parquet, verdicts.parquet, report/. Every file is written under a
+temporary name beginning with "." in the same directory and then moved into place, so a file exists
+whole or not at all. A shard is done when its scores part exists; its maps and failures parts are
+written first.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+PART_KINDS = ("scores", "maps", "failures")
+
+FAILURE_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("stage", pa.string()),
+    ("error_type", pa.string()), ("message", pa.string()),
+])
+
+
+def maps_schema(height: int, width: int) -> pa.Schema:
+    """Stored maps: one row per (image, method, state), the map as a float16 H×W fixed-shape tensor."""
+    return pa.schema([
+        ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("method", pa.string()),
+        ("test", pa.string()), ("state", pa.string()), ("state_index", pa.int32()),
+        ("target_class", pa.int64()), ("map", pa.fixed_shape_tensor(pa.float16(), [height, width])),
+    ])
+
+
+def tensor_column(maps: np.ndarray) -> pa.ExtensionArray:
+    """N×H×W array → float16 fixed_shape_tensor array."""
+    n, height, width = maps.shape
+    flat = pa.array(np.ascontiguousarray(maps, dtype=np.float16).reshape(-1))
+    storage = pa.FixedSizeListArray.from_arrays(flat, height * width)
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [height, width]), storage)
+
+
+def part_name(shard: int | str) -> str:
+    """part-00007.parquet for shard 7; part-dataset.parquet for failures found while listing the data."""
+    return f"part-{shard:05d}.parquet" if isinstance(shard, int) else f"part-{shard}.parquet"
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def local_path(location: str) -> Path | None:
+    """The local directory of a plain path or file:// URI; None for remote filesystems (s3://, gs://...)."""
+    if not is_uri(location):
+        return Path(location).expanduser().resolve()
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    return Path(path) if isinstance(filesystem, pafs.LocalFileSystem) else None
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+class RunDir:
+    """A run directory given as a local path or a filesystem URI."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location if is_uri(location) else str(Path(location).expanduser().resolve())
+        self.fs, self.path = pafs.FileSystem.from_uri(self.location)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def file(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    def part_path(self, kind: str, shard: int | str) -> str:
+        return self.file(kind, part_name(shard))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.file(*parts)).type != pafs.FileType.NotFound
+
+    def _move_into_place(self, final: str, write) -> None:
+        directory, _, name = final.rpartition("/")
+        self.fs.create_dir(directory, recursive=True)
+        temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            write(temporary)
+            self.fs.move(temporary, final)
+        except BaseException:
+            if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+                self.fs.delete_file(temporary)
+            raise
+
+    def write_table(self, table: pa.Table, *parts: str) -> str:
+        """Write a zstd Parquet file atomically; returns its path."""
+        final = self.file(*parts)
+        self._move_into_place(final, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs,
+                                                                compression="zstd"))
+        return final
+
+    def write_part(self, kind: str, shard: int | str, table: pa.Table) -> str:
+        return self.write_table(table, kind, part_name(shard))
+
+    def read_table(self, *parts: str) -> pa.Table:
+        return pq.read_table(self.file(*parts), filesystem=self.fs)
+
+    def write_json(self, data: dict[str, Any], *parts: str) -> None:
+        payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+
+        def write(tmp: str) -> None:
+            with self.fs.open_output_stream(tmp) as stream:
+                stream.write(payload)
+
+        self._move_into_place(self.file(*parts), write)
+
+    def read_json(self, *parts: str) -> dict[str, Any]:
+        with self.fs.open_input_stream(self.file(*parts)) as stream:
+            return json.loads(stream.read())
+
+    def parts(self, kind: str) -> dict[str, str]:
+        """{shard label ("00007" or "dataset"): path} of the finished parts of one kind."""
+        found = {}
+        for info in self._listing(kind):
+            name = info.base_name
+            if info.is_file and name.startswith("part-") and name.endswith(".parquet"):
+                found[name.removeprefix("part-").removesuffix(".parquet")] = info.path
+        return dict(sorted(found.items()))
+
+    def done_shards(self) -> set[int]:
+        return {int(label) for label in self.parts("scores") if label.isdigit()}
+
+    def read_parts(self, kind: str) -> pa.Table | None:
+        """Every part of one kind, concatenated in shard order; None when there is none."""
+        tables = [pq.read_table(path, filesystem=self.fs) for path in self.parts(kind).values()]
+        return pa.concat_tables(tables) if tables else None
+
+    def remove_temporaries(self) -> int:
+        """Delete what an interrupted writer left behind (hidden ``.*.tmp`` files)."""
+        removed = 0
+        for kind in PART_KINDS:
+            for info in self._listing(kind):
+                if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                    self.fs.delete_file(info.path)
+                    removed += 1
+        return removed
+
+    def _listing(self, kind: str) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(pafs.FileSelector(self.file(kind), allow_not_found=True))
+
+    def upload_dir(self, local: Path, *parts: str) -> None:
+        """Copy a local folder into the run directory (for the report on object storage)."""
+        target = self.file(*parts)
+        self.fs.create_dir(target, recursive=True)
+        pafs.copy_files(str(local), target, destination_filesystem=self.fs)

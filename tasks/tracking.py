@@ -1,0 +1,111 @@
+"""track_mlflow: one MLflow run per flow run — params, tags, summary metrics, MPRT curves, artifacts."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import Config
+from tasks.storage import RunDir, local_path
+
+CURVE_TESTS = ("mprt", "emprt")
+BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+def tracking_uri(cfg: Config) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db (./mlflow.db when out is remote)."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = local_path(cfg.storage.out) or Path.cwd()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this tracking store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
+    """(name, value, step): ``class_sensitivity/min/gradcampp/ssim`` for the class test; one curve per
+    (method, metric) with step = state index for MPRT (``mprt/gradcampp/ssim``) and eMPRT."""
+    rows = []
+    for r in summary.to_pylist():
+        if r["test"] in CURVE_TESTS:
+            rows.append((f"{r['test']}/{r['method']}/{r['metric']}", r["mean"], r["state_index"]))
+        else:
+            rows.append((f"{r['test']}/{r['state']}/{r['method']}/{r['metric']}", r["mean"], 0))
+    return rows
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts next to the database, not in the working directory
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
+    if not run_dir.exists(name):
+        return None
+    target = into / name
+    with run_dir.fs.open_input_stream(run_dir.file(name)) as stream:
+        target.write_bytes(stream.read())
+    return target
+
+
+@task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def track_mlflow(cfg: Config, run_dir: RunDir, manifest: dict[str, Any], summary: pa.Table,
+                 stats: dict[str, float], verdicts: pa.Table | None = None,
+                 report_dir: str | None = None) -> str:
+    """Log the run; returns the MLflow run id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri)
+    tags = {"code_version": manifest["code_version"], "model": cfg.model.name, "dataset": manifest["dataset"],
+            "run_dir": str(run_dir), "saliency_run_id": manifest["run_id"]}
+    run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
+                            tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start:start + 100])
+        now = int(time.time() * 1000)
+        values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()]
+        if verdicts is not None:
+            failing = sum(v == "fail" for v in verdicts["verdict"].to_pylist())
+            values += [("verdicts/fail", failing, 0), ("verdicts/pass", verdicts.num_rows - failing, 0)]
+        metrics = [Metric(name, value if value is not None else math.nan, now, step)
+                   for name, value, step in values]
+        for start in range(0, len(metrics), BATCH):
+            client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("manifest.json", "summary.parquet", "verdicts.parquet"):
+                path = _local_copy(run_dir, name, Path(tmp))
+                if path is not None:
+                    client.log_artifact(run_id, str(path))
+        if report_dir is not None:
+            client.log_artifacts(run_id, report_dir, artifact_path="report")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
