@@ -1,0 +1,179 @@
+"""The ``saliency-sanity`` command line: run, report, methods, runs, config, train-reference, serve."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import flows  # noqa: F401  (sets the environment defaults before Ray or Prefect are imported)
+
+app = typer.Typer(help="Sanity checks for saliency maps at dataset scale: class sensitivity and model "
+                       "parameter randomisation, on Ray, Prefect, Parquet and MLflow.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(soft_wrap=True)  # never break paths and commands across lines
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config; omitted = the embedded default "
+                                                     "(see `saliency-sanity config`)")]
+OutOption = Annotated[Optional[str], typer.Option("--out", help="results root (path or URI, e.g. "
+                                                  "s3://bucket/prefix); default: storage.out = runs")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: "
+                                                        "key.path=value (repeatable)")]
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
+def _validated(config: Path | None, overrides: list[str]):
+    from flows.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
+        verbose: Annotated[bool, typer.Option(help="show Prefect's logs")] = False,
+        progress: Annotated[bool, typer.Option(help="show the progress bar")] = True) -> None:
+    """Run the sanity checks (the Prefect flow `sanity_check`); re-running with the same config and
+    --out resumes an interrupted run."""
+    overrides = list(set_ or [])
+    cfg = _validated(config, overrides)
+    _quiet_prefect(verbose)
+    from flows.sanity_check import sanity_check
+
+    console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.limit or 'all'} "
+                  f"{cfg.data.dataset} images, {len(cfg.methods.ids)} methods")
+    try:
+        outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
+                               overrides=overrides, progress=progress)
+    except Exception as error:
+        console.print(f"[red]run failed:[/red] {error}")
+        raise typer.Exit(1) from None
+    stats = outcome["stats"]
+    console.print(f"[green]done[/green] in {stats['wall_seconds']:.0f} s: {stats['images']} images "
+                  f"({stats['images_computed']} computed at {stats['images_per_second']:.1f} img/s, "
+                  f"{stats['shards_skipped']} shards resumed), {stats['score_rows']} scores, "
+                  f"{stats['failures']} failures")
+    console.print(f"results:   {outcome['run_dir']}")
+    console.print(f"summary:   {outcome['summary']}")
+    if outcome["report"]:
+        console.print(f"report:    {outcome['report']}")
+    if outcome["mlflow_run_id"]:
+        console.print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
+        console.print(f"open the MLflow UI: [bold]{outcome['mlflow_ui']}[/bold]")
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or URI)")]) -> None:
+    """Write the figures and index.html of a run directory into RUN_DIR/report/."""
+    from tasks.report import write_run_report
+    from tasks.storage import RunDir
+
+    directory = RunDir(run_dir)
+    if not directory.exists("summary.parquet"):
+        console.print(f"[red]{directory} has no summary.parquet[/red]: not a finished run directory")
+        raise typer.Exit(1)
+    write_run_report(directory)
+    console.print(f"report: {directory.file('report', 'index.html')}")
+
+
+@app.command()
+def methods() -> None:
+    """List the saliency method ids: family, gradient policy, and whether the id is a published default."""
+    from saliency.methods import PAPER_METHODS, method_table
+
+    table = Table("id", "family", "policy", "default", "in default run")
+    for row in method_table():
+        table.add_row(row["id"], row["family"], str(row["policy"] or "–"), "yes" if row["default"] else "",
+                      "yes" if row["id"] in PAPER_METHODS else "")
+    console.print(table)
+
+
+@app.command()
+def config() -> None:
+    """Print the embedded default configuration: every field, its default and what it means."""
+    from flows.config import default_yaml
+
+    print(default_yaml(), end="")
+
+
+@app.command()
+def runs(out: OutOption = None,
+         tracking_uri: Annotated[Optional[str], typer.Option(
+             help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///<out>/mlflow.db")] = None,
+         experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "saliency-sanity",
+         limit: Annotated[int, typer.Option(help="most recent runs to show")] = 20) -> None:
+    """List the runs in the MLflow tracking store with their headline metrics."""
+    from flows.config import load_config
+    from tasks.tracking import tracking_uri as default_uri
+
+    cfg = load_config()
+    if out is not None:
+        cfg.storage.out = out
+    uri = tracking_uri or default_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        console.print(f"no tracking store at {uri}: run `saliency-sanity run` first")
+        raise typer.Exit(1)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"],
+                               max_results=limit)
+    columns = {"images": "metrics.run/images", "failures": "metrics.run/failures",
+               "img/s": "metrics.run/images_per_second", "wall s": "metrics.run/wall_seconds",
+               "verdicts fail": "metrics.verdicts/fail", "verdicts pass": "metrics.verdicts/pass"}
+    table = Table("MLflow run id", "name", "status", "start", *columns, title=f"{experiment} in {uri}")
+    for _, row in frame.iterrows():
+        values = [_format(row.get(column)) for column in columns.values()]
+        table.add_row(row["run_id"], str(row.get("tags.mlflow.runName", "")), str(row["status"]),
+                      str(row["start_time"])[:19], *values)
+    console.print(table)
+
+
+def _format(value) -> str:
+    if value is None or value != value:  # None or NaN
+        return "–"
+    return f"{value:.1f}" if isinstance(value, float) and not value.is_integer() else f"{value:.0f}"
+
+
+@app.command("train-reference")
+def train_reference(force: Annotated[bool, typer.Option(help="retrain even if cached")] = False,
+                    cache_dir: Annotated[Optional[str], typer.Option(help="default: $SALIENCY_SANITY_CACHE "
+                                                                     "or ~/.cache/saliency-sanity")] = None,
+                    seed: int = 0, verbose: bool = False) -> None:
+    """Train the reference CNN on the bundled MNIST digits (cached; the default run does it on first use)."""
+    _quiet_prefect(verbose)
+    from flows.train_reference import train_reference_flow
+
+    info = train_reference_flow(force=force, cache_dir=cache_dir, seed=seed, progress=True)
+    state = "loaded from cache" if info.get("cached") else f"trained in {info.get('seconds', 0):.0f} s"
+    console.print(f"reference model {state}: accuracy {info.get('accuracy', float('nan')):.4f} on the "
+                  f"held-out digits; weights at {info['cache_path']}")
+
+
+@app.command()
+def serve(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
+          cron: Annotated[Optional[str], typer.Option(help="cron schedule; default: the one of "
+                                                      "deployments/prefect.yaml")] = None) -> None:
+    """Serve the scheduled `sanity_check` deployment from this process (no work pool needed)."""
+    overrides = list(set_ or [])
+    _validated(config, overrides)
+    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, sanity_check
+
+    parameters = {"config": None if config is None else str(config.resolve()),
+                  "out": None if out is None else (out if "://" in out else str(Path(out).resolve())),
+                  "overrides": overrides}
+    console.print(f"serving deployment sanity_check/{DEPLOYMENT_NAME} on cron {cron or DEFAULT_CRON!r}")
+    sanity_check.serve(name=DEPLOYMENT_NAME, cron=cron or DEFAULT_CRON, parameters=parameters)
+
+
+if __name__ == "__main__":
+    app()
