@@ -1,0 +1,110 @@
+"""deployments/: prefect.yaml is a valid deployment of sanity_check with its schedule, a deployment run
+started through the Prefect API completes, and the Ray cluster example passes Ray's own schema."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_OVERRIDES = ["data.limit=4", "methods.ids=gradient", "compute.images_per_shard=2", "compute.batch_size=2",
+                  "metrics.names=ssim", "metrics.n_boot=10", "tests.others=min", "storage.store_maps=none",
+                  "storage.report=false", "tracking.enabled=false"]
+
+
+def prefect_yaml_deployment() -> dict:
+    # The same model `prefect deploy` validates prefect.yaml with.
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    raw = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    assert [d.name for d in model.deployments] == ["nightly"]
+    return model.deployments[0].model_dump(exclude_unset=True, mode="json")
+
+
+def test_prefect_yaml_deploys_sanity_check_on_a_schedule():
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME
+
+    deployment = prefect_yaml_deployment()
+    assert deployment["name"] == DEPLOYMENT_NAME
+    path, _, name = deployment["entrypoint"].partition(":")
+    flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
+    assert flow.name == "sanity_check"
+    assert flow.validate_parameters(deployment["parameters"]) == deployment["parameters"]
+    schedules = [_schedule_config_to_deployment_schedule(s) for s in deployment["schedules"]]
+    assert [s["schedule"].cron for s in schedules] == [DEFAULT_CRON]  # the cron of `saliency-sanity serve`
+    assert deployment["work_pool"]["name"] == "saliency-sanity"
+
+
+@pytest.mark.slow
+def test_deployment_applied_to_the_api_keeps_schedule_and_work_pool(prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.sanity_check import sanity_check
+
+    deployment = prefect_yaml_deployment()
+
+    async def create_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=deployment["work_pool"]["name"], type="process"))
+
+    asyncio.run(create_pool())
+    built = sanity_check.to_deployment(
+        name=deployment["name"], cron=deployment["schedules"][0]["cron"], parameters=deployment["parameters"],
+        work_pool_name=deployment["work_pool"]["name"], tags=deployment["tags"])
+    deployment_id = built.apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    stored = asyncio.run(read())
+    assert [s.schedule.cron for s in stored.schedules] == ["0 3 * * *"]
+    assert stored.work_pool_name == "saliency-sanity"
+    assert stored.parameters == deployment["parameters"]
+
+
+@pytest.mark.slow
+def test_deployment_run_started_through_the_api_completes(prefect_server, ray_local, tmp_path, monkeypatch):
+    """Served like `saliency-sanity serve`: a runner picks up a run created by the API and finishes it."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.sanity_check import DEFAULT_CRON, sanity_check
+    from tasks.storage import RunDir
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)  # the run's subprocess
+    out = str(tmp_path / "out")
+    deployment = sanity_check.to_deployment(name="api-run", cron=DEFAULT_CRON,
+                                            parameters={"out": out, "overrides": TINY_OVERRIDES})
+
+    async def serve_one_run():
+        runner = Runner(name="test-runner", query_seconds=1)
+        deployment_id = await runner.aadd_deployment(deployment)
+        flow_run = await run_deployment(deployment_id, timeout=0)
+        await runner.start(run_once=True)
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run.id)
+
+    flow_run = asyncio.run(serve_one_run())
+    assert flow_run.state.is_completed(), flow_run.state
+    run_dir = next(Path(out).iterdir())
+    assert RunDir(str(run_dir)).done_shards() == {0, 1} and (run_dir / "summary.parquet").is_file()
+
+
+def test_ray_cluster_example_is_valid():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "deployments" / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # raises on any schema error
+    assert any("pip install" in command and "-e ." in command for command in config["setup_commands"])
+    assert config["available_node_types"][config["head_node_type"]]
+

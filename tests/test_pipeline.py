@@ -1,0 +1,373 @@
+"""The sanity_check flow end to end with real services: Ray (local and a simulated two-node cluster),
+Prefect (test harness), MLflow (SQLite) and Parquet. Small: 32 MNIST digits, 3 methods, 8 shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from flows.config import Config, ConfigError, default_yaml, load_config
+from saliency.data import load_dataset
+from saliency.sanity import SCORE_SCHEMA, SUMMARY_SCHEMA
+from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["gradient", "gradcampp", "edge_sobel"]
+N_IMAGES, PER_SHARD, N_SHARDS = 32, 4, 8
+# One experiment (same run id) computed in several ways; the compute section may differ between them.
+TINY = {"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS},
+        "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50},
+        "compute": {"images_per_shard": PER_SHARD, "batch_size": 2, "actors": 1},
+        "storage": {"store_maps": "sample", "sample_images": 2, "report": False},
+        "tracking": {"enabled": False}}
+
+
+def tiny(**sections) -> dict:
+    config = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def run_tables(run_dir: str) -> dict[str, pa.Table]:
+    directory = RunDir(run_dir)
+    return {"scores": directory.read_parts("scores"), "maps": directory.read_parts("maps"),
+            "summary": directory.read_table("summary.parquet"),
+            "verdicts": directory.read_table("verdicts.parquet")}
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+@pytest.fixture(scope="module")
+def reference_run(prefect_server, ray_local, tmp_path_factory):
+    """The uninterrupted one-actor run every other run is compared with."""
+    from flows.sanity_check import sanity_check
+
+    outcome = sanity_check(config=tiny(), out=str(tmp_path_factory.mktemp("one-actor")))
+    return outcome, run_tables(outcome["run_dir"])
+
+
+def n_states() -> int:
+    from saliency.models import load_model
+    from saliency.randomize import parameter_layers
+
+    return len(parameter_layers(load_model("reference"), example_input=torch.zeros(1, 1, 28, 28)))
+
+
+# ----------------------------------------------------------------------------------------------- the flow
+@pytest.mark.slow
+def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_path):
+    from flows.sanity_check import sanity_check
+
+    config = tiny(compute={"actors": 2}, storage={"report": True},
+                  tracking={"enabled": True, "uri": mlflow_sqlite.get_tracking_uri(), "experiment": "t"})
+    outcome = sanity_check(config=config, out=str(tmp_path))
+    tables = run_tables(outcome["run_dir"])
+    states, others, metrics = n_states(), 2, 2
+
+    # scores: the schema, and exactly one row per image × method × test × state × metric
+    scores = tables["scores"]
+    assert scores.schema == SCORE_SCHEMA
+    per_image_method = others * metrics + states * metrics + states  # class sensitivity, mprt, emprt
+    assert scores.num_rows == N_IMAGES * len(METHODS) * per_image_method
+    keys = scores.select(["image_id", "method", "test", "state", "metric"]).to_pylist()
+    assert len({tuple(k.values()) for k in keys}) == scores.num_rows
+    expected_ids = load_dataset("mnist", split="test", limit=N_IMAGES).image_ids
+    assert sorted(set(scores["image_id"].to_pylist())) == sorted(expected_ids)
+    assert set(scores["run_id"].to_pylist()) == {load_config(config).run_id()}
+    assert sorted(set(scores["shard"].to_pylist())) == list(range(N_SHARDS))
+    assert np.isfinite(scores.filter(pa.compute.equal(scores["metric"], "ssim"))["value"].to_numpy()).all()
+
+    # summary: one row per method × test × state × metric, n = every image
+    summary = tables["summary"]
+    assert summary.schema == SUMMARY_SCHEMA
+    assert summary.num_rows == len(METHODS) * per_image_method
+    ssim = summary.filter(pa.compute.equal(summary["metric"], "ssim"))
+    assert set(ssim["n"].to_pylist()) == {N_IMAGES}
+    for row in summary.to_pylist():
+        if row["n"] > 1:
+            assert row["ci_low"] <= row["mean"] <= row["ci_high"], row
+
+    # maps: float16 fixed-shape tensors of the two sample images, original + other classes + every state
+    maps = tables["maps"]
+    assert maps.schema == maps_schema(28, 28)
+    assert maps.num_rows == 2 * len(METHODS) * (1 + others + states)
+    assert RunDir(outcome["run_dir"]).parts("maps").keys() == {"00000"}
+
+    # manifest, report
+    directory = RunDir(outcome["run_dir"])
+    manifest = directory.read_json("manifest.json")
+    assert len(manifest["layers"]) == states and len(manifest["shards"]) == N_SHARDS
+    assert {"config", "code_version", "libraries", "seeds", "states"} <= manifest.keys()
+    assert directory.exists("report", "index.html")
+
+    # two actors really shared the work, and the tables are bit-identical to the one-actor run
+    assert len({shard["pid"] for shard in outcome["shards"].values()}) == 2
+    for name, table in reference_run[1].items():
+        assert tables[name].equals(table), name
+
+    # MLflow: params, tags, headline metrics, MPRT curves with step = state index, artifacts
+    client = mlflow_sqlite.tracking.MlflowClient()
+    run = client.get_run(outcome["mlflow_run_id"])
+    assert run.data.params["data.limit"] == str(N_IMAGES)
+    assert run.data.params["methods.ids"] == ",".join(METHODS)
+    assert {"code_version", "model", "dataset"} <= run.data.tags.keys()
+    assert run.data.tags["dataset"] == "mnist"
+    row = next(r for r in summary.to_pylist() if (r["test"], r["state"], r["method"], r["metric"])
+               == ("class_sensitivity", "min", "gradcampp", "ssim"))
+    assert run.data.metrics["class_sensitivity/min/gradcampp/ssim"] == pytest.approx(row["mean"])
+    curve = client.get_metric_history(run.info.run_id, "mprt/gradcampp/ssim")
+    assert sorted(m.step for m in curve) == list(range(states))
+    assert len(client.get_metric_history(run.info.run_id, "emprt/edge_sobel/entropy_rise")) == states
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "summary.parquet", "verdicts.parquet", "report"} <= artifacts
+    assert "report/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert run.data.metrics["run/images"] == N_IMAGES
+
+
+@pytest.mark.slow
+def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_local, tmp_path):
+    """Kill a CLI run (SIGKILL) after its first shard, re-run with the same --out: same tables."""
+    from flows.sanity_check import sanity_check
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(json.dumps(tiny()))  # JSON is YAML
+    run_dir = RunDir(str(tmp_path / "out" / load_config(tiny()).run_name()))
+    env = subprocess_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config_file), "--out",
+                                str(tmp_path / "out"), "--no-progress"], cwd=ROOT, env=env,
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not run_dir.done_shards() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = run_dir.done_shards()
+    assert 0 < len(done) < N_SHARDS, f"the run was not interrupted mid-way: {len(done)} shards done"
+    assert not run_dir.exists("summary.parquet")
+
+    outcome = sanity_check(config=str(config_file), out=str(tmp_path / "out"))
+    assert outcome["stats"]["shards_skipped"] == len(done)
+    assert set(outcome["shards"]) == set(range(N_SHARDS)) - done
+    tables = run_tables(outcome["run_dir"])
+    for name, table in reference_run[1].items():
+        assert tables[name].equals(table), name
+    leftovers = [info.base_name for kind in ("scores", "maps") for info in run_dir._listing(kind)
+                 if info.base_name.startswith(".")]
+    assert leftovers == []
+
+
+MULTI_NODE_SCRIPT = """
+import json, sys
+import flows
+import ray
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                        "object_store_memory": 100 * 1024**2})
+cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+from flows.sanity_check import sanity_check
+outcome = sanity_check(config=json.loads(sys.argv[1]), out=sys.argv[2])
+nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+print("RESULT " + json.dumps({"nodes": nodes, "shards": outcome["shards"], "run_dir": outcome["run_dir"]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_node_cluster_uses_both_nodes_and_equals_one_node(reference_run, tmp_path):
+    """ray.cluster_utils.Cluster with two one-CPU nodes (in a subprocess, apart from the session's Ray)."""
+    config = tiny(compute={"actors": 2})
+    done = subprocess.run([sys.executable, "-c", MULTI_NODE_SCRIPT, json.dumps(config), str(tmp_path)],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert len(result["nodes"]) == 2
+    assert {shard["node"] for shard in result["shards"].values()} == set(result["nodes"])
+    assert len(result["shards"]) == N_SHARDS
+    tables = run_tables(result["run_dir"])
+    for name, table in reference_run[1].items():
+        assert tables[name].equals(table), name
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_config_errors_name_the_field_and_the_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"`randomisation.order`.*'cascade_top_down'.*'independent'"):
+        load_config(overrides=["randomisation.order=sideways"])
+    with pytest.raises(ConfigError, match=r"`methods.ids`: unknown method ids \['gradcamm'\]; allowed: .*gradcampp"):
+        load_config({"methods": {"ids": ["gradcamm"]}})
+    with pytest.raises(ConfigError, match=r"`data.limt`: unknown field; allowed at data: dataset, split, limit"):
+        load_config(overrides=["data.limt=3"])
+    with pytest.raises(ConfigError, match=r"`storage.store_maps`.*'none', 'sample' or 'all'"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("storage:\n  store_maps: some\n")
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flow_rejects_a_bad_config_before_any_work(prefect_server, tmp_path):
+    from flows.sanity_check import sanity_check
+
+    with pytest.raises(ConfigError, match="`metrics.names`"):
+        sanity_check(config=tiny(metrics={"names": ["ssim", "jaccard"]}), out=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_defaults_overrides_and_identity():
+    cfg = load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp", "compute.actors=3"])
+    assert cfg.data.limit == 32 and cfg.methods.ids == ["gradient", "gradcampp"]
+    # compute settings other than batching/sharding do not change the experiment
+    assert cfg.run_id() == load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp"]).run_id()
+    assert cfg.run_id() != load_config(overrides=["data.limit=32", "methods.ids=gradient"]).run_id()
+    default = Config()
+    assert default.data.limit == 1000 and default.randomisation.order == "cascade_top_down"
+    assert default.tests.others == ["min", "random"] and default.randomisation.granularity == "module"
+    text = default_yaml()
+    for section, field in (("compute", "images_per_shard"), ("storage", "store_maps"), ("tracking", "uri")):
+        assert f"  {field}:" in text
+    import yaml
+
+    assert Config.model_validate(yaml.safe_load(text)) == default
+
+
+def _write_png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    root = tmp_path / "images"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            _write_png(root / label / f"{i}.png", seed=10 * len(label) + i + (label == "b") * 5)
+    (root / "b" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:skipping corrupt image")
+def test_corrupt_image_is_recorded_and_the_run_completes(prefect_server, ray_local, image_folder, tmp_path):
+    from flows.sanity_check import sanity_check
+
+    config = {"model": {"name": "resnet18", "num_classes": 2},
+              "data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
+              "methods": {"ids": ["gradient"]}, "tests": {"others": ["min"]},
+              "randomisation": {"granularity": "block"}, "metrics": {"names": ["ssim"], "n_boot": 20},
+              "compute": {"images_per_shard": 3, "batch_size": 3},
+              "storage": {"store_maps": "none", "report": False}, "tracking": {"enabled": False}}
+    outcome = sanity_check(config=config, out=str(tmp_path / "out"))
+    directory = RunDir(outcome["run_dir"])
+    failures = directory.read_parts("failures")
+    assert failures.schema == FAILURE_SCHEMA
+    assert failures.num_rows == 1 and failures["image_id"][0].as_py() == "b/corrupt.png"
+    assert failures["stage"][0].as_py() == "load"
+    scores = directory.read_parts("scores")
+    assert sorted(set(scores["image_id"].to_pylist())) == ["a/0.png", "a/1.png", "a/2.png",
+                                                           "b/0.png", "b/1.png", "b/2.png"]
+    assert outcome["stats"]["failures"] == 1 and directory.exists("summary.parquet")
+
+
+class PoisonedModel(nn.Module):
+    """A small RGB classifier: NaN logits for one image, and a backward that fails for another."""
+
+    def __init__(self, nan_image: torch.Tensor, broken_image: torch.Tensor) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        self.register_buffer("nan_image", nan_image)
+        self.register_buffer("broken_image", broken_image)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x == self.broken_image).flatten(1).all(dim=1).any():
+            raise RuntimeError("this image breaks the explainer")
+        logits = self.head(self.features(x))
+        hit = (x == self.nan_image).flatten(1).all(dim=1, keepdim=True)
+        return torch.where(hit, torch.full_like(logits, float("nan")), logits)
+
+
+@pytest.mark.filterwarnings("ignore:skipping corrupt image")
+def test_worker_records_bad_images_and_keeps_the_rest(image_folder):
+    """The actor class without Ray: a file that breaks after listing, NaN logits and an image the
+    explainer fails on become failures; the other images of their batch are scored."""
+    from tasks.actor import ShardWorker
+    from tasks.shards import Shard
+
+    config = {"data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
+              "methods": {"ids": ["gradient", "gradcam"]}, "tests": {"others": ["min"]},
+              "metrics": {"names": ["ssim"]}, "compute": {"batch_size": 6}, "storage": {"store_maps": "all"}}
+    dataset = load_dataset("imagefolder", root=image_folder, image_size=32)
+    ids = dataset.image_ids
+    model = PoisonedModel(nan_image=dataset[4].image, broken_image=dataset[5].image)
+    worker = ShardWorker(load_config(config).model_dump(mode="json"), "run", model=model)
+    (image_folder / "a" / "1.png").write_bytes(b"truncated")  # breaks after the listing
+    result = worker.run(Shard(0, 0, 6))
+    failures = {r["image_id"]: (r["stage"], r["error_type"]) for r in result["failures"].to_pylist()}
+    assert failures == {"a/1.png": ("load", "ValueError"), ids[4]: ("forward", "NonFiniteLogits"),
+                        ids[5]: ("explain", "RuntimeError")}
+    good = {ids[0], ids[2], ids[3]}
+    assert set(result["scores"]["image_id"].to_pylist()) == good
+    assert set(result["maps"]["image_id"].to_pylist()) == good
+    # methods × (min + 2 states × (ssim + emprt))
+    assert result["scores"].num_rows == len(good) * 2 * (1 + 2 * 2)
+
+
+@pytest.mark.filterwarnings("ignore:skipping corrupt image")
+def test_worker_raises_when_no_image_can_be_explained(image_folder):
+    """A problem of the setup, not of the images (here a CAM layer that does not exist) fails the shard."""
+    from tasks.actor import ShardWorker
+    from tasks.shards import Shard
+
+    config = {"data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
+              "model": {"layer": "no.such.layer"}, "methods": {"ids": ["gradcam"]}, "compute": {"batch_size": 2}}
+    blank = torch.zeros(3, 32, 32)
+    model = PoisonedModel(nan_image=blank, broken_image=blank)
+    worker = ShardWorker(load_config(config).model_dump(mode="json"), "run", model=model)
+    with pytest.raises(ValueError, match="no.such.layer"):
+        worker.run(Shard(0, 0, 4))
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def test_parts_are_atomic_and_temporaries_are_cleaned(tmp_path):
+    directory = RunDir(str(tmp_path / "run"))
+    table = pa.table({"x": [1, 2, 3]})
+    directory.write_part("scores", 3, table)
+    directory.write_part("scores", 1, table)
+    assert directory.done_shards() == {1, 3}
+    assert pq.read_metadata(directory.part_path("scores", 3)).row_group(0).column(0).compression == "ZSTD"
+    stale = tmp_path / "run" / "scores" / ".part-00002.parquet.abc.tmp"
+    stale.write_bytes(b"half a file")
+    assert directory.done_shards() == {1, 3}
+    assert directory.remove_temporaries() == 1 and not stale.exists()
+    with pytest.raises(ZeroDivisionError):
+        directory._move_into_place(directory.part_path("scores", 5), lambda tmp: 1 / 0)
+    assert sorted(p.name for p in (tmp_path / "run" / "scores").iterdir()) == ["part-00001.parquet",
+                                                                               "part-00003.parquet"]
+    assert directory.read_parts("scores").num_rows == 6
+    assert RunDir("file://" + str(tmp_path / "run")).done_shards() == {1, 3}
