@@ -15,6 +15,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a fresh reference-model cache per session: the suite behaves as on a new machine (trains it once)
+os.environ["SALIENCY_SANITY_CACHE"] = tempfile.mkdtemp(prefix="saliency-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -44,11 +46,17 @@ def ray_local():
 def mlflow_sqlite(tmp_path):
     import mlflow
 
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # also sets $MLFLOW_TRACKING_URI: restored below
     mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("t")
     yield mlflow
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+    mlflow.set_tracking_uri(previous or "")
 
 
 @pytest.fixture(autouse=True)
