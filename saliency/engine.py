@@ -67,23 +67,31 @@ class _RuleReLU(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-_RELU_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+_RELU_FUNCS = {F.relu, torch.relu, Tensor.relu}
+_INPLACE_RELU_FUNCS = {F.relu_, torch.relu_, Tensor.relu_}
 
 
 class _ReLURouting(TorchFunctionMode):
-    """Makes every ReLU out-of-place (so captured tensors keep their values and gradients) and, when a
-    rule is given, gives it that rule's backward."""
+    """Routes every ReLU call (modules, F.relu, torch.relu, Tensor.relu) through one place: makes it
+    out-of-place, so captured tensors keep their values and gradients, and, when a rule is given,
+    gives it that rule's backward. ``F.relu(x, inplace=True)`` (what ``nn.ReLU(inplace=True)`` calls)
+    returns a new tensor, as its callers use the return value; explicit ``relu_`` calls write the
+    result back with a differentiable ``copy_``, so code that ignores the return value still works."""
 
     def __init__(self, rule: str = "gradient", positive: bool = False, q: float = 98.0):
         super().__init__()
         self.rule, self.positive, self.q = rule, positive, q
 
+    def _relu(self, x: Tensor) -> Tensor:
+        if self.rule == "gradient" and not self.positive:
+            return torch.relu(x)
+        return _RuleReLU.apply(x, self.rule, self.positive, self.q)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _RELU_FUNCS:
-            x = args[0]
-            if self.rule == "gradient" and not self.positive:
-                return torch.relu(x)
-            return _RuleReLU.apply(x, self.rule, self.positive, self.q)
+            return self._relu(args[0])
+        if func in _INPLACE_RELU_FUNCS:
+            return args[0].copy_(self._relu(args[0]))
         return func(*args, **(kwargs or {}))
 
 

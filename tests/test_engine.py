@@ -396,3 +396,32 @@ def test_paper_methods_are_registered():
 
     assert set(PAPER_METHODS) <= set(saliency.available_methods())
     assert {"gradcampp/signed", "fullgrad/signed", "rectgrad/abs", "edge_sobel", "random"} <= set(PAPER_METHODS)
+
+
+class InPlaceStyle(SmallCNN):
+    """The same network written with explicit in-place relu_ calls whose return values are ignored."""
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        x.relu_()
+        x = self.pool(x)
+        x = self.bn2(self.conv2(x))
+        torch.relu_(x)
+        x = self.pool(x)
+        x = self.conv3(x)
+        nn.functional.relu_(x)
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.fc2(nn.functional.relu(self.fc1(x)))
+
+
+def test_explicit_in_place_relu_calls_are_routed_too(small):
+    model, x = small
+    twin = InPlaceStyle()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    methods = ["gradient", "input_x_gradient", "guided_backprop", "deconvnet", "rectgrad", "gradcam"]
+    targets = torch.tensor([0, 1, 2])
+    ours = saliency.explain(model, x, methods, targets, layer="conv2")
+    theirs = saliency.explain(twin, x, methods, targets, layer="conv2")
+    for m in methods:
+        assert torch.allclose(ours[m], theirs[m], atol=1e-6), m
