@@ -44,6 +44,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     targets1 = torch.randint(0, 1000, (args.batch,), device=args.device)
     targets2 = torch.stack([targets1, (targets1 + 1) % 1000], dim=1)
+    targets3 = torch.stack([targets1, (targets1 + 1) % 1000, (targets1 + 2) % 1000], dim=1)
 
     def plain():
         xi = x.clone().requires_grad_(True)
@@ -57,11 +58,15 @@ def main() -> None:
     ours = {
         "gradient": lambda: saliency.explain(model, x, "gradient", targets1),
         "integrated_gradients(32)": lambda: saliency.explain(model, x, "integrated_gradients", targets1),
+        "integrated_gradients(32), chunks of 8": lambda: saliency.explain(
+            model, x, "integrated_gradients", targets1, internal_batch_size=8),
         "smoothgrad(16)": lambda: saliency.explain(model, x, "smoothgrad", targets1),
         "fullgrad": lambda: saliency.explain(model, x, "fullgrad", targets1),
         "lrp_epsilon_plus_flat": lambda: saliency.explain(model, x, "lrp_epsilon_plus_flat", targets1),
+        "lrp_epsilon_plus_flat, 3 targets": lambda: saliency.explain(
+            model, x, "lrp_epsilon_plus_flat", targets3),
     }
-    peers = {} if args.skip_peers else peer_functions(model, x, targets1)
+    peers = {} if args.skip_peers else peer_functions(model, x, targets1, targets3)
     for name, fn in ours.items():
         ours_t = best_time(fn, args.repeats)
         peer = peers.get(name)
@@ -80,17 +85,21 @@ def main() -> None:
           f"separately that would be ≥ {len(SHARED) * 2} plain passes = {len(SHARED) * 2 * base:.2f} s")
 
 
-def peer_functions(model, x, targets):
+def peer_functions(model, x, targets, targets3):
     peers = {}
     try:
         from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
         peers["gradient"] = ("captum Saliency", lambda: Saliency(model).attribute(x, target=targets, abs=False))
-        peers["integrated_gradients(32)"] = ("captum IntegratedGradients(32)", lambda: IntegratedGradients(
-            model).attribute(x, target=targets, n_steps=32, internal_batch_size=64))
+        peers["integrated_gradients(32)"] = ("captum IntegratedGradients(32), default batching",
+                                             lambda: IntegratedGradients(model).attribute(
+                                                 x, target=targets, n_steps=32))
+        peers["integrated_gradients(32), chunks of 8"] = (
+            "captum IntegratedGradients(32), internal_batch_size=8", lambda: IntegratedGradients(
+                model).attribute(x, target=targets, n_steps=32, internal_batch_size=8))
+        stdev = 0.15 * float(x.max() - x.min())
         peers["smoothgrad(16)"] = ("captum NoiseTunnel smoothgrad(16)", lambda: NoiseTunnel(Saliency(
-            model)).attribute(x, target=targets, nt_type="smoothgrad", nt_samples=16, stdevs=0.15 * float(
-                x.max() - x.min()), abs=False))
+            model)).attribute(x, target=targets, nt_type="smoothgrad", nt_samples=16, stdevs=stdev, abs=False))
     except ImportError:
         pass
     try:
@@ -113,6 +122,12 @@ def peer_functions(model, x, targets):
             with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attr:
                 attr(x, eye)
         peers["lrp_epsilon_plus_flat"] = ("zennit EpsilonPlusFlat", lrp)
+
+        def lrp3():  # zennit's attributor: one forward per target
+            with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attr:
+                for t in targets3.T:
+                    attr(x, torch.eye(1000, device=x.device)[t])
+        peers["lrp_epsilon_plus_flat, 3 targets"] = ("zennit EpsilonPlusFlat, 3 targets", lrp3)
     except ImportError:
         pass
     return peers

@@ -191,7 +191,10 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
                 if isinstance(module, kinds):
                     handles.append(module.register_forward_hook(capture_bias))
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), _ReLURouting(rule, positive, rectgrad_q):
+        # plain input gradients need no routing: the model's own (in-place) ReLUs are faster
+        plain = rule == "gradient" and not positive and layer is None and not handles
+        routing = contextlib.nullcontext() if plain else _ReLURouting(rule, positive, rectgrad_q)
+        with torch.enable_grad(), routing:
             logits = model(x)
             check_logits(logits)
             check_targets(targets, logits.shape[1], x.shape[0])
@@ -362,7 +365,7 @@ class Options:
     sg_samples: int = 16
     sg_noise: float = 0.15
     rectgrad_q: float = 98.0
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
 
 class Context:
@@ -404,10 +407,16 @@ class Context:
 
     def gradients_at(self, inputs: Tensor, repeats: int) -> Tensor:
         """Input gradients at ``repeats`` perturbed copies of the batch, laid out (repeats·B)×C×H×W
-        with the copy index outermost; returns repeats×B×T×C×H×W. Chunked to bound memory."""
+        with the copy index outermost; returns repeats×B×T×C×H×W.
+
+        Chunked by ``internal_batch_size`` images. Default on CPU: about 1.2 M input values per chunk,
+        at most 128 images, where small chunks measured fastest (resnet18 at 224², IG 32 steps × 8
+        images: 6.9 s in chunks of 8, 9.1 s of 32, 11 s of 64; reference CNN at 28²: 0.79 s in chunks
+        of 128, 1.1 s of 256, 1.7 s of 1024); on accelerators 32 M values, at most 1024 images."""
         batch = self.x.shape[0]
         targets = self.targets.repeat(repeats, 1)
-        chunk = max(batch, (self.options.internal_batch_size // batch) * batch)
+        budget, most = (1_200_000, 128) if inputs.device.type == "cpu" else (32_000_000, 1024)
+        chunk = self.options.internal_batch_size or min(most, max(1, budget // inputs[0].numel()))
         grads = []
         for start in range(0, inputs.shape[0], chunk):
             p = run_pass(self.model, inputs[start:start + chunk], targets[start:start + chunk],
@@ -421,12 +430,17 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
             layer: str | None = None, *, channel_reduction: str = "sum", propagation: str = "signed",
             relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
             sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
-            internal_batch_size: int = 64) -> dict[str, Tensor]:
+            internal_batch_size: int | None = None) -> dict[str, Tensor]:
     """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
 
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
     (B×T×C×H×W for input-space methods when ``channel_reduction="none"``; CAM-style maps then get C=1).
     Methods that need the same forward/backward share it. The model is left unchanged.
+    Options: ``layer`` (CAM layer, default the last Conv2d), ``propagation`` ("pos" = only positive
+    signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
+    random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
+    each image's range), ``rectgrad_q`` (percentile), ``internal_batch_size`` (images per chunk for
+    IG/SmoothGrad; None = automatic).
     """
     from saliency.methods import get_method  # the methods import this module
 
@@ -439,6 +453,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
                          f"{', '.join(CHANNEL_REDUCTIONS)}")
     if propagation not in PROPAGATION_POLICIES:
         raise ValueError(f"unknown propagation {propagation!r}; allowed: {', '.join(PROPAGATION_POLICIES)}")
+    if internal_batch_size is not None and internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be ≥ 1 (or None for automatic), got {internal_batch_size}")
     if not 0.0 <= rectgrad_q <= 100.0:
         raise ValueError(f"rectgrad_q must be a percentile in [0, 100], got {rectgrad_q}")
     check_input(model, x)

@@ -425,3 +425,15 @@ def test_explicit_in_place_relu_calls_are_routed_too(small):
     theirs = saliency.explain(twin, x, methods, targets, layer="conv2")
     for m in methods:
         assert torch.allclose(ours[m], theirs[m], atol=1e-6), m
+
+
+def test_internal_batching_does_not_change_results(small):
+    model, x = small
+    t = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    auto = saliency.explain(model, x, ["integrated_gradients", "smoothgrad"], t, ig_steps=5, sg_samples=4)
+    odd = saliency.explain(model, x, ["integrated_gradients", "smoothgrad"], t, ig_steps=5, sg_samples=4,
+                           internal_batch_size=4)
+    for m in auto:
+        assert torch.allclose(auto[m], odd[m], atol=1e-6), m
+    with pytest.raises(ValueError, match="internal_batch_size must be ≥ 1"):
+        saliency.explain(model, x, "smoothgrad", t, internal_batch_size=0)
