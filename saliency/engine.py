@@ -9,7 +9,6 @@ forward (torchvision's Bottleneck) and functional ``F.relu`` calls are all handl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -312,23 +311,6 @@ def check_layer(model: nn.Module, layer: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def fingerprint(*parts: Tensor | int | str) -> int:
-    """A stable 63-bit seed from tensors' bytes and plain values (for model-/image-dependent noise)."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        if isinstance(part, Tensor):
-            h.update(part.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-        else:
-            h.update(repr(part).encode())
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-def model_fingerprint(model: nn.Module) -> int:
-    """Changes whenever a parameter or buffer changes (randomised states), cheap to compute."""
-    sums = [t.detach().double().sum().reshape(1) for t in model.state_dict().values() if t.is_floating_point()]
-    return fingerprint(torch.cat(sums) if sums else torch.zeros(1))
-
-
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear upsampling of …×h×w maps to size (half-pixel centres, like cv2.resize)."""
     if tuple(maps.shape[-2:]) == tuple(size):

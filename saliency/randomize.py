@@ -9,7 +9,6 @@ the global random number generators are never touched.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import VGG, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from saliency.seeds import stable_seed
 
 ORDERS = ("cascade_top_down", "cascade_bottom_up", "independent")
 GRANULARITIES = ("module", "block")
@@ -289,8 +290,7 @@ def _owned_modules(model: nn.Module, layers: list[str]) -> dict[str, list[str]]:
 
 def _module_seed(seed: int, module_name: str) -> int:
     """Stable across processes and machines (unlike Python's salted hash())."""
-    digest = hashlib.sha256(f"{seed}/{module_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return stable_seed(seed, module_name)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ same whatever the batch composition or the number of workers.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Iterable, Sequence
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from saliency.engine import explain, forward_logits
 from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
+from saliency.seeds import stable_seed
 from saliency.similarity import METRICS, similarity
 
 OTHERS = ("min", "random", "second")
@@ -49,12 +49,6 @@ _GROUP_KEYS = ("model", "method", "test", "state", "state_index", "metric")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def stable_hash(*parts: Any) -> int:
-    """A 63-bit integer from the parts' reprs, identical across processes and machines (unlike hash())."""
-    digest = hashlib.blake2b("\x1f".join(repr(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def random_other_classes(top: Tensor, num_classes: int, seed: int, image_ids: Sequence[str]) -> Tensor:
     """A uniform class ≠ top per image, drawn from a generator seeded by (seed, image id).
 
@@ -63,7 +57,7 @@ def random_other_classes(top: Tensor, num_classes: int, seed: int, image_ids: Se
     """
     if num_classes < 2:
         raise ValueError(f"a random other class needs at least 2 classes, the model has {num_classes}")
-    offsets = [int(np.random.default_rng([seed, stable_hash(image_id)]).integers(num_classes - 1))
+    offsets = [int(np.random.default_rng([seed, stable_seed(image_id)]).integers(num_classes - 1))
                for image_id in image_ids]
     offsets_t = torch.tensor(offsets, dtype=torch.long, device=top.device)
     return offsets_t + (offsets_t >= top).long()
@@ -315,7 +309,7 @@ def summarize(scores: pa.Table, n_boot: int = 1000, seed: int = 0) -> pa.Table:
         else:
             mean = float(values.mean())
             std = float(values.std(ddof=1)) if n > 1 else math.nan
-            low, high = _bootstrap_ci(values, n_boot, np.random.default_rng([seed, stable_hash(*key)]))
+            low, high = _bootstrap_ci(values, n_boot, np.random.default_rng([seed, stable_seed(*key)]))
         for name, value in zip(_GROUP_KEYS, key):
             columns[name].append(value)
         for name, value in (("n", n), ("mean", mean), ("std", std), ("ci_low", low), ("ci_high", high)):

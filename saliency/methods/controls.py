@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saliency.methods.base import Method
+from saliency.seeds import model_fingerprint, stable_seed
 
 _SOBEL = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 4.0
 
@@ -40,13 +41,11 @@ class RandomMap(Method):
     depend on the batch they came in."""
 
     def compute(self, ctx) -> Tensor:
-        from saliency.engine import fingerprint, model_fingerprint
-
         model_key = model_fingerprint(ctx.model)
         maps = torch.empty((*ctx.targets.shape, *ctx.size))
         for b in range(ctx.x.shape[0]):
-            image_key = fingerprint(ctx.x[b])
+            image_key = stable_seed(ctx.x[b])
             for t in range(ctx.targets.shape[1]):
-                seed = fingerprint(ctx.options.seed, image_key, int(ctx.targets[b, t]), model_key)
+                seed = stable_seed(ctx.options.seed, image_key, int(ctx.targets[b, t]), model_key)
                 maps[b, t] = torch.randn(ctx.size, generator=torch.Generator().manual_seed(seed))
         return maps.to(ctx.x.device)
