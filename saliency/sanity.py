@@ -123,7 +123,16 @@ def _labels(labels, batch: int) -> list[int | None]:
     return [None if v is None else int(v) for v in values]
 
 
-def _as_2d(maps: Tensor) -> Tensor:
+def class_targets(logits: Tensor, others: Sequence[str], seed: int, image_ids: Sequence[str]) -> Tensor:
+    """B×(1+len(others)) targets: the top class, then each other class ("min", "second", "random")."""
+    order = logits.argsort(dim=1, descending=True, stable=True)
+    top = order[:, 0]
+    choices = {"min": lambda: logits.argmin(dim=1), "second": lambda: order[:, 1],
+               "random": lambda: random_other_classes(top, logits.shape[1], seed, image_ids)}
+    return torch.stack([top] + [choices[name]() for name in others], dim=1)
+
+
+def as_2d(maps: Tensor) -> Tensor:
     """B×H×W maps of one target: channel maps (channel_reduction="none") are summed, keeping the sign."""
     return maps.sum(dim=1) if maps.dim() == 4 else maps
 
@@ -184,18 +193,14 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     logits = forward_logits(model, x)
     if logits.shape[1] < 2:
         raise ValueError(f"class sensitivity needs at least 2 classes, the model has {logits.shape[1]}")
-    order = logits.argsort(dim=1, descending=True, stable=True)
-    top = order[:, 0]
-    choices = {"min": lambda: logits.argmin(dim=1), "second": lambda: order[:, 1],
-               "random": lambda: random_other_classes(top, logits.shape[1], seed, ids)}
-    targets = torch.stack([top] + [choices[name]() for name in other_names], dim=1)
+    targets = class_targets(logits, other_names, seed, ids)
 
     kwargs = {"seed": seed, **(explain_kwargs or {})}
     maps = explain(model, x, method_ids, targets, layer=layer, **kwargs)
     for method in method_ids:
-        top_map = _as_2d(maps[method][:, 0])
+        top_map = as_2d(maps[method][:, 0])
         for index, name in enumerate(other_names):
-            other_map = _as_2d(maps[method][:, index + 1])
+            other_map = as_2d(maps[method][:, index + 1])
             for metric in metric_ids:
                 rows.add(method, "class_sensitivity", name, index, targets[:, index + 1], metric,
                          similarity(top_map, other_map, metric))
@@ -233,7 +238,7 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
 
     top = forward_logits(model, x).argmax(dim=1)
     original = explain(model, x, method_ids, top[:, None], layer=layer, **kwargs)
-    original = {m: _as_2d(original[m][:, 0]) for m in method_ids}
+    original = {m: as_2d(original[m][:, 0]) for m in method_ids}
     for k in state_indices:
         state_model = randomized_state(model, layers, order, k, init=init, seed=seed, bn_stats=bn_stats,
                                        sigma=sigma)
@@ -242,7 +247,7 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
         del state_model
         name = state_name(k, _state_layer(layers, order, k))
         for method in method_ids:
-            state_map = _as_2d(maps[method][:, 0])
+            state_map = as_2d(maps[method][:, 0])
             for metric in metric_ids:
                 rows.add(method, "mprt", name, k, targets, metric,
                          similarity(original[method], state_map, metric))

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from flows.config import Config, ConfigError
-from saliency.engine import explain
+from saliency.engine import explain, forward_logits
 from saliency.randomize import parameter_layers, randomized_state
-from saliency.sanity import SCORE_SCHEMA, class_sensitivity, parameter_randomization, random_other_classes
+from saliency.sanity import SCORE_SCHEMA, as_2d, class_sensitivity, class_targets, parameter_randomization
 from tasks.shards import Shard, load_data, state_names
 from tasks.storage import FAILURE_SCHEMA, maps_schema, tensor_column
 
@@ -151,15 +151,10 @@ class ShardWorker:
         ids, x, _ = self._tensors(batch)
         cfg, r = self.cfg, self.cfg.randomisation
         kwargs = {"layer": cfg.model.layer, "seed": cfg.seed, **cfg.methods.explain_kwargs()}
-        with torch.no_grad():
-            logits = self.model(x)
-        order = logits.argsort(dim=1, descending=True, stable=True)
-        top = order[:, 0]
         blocks: list[tuple[str, str, int, Tensor, dict[str, Tensor]]] = []  # test, state, index, targets, maps
-        others = {"min": lambda: logits.argmin(dim=1), "second": lambda: order[:, 1],
-                  "random": lambda: random_other_classes(top, logits.shape[1], cfg.seed, ids)}
         names = cfg.tests.others if cfg.tests.class_sensitivity else []
-        targets = torch.stack([top] + [others[name]() for name in names], dim=1)
+        targets = class_targets(forward_logits(self.model, x), names, cfg.seed, ids)
+        top = targets[:, 0]
         maps = explain(self.model, x, cfg.methods.ids, targets, **kwargs)
         blocks.append(("original", "original", -1, top, {m: v[:, 0] for m, v in maps.items()}))
         for j, name in enumerate(names):
@@ -170,8 +165,7 @@ class ShardWorker:
             for k, state in enumerate(state_names(layers, r.order)):
                 model = randomized_state(self.model, layers, r.order, k, init=r.init, seed=cfg.seed,
                                          bn_stats=r.bn_stats, sigma=r.sigma)
-                with torch.no_grad():
-                    state_targets = model(x).argmax(dim=1) if r.target == "recompute" else top
+                state_targets = forward_logits(model, x).argmax(dim=1) if r.target == "recompute" else top
                 maps = explain(model, x, cfg.methods.ids, state_targets[:, None], **kwargs)
                 blocks.append(("mprt", state, k, state_targets, {m: v[:, 0] for m, v in maps.items()}))
         return self._map_table(ids, blocks)
@@ -182,8 +176,7 @@ class ShardWorker:
         arrays = []
         for test, state, index, targets, maps in blocks:
             for method in self.cfg.methods.ids:
-                values = maps[method]
-                values = values.sum(dim=1) if values.dim() == 4 else values  # channel_reduction="none"
+                values = as_2d(maps[method])  # channel_reduction="none" maps summed, like the scores
                 for b, image_id in enumerate(ids):
                     columns["image_id"].append(image_id)
                     columns["method"].append(method)
