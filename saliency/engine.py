@@ -141,8 +141,7 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     0.33–0.39 s looped vs 0.40–0.54 s batched), so ``run_pass`` batches only on accelerators."""
     batch, num_targets = outputs.shape
     if num_targets == 1:
-        grads = torch.autograd.grad(outputs[:, 0].sum(), inputs, allow_unused=True)
-        return [None if g is None else g.unsqueeze(1) for g in grads]
+        return _looped_grad(outputs, inputs)
     eye = torch.eye(num_targets, dtype=outputs.dtype, device=outputs.device)
     grad_outputs = eye[:, None, :].expand(num_targets, batch, num_targets)
     try:
@@ -183,9 +182,8 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
     try:
         if layer is not None:
             handles.append(dict(model.named_modules())[layer].register_forward_hook(capture_layer))
-        if bias_layers or linear_biases:
-            kinds = BIAS_LAYER_TYPES + ((nn.Linear,) if linear_biases else ())
-            kinds = kinds if bias_layers else (nn.Linear,)
+        kinds = (BIAS_LAYER_TYPES if bias_layers else ()) + ((nn.Linear,) if linear_biases else ())
+        if kinds:
             for module in model.modules():
                 if isinstance(module, kinds):
                     handles.append(module.register_forward_hook(capture_bias))
@@ -224,7 +222,9 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
 
 
 def _looped_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    per_target = [torch.autograd.grad(outputs[:, t].sum(), inputs, retain_graph=True, allow_unused=True)
+    """One backward per target column over the same graph (freed after the last), stacked B×T×…"""
+    last = outputs.shape[1] - 1
+    per_target = [torch.autograd.grad(outputs[:, t].sum(), inputs, retain_graph=t < last, allow_unused=True)
                   for t in range(outputs.shape[1])]
     return [None if per_target[0][i] is None else torch.stack([p[i] for p in per_target], dim=1)
             for i in range(len(inputs))]
@@ -446,8 +446,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
         check_layer(model, layer)
     with evaluation(model):
         if targets is None:
-            with torch.no_grad(), _ReLURouting():
-                targets = model(x).argmax(dim=1)
+            targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
         options = Options(layer=layer, channel_reduction=channel_reduction, propagation=propagation,
                           relu_map=relu_map, seed=seed, ig_steps=ig_steps, ig_baseline=ig_baseline,
