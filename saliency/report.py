@@ -66,6 +66,14 @@ def _distinct(summary: pa.Table, column: str, **equals: str | None) -> list[str]
     return sorted({row[column] for row in _select(summary, **equals) if row[column] is not None})
 
 
+def _test_rows(summary: pa.Table, test: str, metric: str, model: str | None) -> tuple[list[dict], list[str]]:
+    """The summary rows of one test and metric (and model), and their models; a clear error if none."""
+    rows = _select(summary, test=test, metric=metric, model=model)
+    if not rows:
+        raise _no_rows(test, summary, metric=metric, model=model)
+    return rows, sorted({row["model"] for row in rows})
+
+
 def _no_rows(test: str, summary: pa.Table, **equals: str | None) -> ValueError:
     wanted = ", ".join(f"{key}={value!r}" for key, value in equals.items() if value is not None)
     present = sorted({(row["test"], row["metric"]) for row in summary.select(["test", "metric"]).to_pylist()})
@@ -124,10 +132,7 @@ def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: st
     x follows state_index (for the top-down cascade: logits -> input); the band is the 95% CI; a NaN mean
     leaves a gap. The dashed line at 1.0 is the original model's level (identical maps).
     """
-    rows = _select(summary, test="mprt", metric=metric, model=model)
-    if not rows:
-        raise _no_rows("mprt", summary, metric=metric, model=model)
-    models = sorted({row["model"] for row in rows})
+    rows, models = _test_rows(summary, "mprt", metric, model)
     styles = _method_styles(summary)
     n_states = max(len({row["state_index"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(6.5 + 0.2 * min(n_states, 40), 14.0), 1.0 + 3.8 * len(models)), layout="constrained")
@@ -188,10 +193,7 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
     Control groups are shaded and hatched. The dashed line is the edge_sobel control's level (its mean
     over the other-class states; Sobel ignores the target, so they agree): a method at or above it fails.
     """
-    rows = _select(summary, test="class_sensitivity", metric=metric, model=model)
-    if not rows:
-        raise _no_rows("class_sensitivity", summary, metric=metric, model=model)
-    models = sorted({row["model"] for row in rows})
+    rows, models = _test_rows(summary, "class_sensitivity", metric, model)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(6.0 + 0.5 * n_methods, 16.0), 1.3 + 3.6 * len(models)), layout="constrained")
     axes = _panels(fig, len(models))
@@ -239,10 +241,7 @@ def _bar_limits(ax, n_groups: int) -> None:
 
 def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "entropy_rise") -> Figure:
     """eMPRT (Hedström et al. 2023): mean relative entropy rise per method at its last (fully randomised) state."""
-    rows = _select(summary, test="emprt", metric=metric, model=model)
-    if not rows:
-        raise _no_rows("emprt", summary, metric=metric, model=model)
-    models = sorted({row["model"] for row in rows})
+    rows, models = _test_rows(summary, "emprt", metric, model)
     styles = _method_styles(summary)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(5.0 + 0.45 * n_methods, 16.0), 1.3 + 3.4 * len(models)), layout="constrained")
