@@ -6,10 +6,10 @@
     saliency.sanity.parameter_randomization(model, x, ["gradient", "fullgrad"])
 """
 from saliency import sanity
-from saliency.engine import explain
+from saliency.engine import default_cam_layer, explain
 from saliency.methods import available_methods, method_table
 from saliency.randomize import randomization_states
 from saliency.similarity import similarity
 
-__all__ = ["explain", "available_methods", "method_table", "similarity", "randomization_states", "sanity"]
+__all__ = ["explain", "default_cam_layer", "available_methods", "method_table", "similarity", "randomization_states", "sanity"]
 __version__ = "0.1.0"

@@ -24,12 +24,16 @@ BIAS_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 
 # --------------------------------------------------------------------------------------------- ReLU rules
 def _row_percentile(values: Tensor, q: float) -> Tensor:
-    """Per-sample q-th percentile (numpy's linear interpolation) over all but the first dim."""
-    flat = values.flatten(1).sort(dim=1).values
-    pos = (flat.shape[1] - 1) * q / 100.0
-    lo, frac = int(pos), pos - int(pos)
-    hi = min(lo + 1, flat.shape[1] - 1)
-    tau = flat[:, lo] + frac * (flat[:, hi] - flat[:, lo])
+    """Per-sample q-th percentile over all but the first dim, as the RectGrad reference computes it:
+    ``tf.contrib.distributions.percentile``'s default "nearest" interpolation, i.e. the element at
+    index round((d − 1)·(1 − q/100)) (float64, round half to even, clipped to [0, d − 1]) of the row
+    sorted in descending order. Always an element of the row; no interpolation (≠ numpy's "linear",
+    and ≠ numpy's "nearest" where the rounding hits a tie)."""
+    flat = values.flatten(1)
+    d = flat.shape[1]
+    index = min(max(int(round((d - 1) * (1.0 - float(q) / 100.0))), 0), d - 1)  # round: half to even
+    # descending index i is ascending index d − 1 − i; kthvalue counts from 1
+    tau = flat.kthvalue(d - index, dim=1).values
     return tau.view(-1, *([1] * (values.dim() - 1)))
 
 
@@ -42,10 +46,13 @@ def _relu_backward(rule: str, out: Tensor, grad: Tensor, q: float) -> Tensor:
     if rule == "deconvnet":
         return grad.clamp_min(0)
     if rule in ("rectgrad", "rectgrad_abs"):
+        # Kim et al. 2019 reference (DeepExplain RectifiedGradient.nonlinearity_grad_override):
+        # a·R = ReLU output × incoming gradient, thresholded strictly at its per-image percentile;
+        # R passes unchanged where a·R > τ (no extra ReLU-derivative factor), zero elsewhere.
         score = out * grad
-        if rule == "rectgrad_abs":
+        if rule == "rectgrad_abs":  # non-positive control: threshold |a·R| instead
             score = score.abs()
-        return grad * (score > _row_percentile(score, q))
+        return torch.where(score > _row_percentile(score, q), grad, torch.zeros_like(grad))
     raise ValueError(f"unknown ReLU rule {rule!r}")
 
 
@@ -290,13 +297,45 @@ def normalize_targets(targets, batch: int, device: torch.device) -> Tensor:
     return t.long()
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """The last Conv2d registered in the model (for torchvision CNNs: the last conv executed)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not names:
-        raise ValueError("CAM methods need a convolutional layer, and the model has no nn.Conv2d; "
+def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
+    """The rectified output of the last convolutional block (SPEC §1.2), found by tracing one forward.
+
+    Rule: take the last executed ``nn.Conv2d``; among the modules that contain it (not the model
+    itself), the outermost whose output is B×K×h×w with h·w > 1 (torchvision ResNet ``layer4``,
+    VGG/AlexNet ``features``, the reference models' ``features``/``layer3``). When the conv sits directly
+    in the model (a flat Sequential), the last module run after it with such an output (its ReLU or
+    pool). Never the conv's own pre-BatchNorm/pre-ReLU output unless nothing follows it.
+    """
+    modules = {name: m for name, m in model.named_modules() if name}
+    calls: list[tuple[str, bool]] = []  # (module name, output is B×K×h×w with h·w > 1), in finishing order
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            spatial = isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1
+            calls.append((name, spatial))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad(), evaluation(model), _ReLURouting():
+            model(example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    conv_calls = [i for i, (name, _) in enumerate(calls) if isinstance(modules[name], nn.Conv2d)]
+    if not conv_calls:
+        raise ValueError("CAM methods need a convolutional layer, and the model runs no nn.Conv2d; "
                          "pass layer=<module name>")
-    return names[-1]
+    last = conv_calls[-1]
+    conv = calls[last][0]
+    last_call = {name: i for i, (name, spatial) in enumerate(calls) if spatial}
+    parts = conv.split(".")
+    for depth in range(1, len(parts)):
+        ancestor = ".".join(parts[:depth])
+        if last_call.get(ancestor, -1) > last:
+            return ancestor
+    after = [name for name, spatial in calls[last + 1:] if spatial]
+    return after[-1] if after else conv
 
 
 def check_layer(model: nn.Module, layer: str) -> None:
@@ -418,7 +457,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
     (B×T×C×H×W for input-space methods when ``channel_reduction="none"``; CAM-style maps then get C=1).
     Methods that need the same forward/backward share it. The model is left unchanged.
-    Options: ``layer`` (CAM layer, default the last Conv2d), ``propagation`` ("pos" = only positive
+    Options: ``layer`` (CAM layer, default ``default_cam_layer``: the rectified output of the last
+    convolutional block), ``propagation`` ("pos" = only positive
     signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
     random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
     each image's range), ``rectgrad_q`` (percentile), ``internal_batch_size`` (images per chunk for
@@ -442,7 +482,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     check_input(model, x)
     needs_layer = any(m.needs_layer for m in resolved)
     if needs_layer:
-        layer = default_cam_layer(model) if layer is None else layer
+        layer = default_cam_layer(model, x) if layer is None else layer
         check_layer(model, layer)
     with evaluation(model):
         if targets is None:

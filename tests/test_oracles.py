@@ -86,16 +86,16 @@ def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> list[float]:
             for u, v in zip(a, b)]
 
 
-@pytest.mark.parametrize("model_fn,size", [(resnet18, 224), (vgg11_bn, 64)])
+@pytest.mark.parametrize("model_fn,size,layer", [(resnet18, 224, "layer4"), (vgg11_bn, 64, "features")])
 @pytest.mark.parametrize("method,cam_name", [("gradcam", "GradCAM"), ("gradcampp", "GradCAMPlusPlus")])
-def test_cams_agree_with_pytorch_grad_cam(model_fn, size, method, cam_name):
+def test_cams_agree_with_pytorch_grad_cam(model_fn, size, layer, method, cam_name):
+    """At the conventional layers (the rectified output of the last block), which are our defaults."""
     import pytorch_grad_cam
 
     model = model_fn()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([0, 5])
-    layer = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    ours = saliency.explain(model, x, method, targets, layer=layer)[method][:, 0]
+    ours = saliency.explain(model, x, method, targets)[method][:, 0]
     oracle_model = without_inplace(model)
     raw = _grad_cam_raw(getattr(pytorch_grad_cam, cam_name), oracle_model,
                         dict(oracle_model.named_modules())[layer], x, targets)

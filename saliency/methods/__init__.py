@@ -18,37 +18,48 @@ def register(method: Method) -> Method:
     return method
 
 
-def _register_policies(cls, name: str, family: str, default_policy: str) -> None:
-    """The bare id uses the published policy; "name/φ" exists for every φ (the paper's variants)."""
-    register(cls(id=name, family=family, policy=default_policy, default=True))
+def _register_policies(cls, name: str, family: str, default_policy: str, **variant_options) -> None:
+    """The bare id uses the published policy; "name/φ" exists for every φ (the paper's variants, built
+    with ``variant_options``). Each pos/abs variant is paired with the signed one (SPEC §4)."""
+    signed = name if default_policy == "signed" and not variant_options else f"{name}/signed"
+
+    def counterpart(policy: str, same_computation: bool) -> str | None:
+        return signed if policy in ("pos", "abs") and same_computation else None
+
+    register(cls(id=name, family=family, policy=default_policy, default=True,
+                 signed_counterpart=counterpart(default_policy, not variant_options)))
     for policy in POLICIES:
-        register(cls(id=f"{name}/{policy}", family=family, policy=policy, default=False))
+        register(cls(id=f"{name}/{policy}", family=family, policy=policy, default=False,
+                     signed_counterpart=counterpart(policy, True), **variant_options))
 
 
 register(Gradient(id="gradient", family="gradient"))
 register(InputXGradient(id="input_x_gradient", family="gradient"))
 register(IntegratedGradients(id="integrated_gradients", family="gradient"))
-register(SmoothGrad(id="smoothgrad", family="gradient"))
+register(SmoothGrad(id="smoothgrad", family="gradient", stochastic=True))
 _register_policies(GradCAM, "gradcam", "cam", "signed")
 _register_policies(GradCAMPlusPlus, "gradcampp", "cam", "pos")
-_register_policies(FullGrad, "fullgrad", "cam", "abs")
-register(ReLURuleMethod(id="guided_backprop", family="propagation", policy="pos", rule="guided_backprop"))
+_register_policies(FullGrad, "fullgrad", "cam", "abs", sign_preserving=True)
+register(ReLURuleMethod(id="guided_backprop", family="propagation", policy="pos", rule="guided_backprop",
+                        signed_counterpart="gradient"))
 register(ReLURuleMethod(id="deconvnet", family="propagation", policy="pos", rule="deconvnet"))
-register(ReLURuleMethod(id="rectgrad", family="propagation", policy="pos", rule="rectgrad"))
+register(ReLURuleMethod(id="rectgrad", family="propagation", policy="pos", rule="rectgrad", times_input=True,
+                        signed_counterpart="rectgrad/abs"))
 register(ReLURuleMethod(id="rectgrad/abs", family="propagation", policy="abs", rule="rectgrad_abs",
-                        default=False))
+                        times_input=True, default=False))
 register(LRP(id="lrp_epsilon", family="lrp", policy="signed"))
-register(LRP(id="lrp_zplus", family="lrp", policy="pos"))
+register(LRP(id="lrp_zplus", family="lrp", policy="pos", signed_counterpart="lrp_epsilon"))
 register(LRP(id="lrp_alpha2beta1", family="lrp", policy="signed"))
 register(LRP(id="lrp_epsilon_plus_flat", family="lrp", policy="pos"))
 register(EdgeSobel(id="edge_sobel", family="control"))
-register(RandomMap(id="random", family="control"))
+register(RandomMap(id="random", family="control", stochastic=True))
 
 #: The methods of the paper's experiments (the default run): every bare id, the signed/pos/abs
-#: variants of the two positive-aggregation methods, RectGrad's non-positive control, both controls.
+#: variants of the three aggregation methods, RectGrad's non-positive control, both controls. Ids
+#: that compute exactly another id (gradcam/signed = gradcam, gradcampp/pos = gradcampp) are left out.
 PAPER_METHODS = (
     "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad",
-    "gradcam", "gradcampp", "gradcampp/signed", "gradcampp/pos", "gradcampp/abs",
+    "gradcam", "gradcam/pos", "gradcam/abs", "gradcampp", "gradcampp/signed", "gradcampp/abs",
     "fullgrad", "fullgrad/signed", "fullgrad/pos", "fullgrad/abs",
     "guided_backprop", "deconvnet", "rectgrad", "rectgrad/abs",
     "lrp_epsilon", "lrp_zplus", "lrp_alpha2beta1", "lrp_epsilon_plus_flat",
@@ -70,6 +81,15 @@ def get_method(method_id: str) -> Method:
 
 
 def method_table() -> list[dict]:
-    """id, family, policy, default (True for the bare, published-default ids)."""
-    return [{"id": m.id, "family": m.family, "policy": m.policy, "default": m.default}
+    """id, family, policy, default (True for the bare, published-default ids), stochastic, and the
+    signed method it is compared with (SPEC §4)."""
+    return [{"id": m.id, "family": m.family, "policy": m.policy, "default": m.default,
+             "stochastic": m.stochastic, "signed_counterpart": m.signed_counterpart}
             for m in _REGISTRY.values()]
+
+
+def signed_pairs(method_ids) -> list[tuple[str, str]]:
+    """(variant, signed counterpart) for every method of ``method_ids`` whose counterpart is there too."""
+    chosen = set(method_ids)
+    return [(m, get_method(m).signed_counterpart) for m in method_ids
+            if get_method(m).signed_counterpart in chosen]

@@ -31,7 +31,9 @@ class Method:
     """A saliency method: ``compute(ctx)`` returns B×T×C×H×W (input space) or B×T×H×W maps.
 
     ``needs_layer``/``needs_biases`` tell the engine what the shared pass must capture so that one
-    forward and one backward serve every method of the call.
+    forward and one backward serve every method of the call. ``stochastic`` methods depend on the
+    ``seed`` (their retest level is two draws, SPEC §4). ``signed_counterpart`` names the method this
+    one differs from only by keeping positive (or absolute) signal: the paper's paired comparison.
     """
 
     id: str
@@ -40,6 +42,8 @@ class Method:
     default: bool = True
     needs_layer: bool = False
     needs_biases: bool = False
+    stochastic: bool = False
+    signed_counterpart: str | None = None
 
     def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
         raise NotImplementedError
@@ -49,6 +53,12 @@ def min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:
     """Rescale each map (over its last two dims) to [0, 1], as FullGrad's ψ (eps as pytorch-grad-cam)."""
     shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
     return shifted / (eps + shifted.amax(dim=(-2, -1), keepdim=True))
+
+
+def max_abs(values: Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> Tensor:
+    """Divide by max|·| over ``dims``: sign-preserving rescaling where zero stays zero (all-zero stays 0)."""
+    scale = values.abs().amax(dim=dims, keepdim=True)
+    return values / scale.clamp_min(eps)
 
 
 def stable_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saliency.methods.base import Method, apply_policy, min_max
+from saliency.methods.base import Method, apply_policy, max_abs, min_max
 
 GRADCAMPP_EPS = 1e-6
 
@@ -40,12 +40,13 @@ class GradCAM(Method):
 
 
 def gradcampp_alpha(act: Tensor, grad: Tensor) -> Tensor:
-    """Closed-form GradCAM++ coefficients α = g² / (2g² + Σ_ab A_ab·g³ + ε), 0 where g = 0.
+    """Closed-form GradCAM++ coefficients α = g² / (2g² + Σ_ab A_ab·|g|³ + ε), 0 where g = 0.
 
-    act B×K×h×w, grad B×T×K×h×w → α B×T×K×h×w."""
+    With |g|³ (SPEC §1.2) α is finite for every policy (g³ has a pole at g = −2/ΣA); where g > 0 it is
+    the published α. act B×K×h×w, grad B×T×K×h×w → α B×T×K×h×w."""
     g2 = grad * grad
     act_sum = act.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)
-    alpha = g2 / (2 * g2 + act_sum * g2 * grad + GRADCAMPP_EPS)
+    alpha = g2 / (2 * g2 + act_sum * g2 * grad.abs() + GRADCAMPP_EPS)
     return torch.where(grad != 0, alpha, torch.zeros_like(alpha))
 
 
@@ -64,24 +65,31 @@ class GradCAMPlusPlus(Method):
 
 @dataclass(frozen=True)
 class FullGrad(Method):
-    """ψ(x ⊙ ∇_x y) + Σ_layers Σ_channels ψ(b ⊙ ∇_b y), ψ = φ then per-map min-max, then upsampling.
+    """ψ(x ⊙ ∇_x y) + Σ_layers Σ_channels ψ(b ⊙ ∇_b y), then upsampling.
 
-    Biases are those of every Conv2d and BatchNorm2d (folded), read at call time. Min-max is taken
-    per (image, target, channel) at the layer's resolution; as upsampling is linear, channels are
-    summed before upsampling once per layer (equal to upsampling each channel, far cheaper).
+    ``sign_preserving=False`` (the published id): ψ = φ then min-max per (image, target, channel), as
+    pytorch-grad-cam. ``True`` (the ``fullgrad/<φ>`` variants, SPEC §1.2): ψ(v) = φ(v)/max|φ(v)| per
+    (image, target, layer) over C×H×W, so zero stays zero (min-max turns the zeros of signed terms
+    into mid-level offsets that make every map nearly constant). Biases are those of every Conv2d and
+    BatchNorm2d (folded), read at call time. As upsampling is linear, channels are summed before
+    upsampling once per layer (equal to upsampling each channel, far cheaper).
     """
 
     needs_biases: bool = True
+    sign_preserving: bool = False
+
+    def _psi(self, term: Tensor) -> Tensor:
+        term = apply_policy(term, self.policy)
+        return max_abs(term, dims=(-3, -2, -1)) if self.sign_preserving else min_max(term)
 
     def compute(self, ctx) -> Tensor:
         from saliency.engine import upsample
 
         p = ctx.shared_pass()
-        input_term = ctx.x.unsqueeze(1) * p.input_grad
-        total = min_max(apply_policy(input_term, self.policy)).sum(dim=2)
+        total = self._psi(ctx.x.unsqueeze(1) * p.input_grad).sum(dim=2)
         for bias, grad in p.bias_terms:
-            term = apply_policy(bias.view(1, 1, -1, 1, 1) * grad, self.policy)
-            total = total + upsample(min_max(term).sum(dim=2), ctx.size)
+            term = self._psi(bias.view(1, 1, -1, 1, 1) * grad)
+            total = total + upsample(term.sum(dim=2), ctx.size)
         return _finish(ctx, total)
 
 
