@@ -7,12 +7,16 @@
   "IMAGENET1K_V1" (needs network or torch's hub cache);
 - "reference": the small VGG-style CNN trained on the bundled MNIST digits (trained on first use,
   then cached), or that architecture with a ``weights`` file;
+- "reference_resnet": the same for a small torchvision-style ResNet (``ReferenceResNet``, a
+  ``torchvision.models.ResNet`` with BasicBlocks, so ResNet-specific tooling such as zennit's
+  ResNetCanonizer applies to it);
 - "package.module:function": a factory called with the extra keywords; it must return an nn.Module.
 Every model comes back in eval mode.
 
-The reference model is cached under ``cache_dir`` (default ``$SALIENCY_SANITY_CACHE`` or
-``~/.cache/saliency-sanity``) by a content hash of its architecture, training hyper-parameters, seed
-and training data, so a change to any of them trains a new model instead of loading a stale one.
+The reference models are cached under ``cache_dir`` (default ``$SALIENCY_SANITY_CACHE`` or
+``~/.cache/saliency-sanity``) as ``<name>-<key>.pt`` with ``<key>`` a content hash of the
+architecture, training hyper-parameters, seed, training data and torch version, so a change to any
+of them trains a new model instead of loading a stale one.
 """
 from __future__ import annotations
 
@@ -22,20 +26,26 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torchvision.models
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 REFERENCE = "reference"
+REFERENCE_RESNET = "reference_resnet"
 CACHE_ENV = "SALIENCY_SANITY_CACHE"
 
-# Training hyper-parameters of the reference CNN; all of them enter the cache key.
+# Training hyper-parameters of the reference models; all of them enter the cache key.
 REFERENCE_EPOCHS = 8
 REFERENCE_HPARAMS = {"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "schedule": "onecycle",
                      "weight_decay": 0.0, "threads": 1}
+REFERENCE_RESNET_EPOCHS = 10
+REFERENCE_RESNET_HPARAMS = {"optimizer": "adam", "lr": 1e-2, "batch_size": 64, "schedule": "onecycle",
+                            "weight_decay": 0.0, "threads": 1}
 
 
 class ReferenceCNN(nn.Module):
@@ -68,15 +78,86 @@ def reference_cnn() -> nn.Module:
     return ReferenceCNN()
 
 
+class ReferenceResNet(torchvision.models.ResNet):
+    """A small torchvision ResNet for 1×28×28 digits: stem conv3x3-bn-relu (no max-pool), three stages
+    of torchvision ``BasicBlock``s at 28², 14² and 7² (the first block of a stage strides by 2 and
+    projects the shortcut with conv1x1-bn), global average pooling and ``fc``.
+
+    It is a ``torchvision.models.ResNet`` with torchvision's attribute names (``conv1, bn1, relu,
+    layer1..layer3, avgpool, fc``) and blocks built by ResNet's own ``_make_layer``, so code that
+    recognises ResNets (zennit's ResNetCanonizer, block-wise randomisation) treats it as one. As in
+    torchvision, ReLUs are in-place and each block reuses its ReLU module twice. There is no
+    ``maxpool`` or ``layer4``: ``forward`` is this class's own.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10,
+                 widths: tuple[int, ...] = (16, 32, 64), blocks: tuple[int, ...] = (1, 1, 1)) -> None:
+        if len(widths) != 3 or len(blocks) != 3:
+            raise ValueError(f"ReferenceResNet has three stages, got widths={widths}, blocks={blocks}")
+        # ResNet.__init__ would build the ImageNet stem and four 64–512-channel stages; set the state
+        # that ResNet._make_layer reads instead and build the small network with it.
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[2] * BasicBlock.expansion, num_classes)
+        for module in self.modules():  # torchvision's initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def reference_resnet() -> nn.Module:
+    """The reference ResNet architecture (1×28×28 in, 10 logits out) with random initialisation."""
+    return ReferenceResNet()
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """A reference architecture and how it is trained: factory, default epochs, hyper-parameters."""
+    factory: Callable[[], nn.Module]
+    epochs: int
+    hparams: dict[str, Any]
+
+
+REFERENCE_MODELS: dict[str, ReferenceSpec] = {
+    REFERENCE: ReferenceSpec(reference_cnn, REFERENCE_EPOCHS, REFERENCE_HPARAMS),
+    REFERENCE_RESNET: ReferenceSpec(reference_resnet, REFERENCE_RESNET_EPOCHS, REFERENCE_RESNET_HPARAMS),
+}
+
+
+def reference_spec(architecture: str = REFERENCE) -> ReferenceSpec:
+    """The spec of a reference architecture by name ("reference" or "reference_resnet")."""
+    try:
+        return REFERENCE_MODELS[architecture]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown reference architecture {architecture!r}; allowed: "
+                         f"{', '.join(map(repr, REFERENCE_MODELS))}") from None
+
+
 def load_model(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
                **kw: Any) -> nn.Module:
     """Build a model by name (see the module docstring) and return it in eval mode."""
-    if name == REFERENCE:
+    if name in REFERENCE_MODELS:
         if num_classes not in (None, 10):
-            raise ValueError(f"the reference model has 10 classes, got num_classes={num_classes}")
+            raise ValueError(f"the {name} model classifies the 10 MNIST digits; num_classes must be "
+                             f"None or 10, got num_classes={num_classes}")
         if weights is None:
-            return load_reference(**kw)
-        model = reference_cnn()
+            return load_reference(architecture=name, **kw)
+        model = reference_spec(name).factory()
         _load_weights_file(model, Path(weights))
         return model.eval()
     if ":" in name:
@@ -86,8 +167,8 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
         return model.eval()
     if name not in torchvision.models.list_models():
         raise ValueError(f"unknown model {name!r}; allowed: a torchvision.models name (e.g. resnet18, "
-                         f"resnet50, vgg16, vgg16_bn, alexnet), {REFERENCE!r}, or "
-                         "'package.module:function'")
+                         f"resnet50, vgg16, vgg16_bn, alexnet), {REFERENCE!r}, {REFERENCE_RESNET!r}, "
+                         "or 'package.module:function'")
     return _torchvision_model(name, weights, num_classes, kw).eval()
 
 
@@ -160,69 +241,75 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-# --- the reference model -------------------------------------------------------------------------
+# --- the reference models ------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "saliency-sanity")
 
 
-def reference_cache_key(*, seed: int = 0, epochs: int = REFERENCE_EPOCHS) -> str:
+def reference_cache_key(*, architecture: str = REFERENCE, seed: int = 0, epochs: int | None = None) -> str:
     """Hash of everything that determines the trained weights: architecture, hyper-parameters,
-    seed, training data and torch version."""
+    seed, training data and torch version. ``epochs`` defaults to the architecture's own."""
     from saliency.data import load_dataset
 
+    spec = reference_spec(architecture)
     train = load_dataset("mnist", split="train")
     data = hashlib.sha256()
     for sample in train:
         data.update(sample.image_id.encode())
         data.update(sample.image.numpy().tobytes())
         data.update(str(sample.label).encode())
-    description = {"architecture": repr(reference_cnn()), "hparams": REFERENCE_HPARAMS,
-                   "epochs": epochs, "seed": seed, "data": data.hexdigest(),
-                   "torch": torch.__version__.split("+")[0]}
+    description = {"architecture": repr(spec.factory()), "hparams": spec.hparams,
+                   "epochs": spec.epochs if epochs is None else epochs, "seed": seed,
+                   "data": data.hexdigest(), "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cache_paths(cache_dir: str | Path | None, key: str) -> tuple[Path, Path]:
+def _cache_paths(cache_dir: str | Path | None, architecture: str, key: str) -> tuple[Path, Path]:
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / f"reference-{key}.pt", directory / f"reference-{key}.json"
+    return directory / f"{architecture}-{key}.pt", directory / f"{architecture}-{key}.json"
 
 
-def train_reference(*, cache_dir: str | Path | None = None, seed: int = 0,
-                    epochs: int = REFERENCE_EPOCHS, force: bool = False,
+def train_reference(*, architecture: str = REFERENCE, cache_dir: str | Path | None = None, seed: int = 0,
+                    epochs: int | None = None, force: bool = False,
                     progress: Callable[[int, int, float], None] | None = None
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or load from cache) the reference CNN on the 4000 MNIST training digits.
+    """Train (or load from cache) a reference model ("reference" or "reference_resnet") on the 4000
+    MNIST training digits, for ``epochs`` (default: the architecture's own).
 
     ``progress(epoch, epochs, mean_loss)`` is called after each epoch. Returns the eval-mode model and
     info: accuracy on the 1000 held-out digits, seconds, cache_path, cache_key, cached.
     """
-    key = reference_cache_key(seed=seed, epochs=epochs)
-    weights_path, info_path = _cache_paths(cache_dir, key)
+    spec = reference_spec(architecture)
+    epochs = spec.epochs if epochs is None else epochs
+    key = reference_cache_key(architecture=architecture, seed=seed, epochs=epochs)
+    weights_path, info_path = _cache_paths(cache_dir, architecture, key)
     if weights_path.is_file() and not force:
-        model = reference_cnn()
+        model = spec.factory()
         _load_weights_file(model, weights_path)
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         return model.eval(), {**info, "cache_path": str(weights_path), "cached": True}
 
     start = time.perf_counter()
-    model = _fit(seed, epochs, progress)
+    model = _fit(spec, seed, epochs, progress)
     seconds = time.perf_counter() - start
-    info = {"accuracy": evaluate_reference(model), "seconds": round(seconds, 2), "epochs": epochs,
-            "seed": seed, "cache_key": key, "hparams": REFERENCE_HPARAMS}
+    info = {"architecture": architecture, "accuracy": evaluate_reference(model),
+            "seconds": round(seconds, 2), "epochs": epochs, "seed": seed, "cache_key": key,
+            "hparams": spec.hparams}
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
     _atomic_write(weights_path, lambda f: torch.save(model.state_dict(), f))
     return model, {**info, "cache_path": str(weights_path), "cached": False}
 
 
-def load_reference(cache_dir: str | Path | None = None, *, seed: int = 0) -> nn.Module:
-    """The trained reference CNN: trained on first use (about a minute on two cores), then loaded."""
-    return train_reference(cache_dir=cache_dir, seed=seed)[0]
+def load_reference(cache_dir: str | Path | None = None, *, architecture: str = REFERENCE,
+                   seed: int = 0) -> nn.Module:
+    """A trained reference model: trained on first use (about a minute on two cores), then loaded."""
+    return train_reference(architecture=architecture, cache_dir=cache_dir, seed=seed)[0]
 
 
 def evaluate_reference(model: nn.Module) -> float:
-    """Accuracy on the 1000 held-out MNIST digits."""
+    """Accuracy of a digit classifier (1×28×28 in, 10 logits out) on the 1000 held-out MNIST digits."""
     from saliency.data import load_dataset
 
     test = load_dataset("mnist", split="test")
@@ -234,24 +321,29 @@ def evaluate_reference(model: nn.Module) -> float:
     return float((predictions == labels).float().mean())
 
 
-def _fit(seed: int, epochs: int, progress: Callable[[int, int, float], None] | None) -> nn.Module:
+def _fit(spec: ReferenceSpec, seed: int, epochs: int,
+         progress: Callable[[int, int, float], None] | None) -> nn.Module:
     from saliency.data import load_dataset
 
+    hparams = spec.hparams
+    if hparams["optimizer"] != "adam" or hparams["schedule"] != "onecycle":
+        raise ValueError(f"reference training supports optimizer 'adam' with schedule 'onecycle', "
+                         f"got {hparams['optimizer']!r} with {hparams['schedule']!r}")
     train = load_dataset("mnist", split="train")
     images = torch.stack([s.image for s in train])
     labels = torch.tensor([s.label for s in train])
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(REFERENCE_HPARAMS["threads"])
+    torch.set_num_threads(hparams["threads"])
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(seed)
-        model = reference_cnn()
+        model = spec.factory()
         generator = torch.Generator().manual_seed(seed)
-        batch_size = REFERENCE_HPARAMS["batch_size"]
+        batch_size = hparams["batch_size"]
         steps = epochs * -(-len(images) // batch_size)
-        optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_HPARAMS["lr"],
-                                     weight_decay=REFERENCE_HPARAMS["weight_decay"])
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, REFERENCE_HPARAMS["lr"], total_steps=steps)
+        optimizer = torch.optim.Adam(model.parameters(), lr=hparams["lr"],
+                                     weight_decay=hparams["weight_decay"])
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hparams["lr"], total_steps=steps)
         model.train()
         for epoch in range(epochs):
             total = 0.0
@@ -282,5 +374,6 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-__all__ = ["ReferenceCNN", "evaluate_reference", "load_model", "load_reference", "reference_cnn",
-           "reference_cache_key", "train_reference"]
+__all__ = ["REFERENCE_MODELS", "ReferenceCNN", "ReferenceResNet", "ReferenceSpec", "evaluate_reference",
+           "load_model", "load_reference", "reference_cache_key", "reference_cnn", "reference_resnet",
+           "reference_spec", "train_reference"]

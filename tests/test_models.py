@@ -93,7 +93,8 @@ def test_factory_string():
 
 
 def test_unknown_model_name_says_what_is_allowed():
-    with pytest.raises(ValueError, match=r"(?s)not_a_net.*torchvision.*'reference'.*package\.module:function"):
+    with pytest.raises(ValueError, match=r"(?s)not_a_net.*torchvision.*'reference', 'reference_resnet'.*"
+                                         r"package\.module:function"):
         load_model("not_a_net")
 
 
