@@ -3,10 +3,13 @@
 - ``class_sensitivity``: similarity between the map for the top class and maps for other classes.
 - ``parameter_randomization``: similarity between maps of the trained model and of randomised states
   (MPRT, Adebayo et al. 2018), plus the relative rise of map entropy (eMPRT, Hedström et al. 2023).
-- ``summarize`` and ``verdicts``: mean, std and bootstrap CI per group; pass/fail against a control.
+Each similarity row carries its two references (SPEC §4): ``chance`` (the same comparison against another
+image's map, image i paired with image i+1 of the batch) and ``retest`` (1 for deterministic methods, the
+similarity of two draws with different seeds for stochastic ones). ``saliency.statistics`` turns them into
+the normalised retention R = (s − c)/(r − c), verdicts and the paper's paired comparisons.
 
-Every score depends only on its own image (per-image seeds, per-image normalisation), so a table is the
-same whatever the batch composition or the number of workers.
+Every score depends only on its own image (per-image seeds, per-image normalisation) and, for ``chance``,
+on its partner in the batch; so a table is the same whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from saliency.engine import explain, forward_logits
+from saliency.engine import default_cam_layer, explain, forward_logits
+from saliency.methods import get_method
 from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
 from saliency.seeds import stable_seed
 from saliency.similarity import METRICS, similarity
@@ -31,21 +35,9 @@ ENTROPY_METRIC = "entropy_rise"
 SCORE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("label", pa.int64()),
     ("model", pa.string()), ("method", pa.string()), ("test", pa.string()), ("state", pa.string()),
-    ("state_index", pa.int32()), ("target_class", pa.int64()), ("metric", pa.string()),
-    ("value", pa.float64()),
+    ("state_index", pa.int32()), ("seed", pa.int64()), ("target_class", pa.int64()), ("metric", pa.string()),
+    ("value", pa.float64()), ("chance", pa.float64()), ("retest", pa.float64()),
 ])
-SUMMARY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("method", pa.string()), ("test", pa.string()), ("state", pa.string()),
-    ("state_index", pa.int32()), ("metric", pa.string()), ("n", pa.int64()), ("mean", pa.float64()),
-    ("std", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-])
-VERDICT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("method", pa.string()), ("test", pa.string()), ("state", pa.string()),
-    ("state_index", pa.int32()), ("metric", pa.string()), ("method_mean", pa.float64()),
-    ("control_mean", pa.float64()), ("method_ci_low", pa.float64()), ("method_ci_high", pa.float64()),
-    ("control_ci_low", pa.float64()), ("control_ci_high", pa.float64()), ("verdict", pa.string()),
-])
-_GROUP_KEYS = ("model", "method", "test", "state", "state_index", "metric")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -137,6 +129,47 @@ def as_2d(maps: Tensor) -> Tensor:
     return maps.sum(dim=1) if maps.dim() == 4 else maps
 
 
+def chance_partners(batch: int) -> Tensor | None:
+    """π(i) = (i + 1) mod B: the fixed other image each image is compared with for the chance level
+    (None for a single image, whose chance level is then NaN)."""
+    return None if batch < 2 else torch.arange(1, batch + 1) % batch
+
+
+def _paired(a: Tensor, b: Tensor, metric: str, partners: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(similarity of a and b per image, chance: similarity of a and b's map of the partner image)."""
+    score = similarity(a, b, metric)
+    if partners is None:
+        return score, torch.full_like(score, math.nan)
+    return score, similarity(a, b[partners.to(b.device)], metric)
+
+
+def retest_seed(seed: int) -> int:
+    """The second draw's seed for the retest level of stochastic methods."""
+    return stable_seed(seed, "retest")
+
+
+def _retest(model: nn.Module, x: Tensor, method_ids: list[str], metric_ids: list[str], first: dict[str, Tensor],
+            targets: Tensor, layer: str | None, kwargs: dict) -> dict[tuple[str, str], Tensor]:
+    """Retest level per (method, metric): 1 for deterministic methods; for stochastic ones the similarity
+    of ``first`` (their B×H×W maps for ``targets``) with a second draw under another seed."""
+    stochastic = [m for m in method_ids if get_method(m).stochastic]
+    second = {}
+    if stochastic:
+        redraw = explain(model, x, stochastic, targets[:, None], layer=layer,
+                         **{**kwargs, "seed": retest_seed(kwargs["seed"])})
+        second = {m: as_2d(redraw[m][:, 0]) for m in stochastic}
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+    return {(m, metric): similarity(first[m], second[m], metric) if m in second else ones
+            for m in method_ids for metric in metric_ids}
+
+
+def _resolve_layer(model: nn.Module, x: Tensor, method_ids: list[str], layer: str | None) -> str | None:
+    """The CAM layer, traced once per call instead of once per explain."""
+    if layer is None and any(get_method(m).needs_layer for m in method_ids):
+        return default_cam_layer(model, x)
+    return layer
+
+
 class _Rows:
     """Column buffers for score rows; one ``add`` per (method, state, metric) block of B images."""
 
@@ -145,7 +178,8 @@ class _Rows:
         self.columns: dict[str, list] = {name: [] for name in SCORE_SCHEMA.names}
 
     def add(self, method: str, test: str, state: str, state_index: int, targets: Tensor,
-            metric: str, values: Tensor) -> None:
+            metric: str, values: Tensor, chance: Tensor | None = None, retest: Tensor | None = None,
+            seed: int | None = None) -> None:
         batch = len(self.image_ids)
         c = self.columns
         c["run_id"] += [""] * batch
@@ -157,9 +191,12 @@ class _Rows:
         c["test"] += [test] * batch
         c["state"] += [state] * batch
         c["state_index"] += [state_index] * batch
+        c["seed"] += [seed] * batch
         c["target_class"] += targets.tolist()
         c["metric"] += [metric] * batch
         c["value"] += values.double().cpu().tolist()
+        c["chance"] += [None] * batch if chance is None else chance.double().cpu().tolist()
+        c["retest"] += [None] * batch if retest is None else retest.double().cpu().tolist()
 
     def table(self) -> pa.Table:
         return pa.table(self.columns, schema=SCORE_SCHEMA)
@@ -175,9 +212,10 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
 
     One forward pass picks the classes; one explain call computes the maps for all of them. Rows:
     test="class_sensitivity", state = the other's name, state_index = its position in ``others``,
-    target_class = the other class. High similarity means the method ignores the output.
-    "random" is drawn per image id (see ``random_other_classes``): pass real ``image_ids`` so that
-    the draw does not depend on batch position (the default ids are the positions in the batch).
+    target_class = the other class; ``chance`` compares the top-class map with the partner image's map
+    for its own other class; ``retest`` is the top-class map against a second draw (stochastic methods).
+    High similarity means the method ignores the output. "random" is drawn per image id (see
+    ``random_other_classes``): pass real ``image_ids`` so that the draw does not depend on batch position.
     """
     method_ids = _method_list(methods)
     metric_ids = _metric_list(metrics)
@@ -187,6 +225,8 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     for name in other_names:
         if name not in OTHERS:
             raise ValueError(f"unknown other class {name!r}; allowed: {', '.join(OTHERS)}")
+    if len(set(other_names)) != len(other_names):
+        raise ValueError(f"others lists a class rule twice: {other_names}")
     ids = _image_ids(image_ids, x.shape[0])
     rows = _Rows(ids, _labels(labels, x.shape[0]), model_name)
 
@@ -194,16 +234,20 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     if logits.shape[1] < 2:
         raise ValueError(f"class sensitivity needs at least 2 classes, the model has {logits.shape[1]}")
     targets = class_targets(logits, other_names, seed, ids)
+    layer = _resolve_layer(model, x, method_ids, layer)
 
     kwargs = {"seed": seed, **(explain_kwargs or {})}
     maps = explain(model, x, method_ids, targets, layer=layer, **kwargs)
+    top_maps = {m: as_2d(maps[m][:, 0]) for m in method_ids}
+    retest = _retest(model, x, method_ids, metric_ids, top_maps, targets[:, 0], layer, kwargs)
+    partners = chance_partners(x.shape[0])
     for method in method_ids:
-        top_map = as_2d(maps[method][:, 0])
         for index, name in enumerate(other_names):
             other_map = as_2d(maps[method][:, index + 1])
             for metric in metric_ids:
-                rows.add(method, "class_sensitivity", name, index, targets[:, index + 1], metric,
-                         similarity(top_map, other_map, metric))
+                score, chance = _paired(top_maps[method], other_map, metric, partners)
+                rows.add(method, "class_sensitivity", name, index, targets[:, index + 1], metric, score,
+                         chance, retest[(method, metric)])
     return rows.table()
 
 
@@ -212,16 +256,19 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
                             init: str = "reset", metrics: str | Sequence[str] = ("ssim", "spearman_abs"),
                             target: str = "original", seed: int = 0, *, bn_stats: str = "keep",
                             sigma: float = 0.01, states: Iterable[int] | None = None, emprt: bool = True,
+                            randomization_seeds: Sequence[int] | None = None,
                             image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
                             layer: str | None = None, explain_kwargs: dict | None = None) -> pa.Table:
-    """MPRT and eMPRT scores of each image for each randomisation state (SPEC §2.2).
+    """MPRT and eMPRT scores of each image for each randomisation state and seed (SPEC §2.2).
 
     The original maps are computed once under the trained model for its top class. Each state k (all,
-    or the subset ``states`` so that workers can share them out) is built alone by
-    ``randomized_state`` from the seed, explained, scored and freed. ``target="original"`` keeps the
-    original top class (Quantus's choice); ``"recompute"`` uses each state's own argmax. Rows: "mprt"
-    (one per metric) and, if ``emprt``, "emprt" with metric "entropy_rise" = (H_k − H_0)/H_0 of the
-    100-bin histogram entropy (see ``discrete_entropy``); for a cascade the last state is eMPRT proper.
+    or the subset ``states`` so that workers can share them out) is built alone by ``randomized_state``
+    for every seed of ``randomization_seeds`` (default: ``seed`` alone), explained, scored and freed.
+    ``target="original"`` keeps the original top class (Quantus's choice); ``"recompute"`` uses each
+    state's own argmax. Rows: "mprt" (one per metric, with ``chance``: the original map against the
+    partner image's map in the same state, and ``retest``) and, if ``emprt``, "emprt" with metric
+    "entropy_rise" = (H_k − H_0)/H_0 of the 100-bin histogram entropy (see ``discrete_entropy``); for a
+    cascade the last state is eMPRT proper. The ``seed`` column holds the randomisation seed.
     """
     method_ids = _method_list(methods)
     metric_ids = _metric_list(metrics)
@@ -229,32 +276,40 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
         raise ValueError(f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
     if target not in TARGET_MODES:
         raise ValueError(f"unknown target mode {target!r}; allowed: {', '.join(TARGET_MODES)}")
+    seeds = [seed] if randomization_seeds is None else [int(s) for s in randomization_seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"randomization_seeds must be distinct seeds, at least one; got {seeds}")
     ids = _image_ids(image_ids, x.shape[0])
     rows = _Rows(ids, _labels(labels, x.shape[0]), model_name)
 
     layers = parameter_layers(model, example_input=x[:1], granularity=granularity)
     state_indices = _state_indices(states, len(layers))
     kwargs = {"seed": seed, **(explain_kwargs or {})}
+    layer = _resolve_layer(model, x, method_ids, layer)
 
     top = forward_logits(model, x).argmax(dim=1)
     original = explain(model, x, method_ids, top[:, None], layer=layer, **kwargs)
     original = {m: as_2d(original[m][:, 0]) for m in method_ids}
-    for k in state_indices:
-        state_model = randomized_state(model, layers, order, k, init=init, seed=seed, bn_stats=bn_stats,
-                                       sigma=sigma)
-        targets = forward_logits(state_model, x).argmax(dim=1) if target == "recompute" else top
-        maps = explain(state_model, x, method_ids, targets[:, None], layer=layer, **kwargs)
-        del state_model
-        name = state_name(k, _state_layer(layers, order, k))
-        for method in method_ids:
-            state_map = as_2d(maps[method][:, 0])
-            for metric in metric_ids:
-                rows.add(method, "mprt", name, k, targets, metric,
-                         similarity(original[method], state_map, metric))
-            if emprt:
-                rows.add(method, "emprt", name, k, targets, ENTROPY_METRIC,
-                         entropy_rise(original[method], state_map))
-        del maps
+    retest = _retest(model, x, method_ids, metric_ids, original, top, layer, kwargs)
+    partners = chance_partners(x.shape[0])
+    for rand_seed in seeds:
+        for k in state_indices:
+            state_model = randomized_state(model, layers, order, k, init=init, seed=rand_seed,
+                                           bn_stats=bn_stats, sigma=sigma)
+            targets = forward_logits(state_model, x).argmax(dim=1) if target == "recompute" else top
+            maps = explain(state_model, x, method_ids, targets[:, None], layer=layer, **kwargs)
+            del state_model
+            name = state_name(k, _state_layer(layers, order, k))
+            for method in method_ids:
+                state_map = as_2d(maps[method][:, 0])
+                for metric in metric_ids:
+                    score, chance = _paired(original[method], state_map, metric, partners)
+                    rows.add(method, "mprt", name, k, targets, metric, score, chance,
+                             retest[(method, metric)], seed=rand_seed)
+                if emprt:
+                    rows.add(method, "emprt", name, k, targets, ENTROPY_METRIC,
+                             entropy_rise(original[method], state_map), seed=rand_seed)
+            del maps
     return rows.table()
 
 
@@ -272,91 +327,3 @@ def _state_layer(layers: list[str], order: str, k: int) -> str:
     """The layer randomised at step k (saliency.randomize's convention): top-down and independent
     count from the logits, bottom-up from the input."""
     return layers[k] if order == "cascade_bottom_up" else layers[len(layers) - 1 - k]
-
-
-# --------------------------------------------------------------------------------------------- reporting
-def _bootstrap_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator,
-                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean, vectorised (resamples drawn in blocks to bound memory)."""
-    n = values.size
-    block = max(1, min(n_boot, 2**22 // n))
-    means = np.concatenate([values[rng.integers(0, n, size=(min(block, n_boot - start), n))].mean(axis=1)
-                            for start in range(0, n_boot, block)])
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def summarize(scores: pa.Table, n_boot: int = 1000, seed: int = 0) -> pa.Table:
-    """Mean, sample std (ddof=1), n and a 95% percentile-bootstrap CI of the mean per
-    (model, method, test, state, state_index, metric).
-
-    NaN scores (undefined similarity, e.g. a constant map) are left out: ``n`` counts the finite values
-    used. A group with no finite value has n=0 and NaN statistics; n=1 gives std NaN and a zero-width CI.
-    Each group's resamples come from a generator seeded by (seed, group key), so a group's CI does not
-    depend on which other groups are in the table.
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be a positive number of bootstrap resamples, got {n_boot}")
-    missing = [c for c in (*_GROUP_KEYS, "value") if c not in scores.column_names]
-    if missing:
-        raise ValueError(f"scores lacks columns {missing}; expected the score schema {SCORE_SCHEMA.names}")
-    grouped = scores.group_by(list(_GROUP_KEYS), use_threads=False).aggregate([("value", "list")])
-    grouped = grouped.sort_by([(k, "ascending") for k in _GROUP_KEYS])
-    columns: dict[str, list] = {name: [] for name in SUMMARY_SCHEMA.names}
-    for row in grouped.to_pylist():
-        values = np.asarray([v for v in row["value_list"] if v is not None], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        n = values.size
-        key = tuple(row[k] for k in _GROUP_KEYS)
-        if n == 0:
-            mean = std = low = high = math.nan
-        else:
-            mean = float(values.mean())
-            std = float(values.std(ddof=1)) if n > 1 else math.nan
-            low, high = _bootstrap_ci(values, n_boot, np.random.default_rng([seed, stable_seed(*key)]))
-        for name, value in zip(_GROUP_KEYS, key):
-            columns[name].append(value)
-        for name, value in (("n", n), ("mean", mean), ("std", std), ("ci_low", low), ("ci_high", high)):
-            columns[name].append(value)
-    return pa.table(columns, schema=SUMMARY_SCHEMA)
-
-
-def verdicts(summary: pa.Table, control: str = "edge_sobel") -> pa.Table:
-    """Pass/fail of each method against a model-independent control (SPEC §4), per
-    (model, test, state, state_index, metric).
-
-    Similarity tests (class_sensitivity, mprt): a method passes when its mean is significantly below
-    the control's, ruled as non-overlapping 95% CIs: method ci_high < control ci_low. eMPRT's entropy
-    rise goes the other way (higher = the map changed): pass when method ci_low > control ci_high.
-    Anything else (overlap, or a NaN statistic) fails, because "not significantly better" is failing.
-    Every state gets its own verdict; for a cascade the last state is the fully randomised model.
-    """
-    if control not in summary.column("method").to_pylist():
-        methods = sorted(set(summary.column("method").to_pylist()))
-        raise ValueError(f"control {control!r} is not in the summary; its methods are: {', '.join(methods)}")
-    records = summary.to_pylist()
-    key_of = lambda r: (r["model"], r["test"], r["state"], r["state_index"], r["metric"])  # noqa: E731
-    controls = {key_of(r): r for r in records if r["method"] == control}
-    columns: dict[str, list] = {name: [] for name in VERDICT_SCHEMA.names}
-    for r in records:
-        if r["method"] == control:
-            continue
-        c = controls.get(key_of(r))
-        if c is None:
-            raise ValueError(f"control {control!r} has no summary row for (model, test, state, state_index, "
-                             f"metric) = {key_of(r)}; run the control with every method")
-        if r["test"] == "emprt":
-            passed = r["ci_low"] > c["ci_high"]
-        else:
-            passed = r["ci_high"] < c["ci_low"]  # False when either is NaN
-        for name in ("model", "method", "test", "state", "state_index", "metric"):
-            columns[name].append(r[name])
-        columns["method_mean"].append(r["mean"])
-        columns["control_mean"].append(c["mean"])
-        columns["method_ci_low"].append(r["ci_low"])
-        columns["method_ci_high"].append(r["ci_high"])
-        columns["control_ci_low"].append(c["ci_low"])
-        columns["control_ci_high"].append(c["ci_high"])
-        columns["verdict"].append("pass" if passed else "fail")
-    return pa.table(columns, schema=VERDICT_SCHEMA)

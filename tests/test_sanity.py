@@ -1,4 +1,5 @@
-"""saliency.sanity: class sensitivity, MPRT/eMPRT, summaries and verdicts (SPEC §2, §4).
+"""saliency.sanity: class sensitivity and MPRT/eMPRT score rows with their chance and retest levels
+(SPEC §2, §4); statistics and verdicts are in test_statistics.py.
 
 Oracles: quantus.MPRT, quantus.RandomLogit and quantus.EfficientMPRT, run on the same model and batch
 with an explain_func that calls our own ``explain`` (so both sides score identical maps); numpy/scipy
@@ -22,8 +23,8 @@ import saliency.sanity as sanity
 from saliency.engine import explain
 from saliency.randomize import parameter_layers, randomized_state, state_name
 from saliency.sanity import (
-    SCORE_SCHEMA, SUMMARY_SCHEMA, VERDICT_SCHEMA, class_sensitivity, discrete_entropy, entropy_rise,
-    parameter_randomization, random_other_classes, summarize, verdicts,
+    SCORE_SCHEMA, class_sensitivity, discrete_entropy, entropy_rise, parameter_randomization,
+    random_other_classes,
 )
 
 NUM_CLASSES = 6
@@ -114,6 +115,42 @@ def test_parameter_randomization_schema_counts_and_state_names(model, x):
                                         emprt=False)
     assert sorted({r["state"] for r in bottom_up.to_pylist()}) == [state_name(k, layer)
                                                                     for k, layer in enumerate(layers)]
+
+
+def test_chance_is_the_same_comparison_against_the_partner_images_map(model, x):
+    """chance_i = similarity(map_i, other map of image i+1 mod B); retest = 1 for deterministic methods."""
+    from saliency.similarity import similarity
+
+    table = class_sensitivity(model, x, ["gradient"], others=("min",), metrics=("pearson",))
+    targets = torch.stack([model(x).argmax(1), model(x).argmin(1)], dim=1)
+    maps = explain(model, x, "gradient", targets)["gradient"]
+    partner = [1, 2, 0]
+    expected_chance = similarity(maps[:, 0], maps[partner, 1], "pearson")
+    rows = sorted(table.to_pylist(), key=lambda r: int(r["image_id"]))
+    np.testing.assert_allclose([r["chance"] for r in rows], expected_chance.numpy(), atol=1e-6)
+    assert [r["retest"] for r in rows] == [1.0, 1.0, 1.0]
+    assert all(r["seed"] is None for r in rows)
+    single = class_sensitivity(model, x[:1], ["gradient"], others=("min",), metrics=("pearson",))
+    assert math.isnan(single.column("chance")[0].as_py())  # no other image in the batch
+
+
+def test_stochastic_methods_get_a_retest_from_a_second_draw(model, x):
+    table = class_sensitivity(model, x, ["smoothgrad", "random", "gradient"], others=("min",),
+                              metrics=("pearson",), explain_kwargs={"sg_samples": 4})
+    retest = {m: [r["retest"] for r in _rows(table, method=m)] for m in ("smoothgrad", "random", "gradient")}
+    assert all(0.3 < v < 1.0 for v in retest["smoothgrad"])  # two noise draws: similar, not equal
+    assert all(abs(v) < 0.3 for v in retest["random"])  # two noise maps are unrelated
+    assert retest["gradient"] == [1.0, 1.0, 1.0]
+
+
+def test_randomization_seeds_give_one_row_per_seed_and_distinct_states(model, x):
+    one = parameter_randomization(model, x, "gradient", metrics="ssim", emprt=False, randomization_seeds=[7])
+    two = parameter_randomization(model, x, "gradient", metrics="ssim", emprt=False, randomization_seeds=[7, 8])
+    assert two.num_rows == 2 * one.num_rows and set(two.column("seed").to_pylist()) == {7, 8}
+    assert _rows(two, seed=7) == one.to_pylist()  # seed 7's rows do not depend on the other seeds
+    assert [r["value"] for r in _rows(two, seed=8)] != [r["value"] for r in one.to_pylist()]
+    default = parameter_randomization(model, x, "gradient", metrics="ssim", emprt=False, seed=7)
+    assert default.column("value").to_pylist() == one.column("value").to_pylist()
 
 
 def test_recompute_target_uses_each_states_argmax(model, x):
@@ -304,92 +341,6 @@ def test_users_model_is_unchanged(model, x):
                for m in model.modules())
 
 
-# --------------------------------------------------------------------------------------------- summaries
-def _scores(groups: dict[tuple[str, str], list]) -> pa.Table:
-    """A score table with one row per value; groups keyed by (method, test)."""
-    rows = []
-    for (method, test), values in groups.items():
-        for i, value in enumerate(values):
-            rows.append(dict(run_id="", shard=0, image_id=str(i), label=None, model="m", method=method,
-                             test=test, state="00:fc", state_index=0, target_class=1,
-                             metric="entropy_rise" if test == "emprt" else "ssim", value=value))
-    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
-
-
-def test_summarize_statistics_nan_handling_and_determinism():
-    rng = np.random.default_rng(0)
-    values = rng.normal(0.5, 0.2, size=40)
-    with_nan = list(values) + [math.nan, None]
-    table = _scores({("gradient", "mprt"): with_nan, ("constant", "mprt"): [math.nan, math.nan],
-                     ("single", "mprt"): [0.3]})
-    summary = summarize(table, n_boot=500, seed=1)
-    assert summary.schema == SUMMARY_SCHEMA
-    by_method = {r["method"]: r for r in summary.to_pylist()}
-    g = by_method["gradient"]
-    assert g["n"] == 40  # NaN and null are left out and not counted
-    assert g["mean"] == pytest.approx(values.mean()) and g["std"] == pytest.approx(values.std(ddof=1))
-    assert g["ci_low"] < g["mean"] < g["ci_high"]
-    c = by_method["constant"]
-    assert c["n"] == 0 and all(math.isnan(c[k]) for k in ("mean", "std", "ci_low", "ci_high"))
-    s = by_method["single"]
-    assert (s["n"], s["mean"], s["ci_low"], s["ci_high"]) == (1, 0.3, 0.3, 0.3) and math.isnan(s["std"])
-
-    again = summarize(table, n_boot=500, seed=1)
-    np.testing.assert_equal(again.to_pydict(), summary.to_pydict())  # NaN counts as equal here
-    other_seed = {r["method"]: r for r in summarize(table, n_boot=500, seed=2).to_pylist()}["gradient"]
-    assert (other_seed["ci_low"], other_seed["ci_high"]) != (g["ci_low"], g["ci_high"])
-    alone = summarize(_scores({("gradient", "mprt"): with_nan}), n_boot=500, seed=1).to_pylist()[0]
-    assert alone == g  # a group's CI does not depend on the other groups in the table
-
-
-def test_bootstrap_ci_matches_the_normal_approximation_for_large_n():
-    values = np.random.default_rng(3).normal(0.0, 1.0, size=400)
-    r = summarize(_scores({("gradient", "mprt"): list(values)}), n_boot=4000).to_pylist()[0]
-    half_width = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
-    assert r["ci_low"] == pytest.approx(values.mean() - half_width, abs=0.15 * half_width)
-    assert r["ci_high"] == pytest.approx(values.mean() + half_width, abs=0.15 * half_width)
-
-
-def test_summarize_rejects_bad_input():
-    with pytest.raises(ValueError, match="n_boot"):
-        summarize(_scores({("gradient", "mprt"): [0.1]}), n_boot=0)
-    with pytest.raises(ValueError, match="lacks columns"):
-        summarize(pa.table({"value": [1.0]}))
-
-
-def _summary(rows: list[tuple]) -> pa.Table:
-    """(method, test, mean, ci_low, ci_high) → summary rows for one model, state and metric per test."""
-    return pa.Table.from_pylist([
-        dict(model="m", method=method, test=test, state="00:fc", state_index=0,
-             metric="entropy_rise" if test == "emprt" else "ssim", n=10, mean=mean, std=0.1, ci_low=low,
-             ci_high=high) for method, test, mean, low, high in rows], schema=SUMMARY_SCHEMA)
-
-
-def test_verdicts_compare_each_method_with_the_control():
-    summary = _summary([
-        ("edge_sobel", "mprt", 0.9, 0.85, 0.95),
-        ("signed", "mprt", 0.3, 0.2, 0.4),          # clearly below the control: passes
-        ("positive", "mprt", 0.85, 0.8, 0.9),       # overlaps the control: fails
-        ("undefined", "mprt", math.nan, math.nan, math.nan),
-        ("edge_sobel", "emprt", 0.0, 0.0, 0.0),
-        ("complexer", "emprt", 0.15, 0.1, 0.2),     # entropy rises above the control's: passes
-        ("flat", "emprt", 0.0, -0.1, 0.05),
-    ])
-    table = verdicts(summary)
-    assert table.schema == VERDICT_SCHEMA
-    got = {r["method"]: r for r in table.to_pylist()}
-    assert {m: r["verdict"] for m, r in got.items()} == {
-        "signed": "pass", "positive": "fail", "undefined": "fail", "complexer": "pass", "flat": "fail"}
-    assert got["signed"]["control_mean"] == 0.9 and got["signed"]["method_mean"] == 0.3
-
-
-def test_verdicts_need_the_control():
-    with pytest.raises(ValueError, match="control 'edge_sobel' is not in the summary"):
-        verdicts(_summary([("signed", "mprt", 0.3, 0.2, 0.4)]))
-    with pytest.raises(ValueError, match="no summary row"):
-        verdicts(_summary([("edge_sobel", "mprt", 0.9, 0.8, 1.0), ("signed", "emprt", 0.3, 0.2, 0.4)]))
-
-
 # --------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("call, message", [
     (lambda m, x: class_sensitivity(m, x, "gradient", others=("max",)), "unknown other class 'max'"),
@@ -404,6 +355,9 @@ def test_verdicts_need_the_control():
     (lambda m, x: parameter_randomization(m, x, "gradient", metrics="pearsn"), "unknown metric 'pearsn'"),
     (lambda m, x: parameter_randomization(m, x, "gradient", states=[4]), r"states \[4\] out of range"),
     (lambda m, x: parameter_randomization(m, x, "gradient", labels=[1]), "labels has 1 entries"),
+    (lambda m, x: parameter_randomization(m, x, "gradient", randomization_seeds=[1, 1]), "distinct seeds"),
+    (lambda m, x: parameter_randomization(m, x, "gradient", randomization_seeds=[]), "distinct seeds"),
+    (lambda m, x: class_sensitivity(m, x, "gradient", others=("min", "min")), "lists a class rule twice"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(model, x, call, message):
     with pytest.raises(ValueError, match=message):

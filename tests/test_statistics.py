@@ -1,0 +1,248 @@
+"""saliency.statistics: normalised retention, two-level bootstrap summaries, verdicts and the paired
+pos/abs-vs-signed comparisons (SPEC §4). Oracles: scipy.stats.wilcoxon, a hand-written Holm, numpy."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.stats
+import torch
+
+from saliency.sanity import SCORE_SCHEMA, chance_partners
+from saliency.similarity import similarity
+from saliency.statistics import (
+    CASCADE, COMPARISON_SCHEMA, SUMMARY_SCHEMA, VERDICT_SCHEMA, VerdictRules, comparisons, control_checks,
+    holm, rank_biserial, retention, summarize, verdicts,
+)
+
+
+def _row(method="gradient", test="mprt", state="00:fc", state_index=0, metric="ssim", image="0", seed=None,
+         value=0.5, chance=0.0, retest=1.0, model="m") -> dict:
+    return dict(run_id="", shard=0, image_id=image, label=None, model=model, method=method, test=test,
+                state=state, state_index=state_index, seed=seed, target_class=1, metric=metric, value=value,
+                chance=chance, retest=retest)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------- retention
+def _scores_of(maps: torch.Tensor, other: torch.Tensor, metric: str = "ssim") -> tuple[np.ndarray, ...]:
+    """s, c as saliency.sanity computes them: image i against its own other map and its partner's."""
+    partners = chance_partners(maps.shape[0])
+    s = similarity(maps, other, metric).numpy()
+    c = similarity(maps, other[partners], metric).numpy()
+    return s, c
+
+
+def _smooth_maps(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.avg_pool2d(torch.randn(n, 1, 20, 20, generator=g), 5, 1, 2)[:, 0]
+    return base
+
+
+def test_identical_maps_retain_everything():
+    maps = _smooth_maps(16, 0)
+    s, c = _scores_of(maps, maps.clone())
+    np.testing.assert_allclose(retention(s, c, 1.0), 1.0, atol=1e-12)
+
+
+def test_a_map_equal_to_another_images_map_retains_nothing():
+    maps = _smooth_maps(200, 1)
+    other = maps.roll(shifts=5, dims=0)  # image i's "other" map is image i−5's map
+    s, c = _scores_of(maps, other)
+    r = retention(s, c, 1.0)
+    rows = [_row(image=f"{i:03d}", value=float(s[i]), chance=float(c[i])) for i in range(200)]
+    summary = summarize(_table(rows), n_boot=1000).to_pylist()
+    state = [row for row in summary if row["state"] != CASCADE][0]
+    assert abs(r.mean()) < 0.1 and state["retention_ci_low"] < 0 < state["retention_ci_high"]
+
+
+def test_maps_that_ignore_the_image_are_uninformative():
+    """The same map for every image (chance = retest = 1), and constant maps (similarity undefined)."""
+    pattern = _smooth_maps(1, 2).expand(8, -1, -1)
+    s, c = _scores_of(pattern, pattern.clone())
+    assert np.allclose(c, 1.0)
+    constant = torch.ones(8, 20, 20)
+    s2, c2 = _scores_of(constant, constant)
+    rows = [_row(method="pattern", image=str(i), value=float(s[i]), chance=float(c[i])) for i in range(8)]
+    rows += [_row(method="constant", image=str(i), value=float(s2[i]), chance=float(c2[i])) for i in range(8)]
+    table = verdicts(summarize(_table(rows), n_boot=200))
+    assert {r["verdict"] for r in table.to_pylist()} == {"uninformative"}
+
+
+def test_retention_formula_and_undefined_cases():
+    np.testing.assert_allclose(retention([0.6, 0.2, 0.5], [0.2, 0.2, 0.5], [1.0, 0.6, 0.5]),
+                               [0.5, 0.0, math.nan])
+    assert math.isnan(retention(0.3, math.nan, 1.0))
+
+
+# --------------------------------------------------------------------------------------------- summary
+def test_summarize_statistics_nan_handling_and_determinism():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.5, 0.2, size=40)
+    rows = [_row(image=f"{i:02d}", value=float(v)) for i, v in enumerate(values)]
+    rows += [_row(image="nan", value=math.nan), _row(image="null", value=None)]
+    rows += [_row(method="constant", image=str(i), value=math.nan) for i in range(2)]
+    rows += [_row(method="single", value=0.3, chance=0.1)]
+    summary = summarize(_table(rows), n_boot=500, seed=1)
+    assert summary.schema == SUMMARY_SCHEMA
+    by_method = {r["method"]: r for r in summary.to_pylist() if r["state"] != CASCADE}
+    g = by_method["gradient"]
+    assert g["n"] == 40 and g["n_seeds"] == 1  # NaN and null are left out and not counted
+    assert g["mean"] == pytest.approx(values.mean()) and g["std"] == pytest.approx(values.std(ddof=1))
+    assert g["ci_low"] < g["mean"] < g["ci_high"]
+    assert g["retention_mean"] == pytest.approx(values.mean())  # c = 0, r = 1: R = s
+    assert (g["chance_mean"], g["retest_mean"], g["gap_mean"]) == (0.0, 1.0, 1.0)
+    c = by_method["constant"]
+    assert c["n"] == 0 and all(math.isnan(c[k]) for k in ("mean", "std", "ci_low", "ci_high"))
+    s = by_method["single"]
+    assert (s["n"], s["mean"], s["ci_low"], s["ci_high"]) == (1, 0.3, 0.3, 0.3) and math.isnan(s["std"])
+    assert s["retention_mean"] == pytest.approx((0.3 - 0.1) / 0.9)
+
+    again = summarize(_table(rows), n_boot=500, seed=1)
+    np.testing.assert_equal(again.to_pydict(), summary.to_pydict())  # NaN counts as equal here
+    other_seed = [r for r in summarize(_table(rows), n_boot=500, seed=2).to_pylist()
+                  if r["method"] == "gradient" and r["state"] != CASCADE][0]
+    assert (other_seed["ci_low"], other_seed["ci_high"]) != (g["ci_low"], g["ci_high"])
+    alone = [r for r in summarize(_table(rows[:42]), n_boot=500, seed=1).to_pylist() if r["state"] != CASCADE]
+    assert alone == [g]  # a group's CI does not depend on the other groups in the table
+
+
+def test_summary_does_not_depend_on_row_order_or_sharding():
+    rng = np.random.default_rng(4)
+    rows = [_row(image=f"img{i}", seed=seed, state=f"{k:02d}:l{k}", state_index=k, value=float(rng.random()),
+                 chance=float(rng.random() * 0.2)) for i in range(30) for seed in (0, 1) for k in range(3)]
+    table = _table(rows)
+    shuffled = table.take(rng.permutation(table.num_rows))
+    np.testing.assert_equal(summarize(shuffled, n_boot=300, seed=9).to_pydict(),
+                            summarize(table, n_boot=300, seed=9).to_pydict())
+
+
+def test_bootstrap_ci_matches_the_normal_approximation_for_large_n():
+    values = np.random.default_rng(3).normal(0.0, 1.0, size=400)
+    rows = [_row(image=f"{i:03d}", value=float(v)) for i, v in enumerate(values)]
+    r = [r for r in summarize(_table(rows), n_boot=4000).to_pylist() if r["state"] != CASCADE][0]
+    half_width = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
+    assert r["ci_low"] == pytest.approx(values.mean() - half_width, abs=0.15 * half_width)
+    assert r["ci_high"] == pytest.approx(values.mean() + half_width, abs=0.15 * half_width)
+
+
+def test_the_ci_covers_seed_variance():
+    """Two seeds whose scores differ by a constant offset: resampling seeds widens the CI; one seed's
+    CI is the image-level CI."""
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0, 0.05, size=100)
+    rows = [_row(image=f"{i:03d}", seed=seed, value=0.5 + offset + float(noise[i]))
+            for seed, offset in ((0, -0.2), (1, 0.2)) for i in range(100)]
+    both = [r for r in summarize(_table(rows), n_boot=2000).to_pylist() if r["state"] != CASCADE][0]
+    one = [r for r in summarize(_table(rows[:100]), n_boot=2000).to_pylist() if r["state"] != CASCADE][0]
+    assert both["n_seeds"] == 2 and both["n"] == 200 and both["mean"] == pytest.approx(0.5 + noise.mean())
+    assert both["ci_high"] - both["ci_low"] > 0.3  # the seed offset (±0.2) shows in the CI
+    assert one["ci_high"] - one["ci_low"] < 0.03
+
+
+def test_cascade_is_the_mean_retention_over_states_per_seed_and_image():
+    rows = [_row(image=i, state=f"{k:02d}:l", state_index=k, seed=0, value=v, chance=c)
+            for i, k, v, c in (("a", 0, 0.9, 0.1), ("a", 1, 0.5, 0.5), ("b", 0, 0.7, 0.3), ("b", 1, 0.4, 0.2))]
+    cascade = [r for r in summarize(_table(rows), n_boot=100).to_pylist() if r["state"] == CASCADE][0]
+    r_a = np.mean([(0.9 - 0.1) / 0.9, 0.0])
+    r_b = np.mean([(0.7 - 0.3) / 0.7, (0.4 - 0.2) / 0.8])
+    assert cascade["state_index"] == -1 and cascade["retention_mean"] == pytest.approx((r_a + r_b) / 2)
+
+
+def test_summarize_rejects_bad_input():
+    with pytest.raises(ValueError, match="n_boot"):
+        summarize(_table([_row()]), n_boot=0)
+    with pytest.raises(ValueError, match="lacks columns"):
+        summarize(pa.table({"value": [1.0]}))
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+def _summary_row(method, test="class_sensitivity", state="min", state_index=0, metric="ssim", gap=0.8,
+                 low=0.1, high=0.3, mean=0.5) -> dict:
+    row = {name: math.nan for name in SUMMARY_SCHEMA.names}
+    row.update(model="m", method=method, test=test, state=state, state_index=state_index, metric=metric, n=10,
+               n_seeds=1, mean=mean, ci_low=low, ci_high=high, gap_mean=gap, retention_mean=(low + high) / 2,
+               retention_ci_low=low, retention_ci_high=high)
+    return row
+
+
+def test_verdict_thresholds_are_honoured():
+    rows = [_summary_row("passes", low=0.1, high=0.49), _summary_row("fails", low=0.51, high=0.9),
+            _summary_row("straddles", low=0.4, high=0.6), _summary_row("flat", gap=0.19, low=0.9, high=1.0),
+            _summary_row("undefined", gap=math.nan)]
+    table = verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA))
+    assert table.schema == VERDICT_SCHEMA
+    got = {r["method"]: r["verdict"] for r in table.to_pylist()}
+    assert got == {"passes": "pass", "fails": "fail", "straddles": "inconclusive", "flat": "uninformative",
+                   "undefined": "uninformative"}
+    strict = verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA),
+                      VerdictRules(retention=0.35, min_gap=0.1))
+    got = {r["method"]: r["verdict"] for r in strict.to_pylist()}
+    assert got["passes"] == "inconclusive" and got["straddles"] == "fail" and got["flat"] == "fail"
+
+
+def test_mprt_verdicts_at_the_head_and_for_the_cascade_emprt_at_the_last_state():
+    rows = [_summary_row("g", "mprt", f"{k:02d}:l{k}", k, low=0.1 * k, high=0.1 * k + 0.05) for k in range(4)]
+    rows.append(_summary_row("g", "mprt", CASCADE, -1, low=0.6, high=0.7))
+    rows += [_summary_row("g", "emprt", f"{k:02d}:l{k}", k, metric="entropy_rise", low=-0.1, high=0.2)
+             for k in range(3)]
+    rows.append(_summary_row("g", "emprt", "03:l3", 3, metric="entropy_rise", low=0.05, high=0.2))
+    summary = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    got = {(r["test"], r["scope"]): (r["state_index"], r["verdict"]) for r in verdicts(summary).to_pylist()}
+    assert got == {("mprt", "head"): (0, "pass"), ("mprt", CASCADE): (-1, "fail"), ("emprt", "full"): (3, "pass")}
+    bottom_up = {(r["test"], r["scope"]): r["state_index"]
+                 for r in verdicts(summary, order="cascade_bottom_up").to_pylist()}
+    assert bottom_up[("mprt", "head")] == 3
+    rows[-1] = _summary_row("g", "emprt", "03:l3", 3, metric="entropy_rise", low=-0.2, high=0.0)
+    failing = verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)).to_pylist()
+    assert [r["verdict"] for r in failing if r["test"] == "emprt"] == ["fail"]
+
+
+def test_control_checks_flag_a_control_that_misbehaves():
+    rows = [_summary_row("edge_sobel", low=0.9, high=1.0), _summary_row("random", gap=0.0),
+            _summary_row("gradient", low=0.6, high=0.7)]
+    checks = control_checks(verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)))
+    assert {(c["control"], c["ok"]) for c in checks} == {("edge_sobel", True), ("random", True),
+                                                         ("gradient", False)}
+
+
+# --------------------------------------------------------------------------------------------- comparisons
+def test_holm_and_rank_biserial_on_known_values():
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, math.nan]), [0.03, 0.06, 0.06, math.nan])
+    np.testing.assert_allclose(holm([0.5, 0.2]), [0.5, 0.4])
+    assert rank_biserial(np.array([1.0, 2.0, 3.0])) == 1.0
+    assert rank_biserial(np.array([-1.0, 2.0, 0.0])) == pytest.approx((2 - 1) / 3)
+
+
+def test_comparisons_pair_each_variant_with_its_signed_counterpart():
+    rng = np.random.default_rng(6)
+    rows = []
+    for i in range(40):
+        base = float(rng.random() * 0.3)
+        for method, shift in (("gradcampp", 0.4), ("gradcampp/signed", 0.0), ("gradcam", 0.0),
+                              ("gradcam/pos", float(rng.normal(0, 0.05)))):
+            rows.append(_row(method=method, test="class_sensitivity", state="min", image=f"{i:02d}",
+                             value=base + shift, chance=0.0))
+            for seed in (0, 1):
+                rows.append(_row(method=method, state="00:fc", state_index=0, seed=seed, image=f"{i:02d}",
+                                 value=base + shift, chance=0.0))
+    table = comparisons(_table(rows), n_boot=500)
+    assert table.schema == COMPARISON_SCHEMA
+    got = {(r["variant"], r["signed"], r["test"], r["scope"]): r for r in table.to_pylist()}
+    assert set(got) == {(v, s, t, scope) for v, s in (("gradcampp", "gradcampp/signed"), ("gradcam/pos", "gradcam"))
+                        for t, scope in (("class_sensitivity", "min"), ("mprt", "head"), ("mprt", CASCADE))}
+    pp = got[("gradcampp", "gradcampp/signed", "class_sensitivity", "min")]
+    assert pp["n"] == 40 and pp["mean_difference"] == pytest.approx(0.4) and pp["rank_biserial"] == 1.0
+    assert pp["significant"] and pp["difference_ci_low"] == pytest.approx(0.4)
+    differences = [rows[k]["value"] for k in range(9, len(rows), 12)]  # gradcam/pos class rows
+    signed = [rows[k]["value"] for k in range(6, len(rows), 12)]
+    oracle = scipy.stats.wilcoxon(np.array(differences) - np.array(signed))
+    cam = got[("gradcam/pos", "gradcam", "class_sensitivity", "min")]
+    assert cam["p_value"] == pytest.approx(oracle.pvalue) and cam["wilcoxon_statistic"] == oracle.statistic
+    np.testing.assert_allclose(table["p_holm"].to_numpy(), holm(table["p_value"].to_numpy()))
+    assert not cam["significant"]
