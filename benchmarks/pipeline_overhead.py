@@ -82,7 +82,8 @@ def plain_loop(n_images: int, out: Path) -> dict:
 
     from flows.config import load_config
     from saliency.data import batches
-    from saliency.sanity import class_sensitivity, parameter_randomization, summarize
+    from saliency.sanity import class_sensitivity, parameter_randomization
+    from saliency.statistics import summarize
     from tasks.shards import load_configured_model, load_data
 
     cfg = load_config(overrides=[f"data.limit={n_images}"])
@@ -96,7 +97,8 @@ def plain_loop(n_images: int, out: Path) -> dict:
                                         metrics=cfg.metrics.names, seed=cfg.seed, **common))
         tables.append(parameter_randomization(model, x, cfg.methods.ids, order=r.order, granularity=r.granularity,
                                               init=r.init, metrics=cfg.metrics.names, target=r.target,
-                                              seed=cfg.seed, bn_stats=r.bn_stats, sigma=r.sigma, **common))
+                                              seed=cfg.seed, bn_stats=r.bn_stats, sigma=r.sigma,
+                                              randomization_seeds=r.seeds, **common))
     scores = pa.concat_tables(tables)
     summarize(scores, n_boot=cfg.metrics.n_boot, seed=cfg.seed)
     pq.write_table(scores, out / "plain-scores.parquet")

@@ -20,6 +20,7 @@ from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
 from saliency.sanity import OTHERS, TARGET_MODES
 from saliency.similarity import METRICS
+from saliency.statistics import VerdictRules
 
 STORE_MAPS = ("none", "sample", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,7 +59,8 @@ class ModelConfig(Section):
                                 "torchvision weights name; null = the model's default (trained reference "
                                 "CNN, random torchvision weights)")
     num_classes: int | None = Field(None, ge=2, description="number of classes; null = the model's own")
-    layer: str | None = Field(None, description="module name of the CAM layer; null = the last conv layer")
+    layer: str | None = Field(None, description="module name of the CAM layer; null = the rectified output "
+                              "of the last convolutional block (traced; recorded in the manifest)")
 
 
 class DataConfig(Section):
@@ -104,6 +106,11 @@ class TestsConfig(Section):
 
     _split = field_validator("others", mode="before")(_split_commas)
 
+    @field_validator("others")
+    @classmethod
+    def _distinct_others(cls, others: list[str]) -> list[str]:
+        return _check_choices(others, OTHERS, "other classes")
+
 
 class RandomisationConfig(Section):
     order: Literal[ORDERS] = Field("cascade_top_down", description="order of the randomised layers")
@@ -113,6 +120,29 @@ class RandomisationConfig(Section):
     bn_stats: Literal[BN_STATS] = Field("keep", description="BatchNorm running statistics: keep or reset")
     target: Literal[TARGET_MODES] = Field("original", description="explain the original top class, or "
                                           "recompute the argmax of each randomised model")
+    seeds: list[int] = Field([0, 1, 2], description="randomisation seeds: every MPRT state is computed once per "
+                             "seed, and the CI resamples seeds, then images")
+
+    _split = field_validator("seeds", mode="before")(_split_commas)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("give one or more distinct non-negative seeds")
+        return seeds
+
+
+class VerdictConfig(Section):
+    retention: float = Field(0.5, gt=0, lt=1, description="R threshold: fail when CI_low(R) is above it, pass "
+                             "when CI_high(R) is below it (R = (s − chance)/(retest − chance))")
+    min_gap: float = Field(0.2, ge=0, description="uninformative when mean(retest − chance) is below it")
+    entropy_rise: float = Field(0.0, description="eMPRT passes when the entropy rise's CI is above it")
+    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise level of the Holm-corrected paired "
+                         "pos/abs-vs-signed comparisons")
+
+    def rules(self) -> VerdictRules:
+        return VerdictRules(**self.model_dump())
 
 
 class MetricsConfig(Section):
@@ -156,13 +186,15 @@ class TrackingConfig(Section):
 
 
 class Config(Section):
-    seed: int = Field(0, ge=0, description="seed of the random classes, noise and randomised models")
+    seed: int = Field(0, ge=0, description="seed of the random classes, noise and bootstrap (randomised models: "
+                      "randomisation.seeds)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     methods: MethodsConfig = Field(default_factory=MethodsConfig)
     tests: TestsConfig = Field(default_factory=TestsConfig)
     randomisation: RandomisationConfig = Field(default_factory=RandomisationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    verdicts: VerdictConfig = Field(default_factory=VerdictConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -170,9 +202,10 @@ class Config(Section):
     def identity(self) -> dict[str, Any]:
         """What determines the results: everything but where and how fast they are computed.
 
-        Batching and sharding are part of it because they fix which images share a batch and a part.
+        Batching and sharding are part of it because they fix which images share a batch and a part
+        (and so each image's chance partner). Verdict thresholds are not: they only re-read the scores.
         """
-        data = self.model_dump(mode="json", exclude={"compute", "tracking"})
+        data = self.model_dump(mode="json", exclude={"compute", "tracking", "verdicts"})
         data["storage"] = {k: data["storage"][k] for k in ("store_maps", "sample_images")}
         data["compute"] = {k: getattr(self.compute, k) for k in ("batch_size", "images_per_shard")}
         return data

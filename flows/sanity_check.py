@@ -127,7 +127,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                 len(plan.shards), len(plan.pending), len(plan.manifest["layers"]))
     results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
     computed = sum(r["n_images"] for r in results)
-    agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed)
+    agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
+                    cfg.randomisation.order)
     report_dir = render_report(plan.run_dir) if cfg.storage.report else None
     stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
              "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
@@ -138,7 +139,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     if cfg.tracking.enabled:
         uri = tracking_uri(cfg)
         mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
-                                     report_dir)
+                                     report_dir, agg.comparisons)
     outcome = {
         "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
         "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),

@@ -59,9 +59,8 @@ class ShardWorker:
             except Exception as error:  # a corrupt or unreadable image
                 failures.append((self.dataset.image_ids[index], "load", error))
         scores, maps = [], []
-        size = self.cfg.compute.batch_size
-        for first in range(0, len(samples), size):
-            batch = self._finite(samples[first:first + size], failures)
+        for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
+            batch = self._finite(samples[first:last], failures)
             scores += self._guarded(batch, self._scores, failures, "explain")
             failed = {image_id for image_id, _, _ in failures}
             keep = [item for item in batch if self._keeps_map(item[0]) and item[1].image_id not in failed]
@@ -135,7 +134,7 @@ class ShardWorker:
             table = parameter_randomization(
                 self.model, x, cfg.methods.ids, order=r.order, granularity=r.granularity, init=r.init,
                 metrics=cfg.metrics.names, target=r.target, seed=cfg.seed, bn_stats=r.bn_stats,
-                sigma=r.sigma, emprt=cfg.tests.emprt, **common)
+                sigma=r.sigma, emprt=cfg.tests.emprt, randomization_seeds=r.seeds, **common)
             if not cfg.tests.mprt:
                 table = table.filter(pc.not_equal(table["test"], "mprt"))
             tables.append(table)
@@ -147,7 +146,8 @@ class ShardWorker:
         return store == "all" or (store == "sample" and index < self.cfg.storage.sample_images)
 
     def _maps(self, batch: list) -> pa.Table:
-        """The maps behind the scores: original (top class), the other classes, every MPRT state."""
+        """The maps behind the scores: original (top class), the other classes, every MPRT state of the
+        first randomisation seed."""
         ids, x, _ = self._tensors(batch)
         cfg, r = self.cfg, self.cfg.randomisation
         kwargs = {"layer": cfg.model.layer, "seed": cfg.seed, **cfg.methods.explain_kwargs()}
@@ -163,7 +163,7 @@ class ShardWorker:
         if cfg.tests.mprt or cfg.tests.emprt:
             layers = parameter_layers(self.model, example_input=x[:1], granularity=r.granularity)
             for k, state in enumerate(state_names(layers, r.order)):
-                model = randomized_state(self.model, layers, r.order, k, init=r.init, seed=cfg.seed,
+                model = randomized_state(self.model, layers, r.order, k, init=r.init, seed=r.seeds[0],
                                          bn_stats=r.bn_stats, sigma=r.sigma)
                 state_targets = forward_logits(model, x).argmax(dim=1) if r.target == "recompute" else top
                 maps = explain(model, x, cfg.methods.ids, state_targets[:, None], **kwargs)
@@ -206,6 +206,16 @@ class ShardWorker:
                  "message": str(error)}
                 for image_id, stage, error in failures]
         return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+
+
+def batch_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of the batches of n images: at most ``size`` each and never a single image when
+    n ≥ 2 (a lone image has no partner for its chance level), by moving one image from the batch before."""
+    bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1 and size > 1:
+        (a, b), (_, d) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(a, b - 1), (b - 1, d)]
+    return bounds
 
 
 def _node_id() -> str:

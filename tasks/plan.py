@@ -16,6 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from flows.config import Config, ConfigError
+from saliency.engine import check_layer, default_cam_layer
+from saliency.methods import get_method
 from saliency.randomize import parameter_layers
 from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
@@ -72,8 +74,8 @@ def _example_input(dataset):
 
 
 def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> dict[str, Any]:
-    layers = parameter_layers(model, example_input=_example_input(dataset),
-                              granularity=cfg.randomisation.granularity)
+    example = _example_input(dataset)
+    layers = parameter_layers(model, example_input=example, granularity=cfg.randomisation.granularity)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
     r = cfg.randomisation
     return {
@@ -93,7 +95,9 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                   "randomised_layers": "seeded per (seed, module name), drawn on the CPU",
                   "random_other_class": "seeded per (seed, image id)"},
         "randomisation": {"order": r.order, "granularity": r.granularity, "init": r.init,
-                          "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target},
+                          "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target, "seeds": r.seeds},
+        "cam_layer": cam_layer(cfg, model, example),
+        "verdict_rules": cfg.verdicts.rules().as_dict(),
         "layers": layers,
         "states": state_names(layers, r.order),
         "shards": [{"index": s.index, "start": s.start, "stop": s.stop, "n_images": s.n_images,
@@ -101,6 +105,19 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                    for s in shards],
         "dataset_failures": len(dataset.failures),
     }
+
+
+def cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
+    """The CAM layer the run uses: model.layer, else the traced default (None when no CAM method runs)."""
+    if not any(get_method(m).needs_layer for m in cfg.methods.ids):
+        return cfg.model.layer
+    if cfg.model.layer is not None:
+        try:
+            check_layer(model, cfg.model.layer)
+        except ValueError as error:
+            raise ConfigError(f"config field `model.layer`: {error}") from None
+        return cfg.model.layer
+    return default_cam_layer(model, example)
 
 
 def _relative(path: str, root: str | None) -> str:
@@ -132,7 +149,8 @@ def plan_shards(cfg: Config) -> Plan:
     if run_dir.exists("manifest.json"):
         old = run_dir.read_json("manifest.json")
         _same_plan(old, manifest)
-        manifest = old
+        manifest = {**old, "verdict_rules": manifest["verdict_rules"]}
+        run_dir.write_json(manifest, "manifest.json")
     else:
         run_dir.write_json(manifest, "manifest.json")
     run_dir.remove_temporaries()

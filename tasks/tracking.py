@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import Config
+from saliency.statistics import VERDICTS
 from tasks.storage import RunDir, local_path
 
 CURVE_TESTS = ("mprt", "emprt")
@@ -37,14 +38,32 @@ def ui_command(uri: str) -> str:
 
 
 def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
-    """(name, value, step): ``class_sensitivity/min/gradcampp/ssim`` for the class test; one curve per
-    (method, metric) with step = state index for MPRT (``mprt/gradcampp/ssim``) and eMPRT."""
+    """(name, value, step): ``class_sensitivity/min/gradcampp/ssim`` (mean similarity) and
+    ``…/ssim/R`` (mean retention) for the class test; one curve per (method, metric) with step = state
+    index for MPRT (``mprt/gradcampp/ssim``, ``mprt/gradcampp/ssim/R``) and eMPRT; the MPRT cascade
+    mean as ``mprt_cascade/gradcampp/ssim/R``."""
     rows = []
     for r in summary.to_pylist():
-        if r["test"] in CURVE_TESTS:
-            rows.append((f"{r['test']}/{r['method']}/{r['metric']}", r["mean"], r["state_index"]))
+        if r["test"] in CURVE_TESTS and r["state_index"] >= 0:
+            name, step = f"{r['test']}/{r['method']}/{r['metric']}", r["state_index"]
+        elif r["test"] in CURVE_TESTS:
+            name, step = f"{r['test']}_{r['state']}/{r['method']}/{r['metric']}", 0
         else:
-            rows.append((f"{r['test']}/{r['state']}/{r['method']}/{r['metric']}", r["mean"], 0))
+            name, step = f"{r['test']}/{r['state']}/{r['method']}/{r['metric']}", 0
+        rows.append((name, r["mean"], step))
+        if r["retention_mean"] is not None and math.isfinite(r["retention_mean"]):
+            rows.append((f"{name}/R", r["retention_mean"], step))
+    return rows
+
+
+def verdict_rows(verdicts: pa.Table, comparisons: pa.Table | None) -> list[tuple[str, float, int]]:
+    """Verdict counts (``verdicts/fail``, …), and the paper's comparison: mean ΔR per pair
+    (``compare/gradcampp-vs-gradcampp_signed/class_sensitivity/min/ssim``)."""
+    kinds = verdicts["verdict"].to_pylist()
+    rows = [(f"verdicts/{kind}", float(kinds.count(kind)), 0) for kind in VERDICTS]
+    for r in (comparisons.to_pylist() if comparisons is not None else []):
+        pair = f"{r['variant']}-vs-{r['signed']}".replace("/", "_")
+        rows.append((f"compare/{pair}/{r['test']}/{r['scope']}/{r['metric']}", r["mean_difference"], 0))
     return rows
 
 
@@ -70,7 +89,7 @@ def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
 @task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def track_mlflow(cfg: Config, run_dir: RunDir, manifest: dict[str, Any], summary: pa.Table,
                  stats: dict[str, float], verdicts: pa.Table | None = None,
-                 report_dir: str | None = None) -> str:
+                 report_dir: str | None = None, comparisons: pa.Table | None = None) -> str:
     """Log the run; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
@@ -85,20 +104,19 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: dict[str, Any], summary
                             tags=tags)
     run_id = run.info.run_id
     try:
-        params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()] + [Param("cam_layer", str(manifest.get("cam_layer")))]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start:start + 100])
         now = int(time.time() * 1000)
         values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()]
         if verdicts is not None:
-            failing = sum(v == "fail" for v in verdicts["verdict"].to_pylist())
-            values += [("verdicts/fail", failing, 0), ("verdicts/pass", verdicts.num_rows - failing, 0)]
+            values += verdict_rows(verdicts, comparisons)
         metrics = [Metric(name, value if value is not None else math.nan, now, step)
                    for name, value, step in values]
         for start in range(0, len(metrics), BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + BATCH])
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("manifest.json", "summary.parquet", "verdicts.parquet"):
+            for name in ("manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet"):
                 path = _local_copy(run_dir, name, Path(tmp))
                 if path is not None:
                     client.log_artifact(run_id, str(path))

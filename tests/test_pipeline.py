@@ -19,15 +19,17 @@ from torch import nn
 
 from flows.config import Config, ConfigError, default_yaml, load_config
 from saliency.data import load_dataset
-from saliency.sanity import SCORE_SCHEMA, SUMMARY_SCHEMA
+from saliency.sanity import SCORE_SCHEMA
+from saliency.statistics import COMPARISON_SCHEMA, SUMMARY_SCHEMA, VERDICT_SCHEMA
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["gradient", "gradcampp", "edge_sobel"]
 N_IMAGES, PER_SHARD, N_SHARDS = 32, 4, 8
+SEEDS = [0, 1]
 # One experiment (same run id) computed in several ways; the compute section may differ between them.
 TINY = {"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS},
-        "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50},
+        "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50}, "randomisation": {"seeds": SEEDS},
         "compute": {"images_per_shard": PER_SHARD, "batch_size": 2, "actors": 1},
         "storage": {"store_maps": "sample", "sample_images": 2, "report": False},
         "tracking": {"enabled": False}}
@@ -44,7 +46,14 @@ def run_tables(run_dir: str) -> dict[str, pa.Table]:
     directory = RunDir(run_dir)
     return {"scores": directory.read_parts("scores"), "maps": directory.read_parts("maps"),
             "summary": directory.read_table("summary.parquet"),
-            "verdicts": directory.read_table("verdicts.parquet")}
+            "verdicts": directory.read_table("verdicts.parquet"),
+            "comparisons": directory.read_table("comparisons.parquet")}
+
+
+def assert_same_table(ours: pa.Table, theirs: pa.Table, name: str) -> None:
+    """Bit-identical tables, NaN equal to NaN (Arrow's equals treats NaN as unequal)."""
+    assert ours.schema == theirs.schema, name
+    np.testing.assert_equal(ours.to_pydict(), theirs.to_pydict(), err_msg=name)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -85,9 +94,9 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     # scores: the schema, and exactly one row per image × method × test × state × metric
     scores = tables["scores"]
     assert scores.schema == SCORE_SCHEMA
-    per_image_method = others * metrics + states * metrics + states  # class sensitivity, mprt, emprt
+    per_image_method = others * metrics + len(SEEDS) * (states * metrics + states)  # class, mprt, emprt
     assert scores.num_rows == N_IMAGES * len(METHODS) * per_image_method
-    keys = scores.select(["image_id", "method", "test", "state", "metric"]).to_pylist()
+    keys = scores.select(["image_id", "method", "test", "state", "seed", "metric"]).to_pylist()
     assert len({tuple(k.values()) for k in keys}) == scores.num_rows
     expected_ids = load_dataset("mnist", split="test", limit=N_IMAGES).image_ids
     assert sorted(set(scores["image_id"].to_pylist())) == sorted(expected_ids)
@@ -95,15 +104,27 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     assert sorted(set(scores["shard"].to_pylist())) == list(range(N_SHARDS))
     assert np.isfinite(scores.filter(pa.compute.equal(scores["metric"], "ssim"))["value"].to_numpy()).all()
 
-    # summary: one row per method × test × state × metric, n = every image
+    # every similarity row has its chance level (batches of 2: each image has a partner) and retest 1
+    similar = scores.filter(pa.compute.not_equal(scores["test"], "emprt"))
+    assert np.isfinite(similar["chance"].to_numpy()).all() and set(similar["retest"].to_pylist()) == {1.0}
+
+    # summary: one row per method × test × state × metric (+ the MPRT cascade), n = every image × seed
     summary = tables["summary"]
     assert summary.schema == SUMMARY_SCHEMA
-    assert summary.num_rows == len(METHODS) * per_image_method
+    assert summary.num_rows == len(METHODS) * (others * metrics + states * metrics + states + metrics)
     ssim = summary.filter(pa.compute.equal(summary["metric"], "ssim"))
-    assert set(ssim["n"].to_pylist()) == {N_IMAGES}
+    assert {(r["test"], r["n"], r["n_seeds"]) for r in ssim.to_pylist()} == {
+        ("class_sensitivity", N_IMAGES, 1), ("mprt", N_IMAGES * len(SEEDS), len(SEEDS))}
     for row in summary.to_pylist():
         if row["n"] > 1:
             assert row["ci_low"] <= row["mean"] <= row["ci_high"], row
+
+    # verdicts: per method, 2 others + MPRT head + cascade per metric, eMPRT once; no comparable pair here
+    verdicts = tables["verdicts"]
+    assert verdicts.schema == VERDICT_SCHEMA
+    assert verdicts.num_rows == len(METHODS) * (others * metrics + 2 * metrics + 1)
+    assert {r["verdict"] for r in verdicts.to_pylist() if r["method"] == "edge_sobel"} == {"fail"}
+    assert tables["comparisons"].schema == COMPARISON_SCHEMA and tables["comparisons"].num_rows == 0
 
     # maps: float16 fixed-shape tensors of the two sample images, original + other classes + every state
     maps = tables["maps"]
@@ -116,12 +137,14 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     manifest = directory.read_json("manifest.json")
     assert len(manifest["layers"]) == states and len(manifest["shards"]) == N_SHARDS
     assert {"config", "code_version", "libraries", "seeds", "states"} <= manifest.keys()
+    assert manifest["cam_layer"] == "features" and manifest["randomisation"]["seeds"] == SEEDS
+    assert manifest["verdict_rules"] == {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05}
     assert directory.exists("report", "index.html")
 
     # two actors really shared the work, and the tables are bit-identical to the one-actor run
     assert len({shard["pid"] for shard in outcome["shards"].values()}) == 2
     for name, table in reference_run[1].items():
-        assert tables[name].equals(table), name
+        assert_same_table(tables[name], table, name)
 
     # MLflow: params, tags, headline metrics, MPRT curves with step = state index, artifacts
     client = mlflow_sqlite.tracking.MlflowClient()
@@ -137,7 +160,13 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     assert sorted(m.step for m in curve) == list(range(states))
     assert len(client.get_metric_history(run.info.run_id, "emprt/edge_sobel/entropy_rise")) == states
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"manifest.json", "summary.parquet", "verdicts.parquet", "report"} <= artifacts
+    assert {"manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet", "report"} <= artifacts
+    assert run.data.params["cam_layer"] == "features"
+    assert sum(run.data.metrics[f"verdicts/{kind}"] for kind in ("pass", "fail", "inconclusive",
+                                                                  "uninformative")) == verdicts.num_rows
+    assert run.data.metrics["mprt_cascade/gradient/ssim/R"] == pytest.approx(
+        next(r["retention_mean"] for r in summary.to_pylist()
+             if (r["method"], r["state"], r["metric"]) == ("gradient", "cascade", "ssim")))
     assert "report/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert run.data.metrics["run/images"] == N_IMAGES
 
@@ -168,7 +197,7 @@ def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_lo
     assert set(outcome["shards"]) == set(range(N_SHARDS)) - done
     tables = run_tables(outcome["run_dir"])
     for name, table in reference_run[1].items():
-        assert tables[name].equals(table), name
+        assert_same_table(tables[name], table, name)
     leftovers = [info.base_name for kind in ("scores", "maps") for info in run_dir._listing(kind)
                  if info.base_name.startswith(".")]
     assert leftovers == []
@@ -208,7 +237,7 @@ def test_two_node_cluster_uses_both_nodes_and_equals_one_node(reference_run, tmp
     assert len(result["shards"]) == N_SHARDS
     tables = run_tables(result["run_dir"])
     for name, table in reference_run[1].items():
-        assert tables[name].equals(table), name
+        assert_same_table(tables[name], table, name)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -278,7 +307,7 @@ def test_corrupt_image_is_recorded_and_the_run_completes(prefect_server, ray_loc
     config = {"model": {"name": "resnet18", "num_classes": 2},
               "data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
               "methods": {"ids": ["gradient"]}, "tests": {"others": ["min"]},
-              "randomisation": {"granularity": "block"}, "metrics": {"names": ["ssim"], "n_boot": 20},
+              "randomisation": {"granularity": "block", "seeds": [0]}, "metrics": {"names": ["ssim"], "n_boot": 20},
               "compute": {"images_per_shard": 3, "batch_size": 3},
               "storage": {"store_maps": "none", "report": False}, "tracking": {"enabled": False}}
     outcome = sanity_check(config=config, out=str(tmp_path / "out"))
@@ -321,7 +350,8 @@ def test_worker_records_bad_images_and_keeps_the_rest(image_folder):
 
     config = {"data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
               "methods": {"ids": ["gradient", "gradcam"]}, "tests": {"others": ["min"]},
-              "metrics": {"names": ["ssim"]}, "compute": {"batch_size": 6}, "storage": {"store_maps": "all"}}
+              "metrics": {"names": ["ssim"]}, "compute": {"batch_size": 6}, "storage": {"store_maps": "all"},
+              "randomisation": {"seeds": [0, 1]}}
     dataset = load_dataset("imagefolder", root=image_folder, image_size=32)
     ids = dataset.image_ids
     model = PoisonedModel(nan_image=dataset[4].image, broken_image=dataset[5].image)
@@ -334,8 +364,8 @@ def test_worker_records_bad_images_and_keeps_the_rest(image_folder):
     good = {ids[0], ids[2], ids[3]}
     assert set(result["scores"]["image_id"].to_pylist()) == good
     assert set(result["maps"]["image_id"].to_pylist()) == good
-    # methods × (min + 2 states × (ssim + emprt))
-    assert result["scores"].num_rows == len(good) * 2 * (1 + 2 * 2)
+    # methods × (min + 2 seeds × 2 states × (ssim + emprt))
+    assert result["scores"].num_rows == len(good) * 2 * (1 + 2 * 2 * 2)
 
 
 @pytest.mark.filterwarnings("ignore:skipping corrupt image")
