@@ -1,6 +1,7 @@
 """Figures and the HTML report of a sanity run (SPEC.md §4).
 
-Inputs are the Arrow tables of the score and summary schemas (see saliency.sanity) and maps as tensors.
+Inputs are the Arrow tables of saliency.statistics' summary, verdict and comparison schemas, the run's
+manifest, and maps as tensors.
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so nothing is kept in a
 global figure registry and no display backend is needed. A summary holding several models gets one
 panel per model unless `model=` picks one.
@@ -22,6 +23,8 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+
+from saliency.statistics import VerdictRules, control_checks
 
 CONTROLS = ("edge_sobel", "random")
 """Model-independent reference methods: drawn grey/black and dashed so they read as references."""
@@ -55,9 +58,10 @@ def _select(summary: pa.Table, **equals: str | None) -> list[dict]:
         hit = pc.fill_null(pc.equal(summary[column], value), False)
         mask = hit if mask is None else pc.and_(mask, hit)
     rows = (summary if mask is None else summary.filter(mask)).to_pylist()
+    numbers = [field.name for field in summary.schema if pa.types.is_floating(field.type)]
     for row in rows:
-        for key in ("mean", "std", "ci_low", "ci_high"):
-            if row.get(key) is None:
+        for key in numbers:
+            if row[key] is None:
                 row[key] = math.nan
     return rows
 
@@ -126,46 +130,69 @@ def _shared_legend(fig: Figure, axes: Sequence) -> None:
 
 # ---------------------------------------------------------------- figures
 
-def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: str | None = None) -> Figure:
-    """Similarity to the original map versus randomised layer, one line per method (Adebayo et al. 2018, Fig. 2).
+def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: str | None = None,
+                      rules: VerdictRules = VerdictRules()) -> Figure:
+    """MPRT curves versus randomised layer, one line per method (Adebayo et al. 2018, Fig. 2), per model
+    two panels: the retention R = (s − c)/(r − c) and the raw similarity s to the original map.
 
-    x follows state_index (for the top-down cascade: logits -> input); the band is the 95% CI; a NaN mean
-    leaves a gap. The dashed line at 1.0 is the original model's level (identical maps).
+    x follows state_index (for the top-down cascade: logits -> input); the summary's "cascade" row
+    (state_index −1, the mean over states) is no layer and is left out. Bands are 95% CIs; a NaN mean
+    leaves a gap. R is not drawn where mean(r − c) < rules.min_gap: there it is undefined (uninformative).
     """
     rows, models = _test_rows(summary, "mprt", metric, model)
+    rows = [row for row in rows if row["state_index"] >= 0]
     styles = _method_styles(summary)
     n_states = max(len({row["state_index"] for row in rows if row["model"] == m}) for m in models)
-    fig = Figure(figsize=(min(6.5 + 0.2 * min(n_states, 40), 14.0), 1.0 + 3.8 * len(models)), layout="constrained")
-    axes = _panels(fig, len(models))
-    for ax, model_name in zip(axes, models):
+    fig = Figure(figsize=(min(10.0 + 0.3 * min(n_states, 40), 20.0), 1.0 + 3.8 * len(models)),
+                 layout="constrained")
+    axes = fig.subplots(len(models), 2, squeeze=False)
+    for (ax_r, ax_s), model_name in zip(axes, models):
         model_rows = [row for row in rows if row["model"] == model_name]
         states = sorted({(row["state_index"], row["state"]) for row in model_rows})
-        position = {state: x for x, state in enumerate(states)}
-        ax.axhline(1.0, color="0.4", linestyle=(0, (2, 2)), linewidth=0.9, label="original (identical map)")
-        for method in order_methods(row["method"] for row in model_rows):
-            points = sorted((row for row in model_rows if row["method"] == method),
-                            key=lambda row: position[(row["state_index"], row["state"])])
-            x = np.array([position[(row["state_index"], row["state"])] for row in points])
-            mean, low, high = (_column(points, key) for key in ("mean", "ci_low", "ci_high"))
-            style = styles[method]
-            is_control = method in CONTROLS
-            ax.plot(x, mean, label=method, markersize=3.5 if len(states) <= 25 else 1.5,
-                    linewidth=1.8 if is_control else 1.4, zorder=3 if is_control else 2, **style)
-            band = np.isfinite(low) & np.isfinite(high)
-            ax.fill_between(x, np.where(band, low, 0.0), np.where(band, high, 0.0), where=band,
-                            color=style["color"], alpha=0.08 if is_control else 0.15, linewidth=0)
-        shown = _thinned(len(states))
-        ax.set_xticks(shown, labels=[layer_label(states[i][1]) for i in shown],
-                      rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
-        ax.set_xticks(range(len(states)), minor=True)
-        ax.set_xlim(-0.5, len(states) - 0.5)
-        ax.set_ylim(*_similarity_limits(model_rows))
-        ax.set_xlabel("randomised layer, in state order (top-down: logits → input)")
-        ax.set_ylabel(f"similarity to original ({metric})")
-        ax.set_title(f"MPRT — {model_name}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    _shared_legend(fig, axes)
+        ax_r.axhline(rules.retention, color="tab:red", linestyle=(0, (4, 2)), linewidth=1.0,
+                     label=f"verdict threshold R = {rules.retention:g}")
+        ax_r.axhline(0.0, color="0.4", linestyle=(0, (1, 2)), linewidth=0.9, label="R = 0: another image's map")
+        _curves(ax_r, _informative(model_rows, rules), states, styles, "retention_")
+        ax_r.set_ylim(*_limits(_informative(model_rows, rules), "retention_", bound=(-1.0, 2.0)))
+        ax_r.set_ylabel(f"retention R ({metric})\n1 = unchanged, 0 = as another image")
+        ax_r.set_title(f"MPRT — {model_name}: retention R", fontsize=10)
+        ax_s.axhline(1.0, color="0.4", linestyle=(0, (2, 2)), linewidth=0.9, label="original (identical map)")
+        _curves(ax_s, model_rows, states, styles, "")
+        ax_s.set_ylim(*_limits(model_rows, ""))
+        ax_s.set_ylabel(f"similarity to original ({metric})")
+        ax_s.set_title(f"MPRT — {model_name}: raw similarity", fontsize=10)
+    _shared_legend(fig, axes.ravel())
     return fig
+
+
+def _informative(rows: list[dict], rules: VerdictRules) -> list[dict]:
+    """The rows with R set to NaN where mean(r − c) < rules.min_gap (or unknown): R means nothing there."""
+    nan = {"retention_mean": math.nan, "retention_ci_low": math.nan, "retention_ci_high": math.nan}
+    return [row if row["gap_mean"] >= rules.min_gap else row | nan for row in rows]
+
+
+def _curves(ax, rows: list[dict], states: list[tuple[int, str]], styles: dict, prefix: str) -> None:
+    """One line with a CI band per method of `rows`, for the columns {prefix}mean / ci_low / ci_high."""
+    position = {state: x for x, state in enumerate(states)}
+    for method in order_methods(row["method"] for row in rows):
+        points = sorted((row for row in rows if row["method"] == method),
+                        key=lambda row: position[(row["state_index"], row["state"])])
+        x = np.array([position[(row["state_index"], row["state"])] for row in points])
+        mean, low, high = (_column(points, f"{prefix}{key}") for key in ("mean", "ci_low", "ci_high"))
+        style = styles[method]
+        is_control = method in CONTROLS
+        ax.plot(x, mean, label=method, markersize=3.5 if len(states) <= 25 else 1.5,
+                linewidth=1.8 if is_control else 1.4, zorder=3 if is_control else 2, **style)
+        band = np.isfinite(low) & np.isfinite(high)
+        ax.fill_between(x, np.where(band, low, 0.0), np.where(band, high, 0.0), where=band,
+                        color=style["color"], alpha=0.08 if is_control else 0.15, linewidth=0)
+    shown = _thinned(len(states))
+    ax.set_xticks(shown, labels=[layer_label(states[i][1]) for i in shown],
+                  rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_xticks(range(len(states)), minor=True)
+    ax.set_xlim(-0.5, len(states) - 0.5)
+    ax.set_xlabel("randomised layer, in state order (top-down: logits → input)")
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _thinned(n: int, most: int = MAX_TICK_LABELS) -> list[int]:
@@ -179,26 +206,31 @@ def _thinned(n: int, most: int = MAX_TICK_LABELS) -> list[int]:
     return shown
 
 
-def _similarity_limits(rows: list[dict]) -> tuple[float, float]:
-    values = np.concatenate([_column(rows, key) for key in ("mean", "ci_low", "ci_high")])
+def _limits(rows: list[dict], prefix: str,
+            bound: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
+    """y limits covering [0, 1] and the data (means and CIs), the data part clipped to `bound`."""
+    values = np.concatenate([_column(rows, f"{prefix}{key}") for key in ("mean", "ci_low", "ci_high")])
     values = values[np.isfinite(values)]
-    low = min(0.0, float(values.min())) if values.size else 0.0
-    high = max(1.0, float(values.max())) if values.size else 1.0
+    low = max(min(0.0, float(values.min())), bound[0]) if values.size else 0.0
+    high = min(max(1.0, float(values.max())), bound[1]) if values.size else 1.0
     return low - 0.05, high + 0.05
 
 
-def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str | None = None) -> Figure:
-    """Similarity of the top-class map to each other-class map, grouped bars per method with CI error bars.
+def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str | None = None,
+                             rules: VerdictRules = VerdictRules()) -> Figure:
+    """Retention R of the top-class map in each other-class map, grouped bars per method with 95% CIs.
 
-    Control groups are shaded and hatched. The dashed line is the edge_sobel control's level (its mean
-    over the other-class states; Sobel ignores the target, so they agree): a method at or above it fails.
+    R = 0: the other class's map is as different as another image's; R = 1: unchanged (the map ignores
+    the target). The dashed line is the verdict threshold: a CI wholly above it fails, wholly below passes.
+    Control groups are shaded and hatched; a method with mean(r − c) < rules.min_gap has no bar
+    ("uninformative").
     """
     rows, models = _test_rows(summary, "class_sensitivity", metric, model)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(6.0 + 0.5 * n_methods, 16.0), 1.3 + 3.6 * len(models)), layout="constrained")
     axes = _panels(fig, len(models))
     for ax, model_name in zip(axes, models):
-        model_rows = [row for row in rows if row["model"] == model_name]
+        model_rows = _informative([row for row in rows if row["model"] == model_name], rules)
         methods = order_methods(row["method"] for row in model_rows)
         states = sorted({(row["state_index"], row["state"]) for row in model_rows})
         by_key = {(row["method"], row["state_index"], row["state"]): row for row in model_rows}
@@ -207,10 +239,12 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
         for i, method in enumerate(methods):
             if method in CONTROLS:
                 ax.axvspan(i - 0.5, i + 0.5, color="0.9", zorder=0, linewidth=0)
+            if all(not math.isfinite(row["retention_mean"]) for row in model_rows if row["method"] == method):
+                ax.text(i, 0.03, "uninformative", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
         for j, state in enumerate(states):
             cells = [by_key.get((method, *state)) for method in methods]
-            mean, low, high = (np.array([math.nan if c is None else c[key] for c in cells], dtype=float)
-                               for key in ("mean", "ci_low", "ci_high"))
+            mean, low, high = (np.array([math.nan if c is None else c[f"retention_{key}"] for c in cells],
+                                        dtype=float) for key in ("mean", "ci_low", "ci_high"))
             bars = ax.bar(x - 0.4 + width * (j + 0.5), mean, width, yerr=_ci_errors(mean, low, high),
                           label=f"other class: {state[1]}", color=_STATE_COLORS[j % len(_STATE_COLORS)],
                           capsize=2, error_kw={"linewidth": 0.8}, zorder=2)
@@ -218,15 +252,13 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
                 if method in CONTROLS:
                     bar.set_hatch("///")
                     bar.set_edgecolor("0.3")
-        edge = [row["mean"] for row in model_rows if row["method"] == "edge_sobel" and math.isfinite(row["mean"])]
-        if edge:
-            level = float(np.mean(edge))
-            ax.axhline(level, color="0.25", linestyle="--", linewidth=1.0, zorder=3,
-                       label=f"edge_sobel level {level:.2f} (at or above: fails)")
+        ax.axhline(rules.retention, color="tab:red", linestyle="--", linewidth=1.0, zorder=3,
+                   label=f"verdict threshold R = {rules.retention:g} (CI above: fails)")
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xticks(x, labels=methods, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         _bar_limits(ax, len(methods))
-        ax.set_ylabel(f"similarity, top vs other class ({metric})\nlower = more class-sensitive")
+        ax.set_ylim(*_limits(model_rows, "retention_", bound=(-1.0, 2.0)))
+        ax.set_ylabel(f"retention R, top vs other class ({metric})\nlower = more class-sensitive")
         ax.set_title(f"Class sensitivity — {model_name}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     _shared_legend(fig, axes)
@@ -359,28 +391,31 @@ def _display_image(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
 # ---------------------------------------------------------------- report
 
 _CAPTIONS = {
-    "mprt": "Model parameter randomisation (Adebayo et al. 2018): similarity between the map of the trained "
-            "model and of the model randomised up to each layer; mean and 95% bootstrap CI. A method that "
-            "explains the model drops well below the original level. edge_sobel (grey, dashed) is the floor "
-            "a method must beat; random (black, dashed) passes trivially.",
-    "class_sensitivity": "Class sensitivity: similarity between the map for the top class and for another "
-                         "class; mean and 95% CI. High similarity means the map ignores the output. Hatched "
-                         "groups are the controls; the dashed line is the edge_sobel level.",
+    "mprt": "Model parameter randomisation (Adebayo et al. 2018), per layer randomised (logits → input). Left: "
+            "retention R = (s − c)/(r − c) of the original map, 0 = as different as another image's map, "
+            "1 = unchanged; the red line is the verdict threshold, R is not drawn where the method is "
+            "uninformative (r ≈ c). Right: the raw similarity s. Mean and 95% bootstrap CI; edge_sobel (grey) "
+            "and random (black) are dashed controls.",
+    "class_sensitivity": "Class sensitivity: retention R of the top-class map in the map for another class; "
+                         "mean and 95% CI. High R means the map ignores the output: a CI above the red "
+                         "threshold fails, below it passes. Hatched groups are the controls.",
     "emprt": "eMPRT (Hedström et al. 2023): relative rise of the 100-bin histogram entropy of the map from "
-             "the trained to the fully randomised model; mean and 95% CI.",
+             "the trained to the fully randomised model; mean and 95% CI. A CI above 0 passes.",
     "maps": "Example maps: rows are methods, columns the original model then each randomisation state; "
             "each cell scaled by its own max|S|, red positive, blue negative.",
 }
+_TEST_ORDER = ("class_sensitivity", "mprt", "emprt")
+_SCOPE_ORDER = ("min", "random", "second", "head", "cascade", "full")
 
 
-def report_figures(summary: pa.Table) -> dict[str, Figure]:
+def report_figures(summary: pa.Table, rules: VerdictRules = VerdictRules()) -> dict[str, Figure]:
     """Every summary figure that the rows support, by file stem: MPRT curves and class-sensitivity bars per
     metric present, and the eMPRT bars when emprt rows exist. Useful for logging figures elsewhere."""
     figures: dict[str, Figure] = {}
     for metric in _distinct(summary, "metric", test="mprt"):
-        figures[f"mprt_{_slug(metric)}"] = mprt_curve_figure(summary, metric)
+        figures[f"mprt_{_slug(metric)}"] = mprt_curve_figure(summary, metric, rules=rules)
     for metric in _distinct(summary, "metric", test="class_sensitivity"):
-        figures[f"class_sensitivity_{_slug(metric)}"] = class_sensitivity_figure(summary, metric)
+        figures[f"class_sensitivity_{_slug(metric)}"] = class_sensitivity_figure(summary, metric, rules=rules)
     for metric in _distinct(summary, "metric", test="emprt"):
         figures[f"emprt_{_slug(metric)}"] = entropy_figure(summary, metric=metric)
     return figures
@@ -388,8 +423,15 @@ def report_figures(summary: pa.Table) -> dict[str, Figure]:
 
 def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | None = None,
                  manifest: dict | None = None, map_grids: Mapping[str, Figure] | None = None,
-                 verdicts: pa.Table | None = None) -> Path:
+                 verdicts: pa.Table | None = None, comparisons: pa.Table | None = None) -> Path:
     """Write the PNG figures and a self-contained index.html (relative links) into `out_dir`.
+
+    The page reads top-down: the run (from the manifest), the verdict table (one row per method, one
+    column per test and scope, headline metric ssim), the other metrics' verdicts, the control checks,
+    the pos/abs-vs-signed comparison table, then the figures and the full summary. `verdicts`,
+    `comparisons` and `summary` are tables of saliency.statistics' schemas; `manifest` is the run's
+    manifest.json (model, dataset, n_images, cam_layer, config.methods.ids, randomisation.seeds,
+    verdict_rules, code_version); without one the header shows what the tables tell.
 
     Returns the path of index.html. Every file written sits next to it: index.html, the figures of
     `report_figures` as "<stem>.png" and each map grid as "maps_<name>.png"; their list is in
@@ -398,8 +440,9 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rules = VerdictRules(**manifest["verdict_rules"]) if manifest else VerdictRules()
     sections: list[tuple[str, str, str]] = []  # (file name, alt text, caption)
-    for stem, fig in report_figures(summary).items():
+    for stem, fig in report_figures(summary, rules).items():
         fig.savefig(out / f"{stem}.png", dpi=110)
         caption = next(text for test, text in _CAPTIONS.items() if stem.startswith(f"{test}_"))
         sections.append((f"{stem}.png", stem, caption))
@@ -409,7 +452,7 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
         fig.savefig(out / f"{stem}.png", dpi=100)
         sections.append((f"{stem}.png", f"maps {name}", f"{_CAPTIONS['maps']} ({name})"))
     index = out / "index.html"
-    index.write_text(_html(summary, scores, manifest, verdicts, sections), encoding="utf-8")
+    index.write_text(_html(summary, scores, manifest, verdicts, comparisons, sections), encoding="utf-8")
     return index
 
 
@@ -444,107 +487,193 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def _lookup(manifest: dict, *keys: str) -> object:
-    """A manifest entry at the top level or under "config"; named objects give their name."""
-    for scope in (manifest, manifest.get("config") or {}):
-        for key in keys:
-            if isinstance(scope, dict) and scope.get(key) not in (None, "", [], {}):
-                value = scope[key]
-                return value.get("name", value) if isinstance(value, dict) else value
-    return None
+def _p(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
 
 
-def _headline(summary: pa.Table, scores: pa.Table | None, manifest: dict | None) -> list[tuple[str, str]]:
-    manifest = manifest or {}
-    model = _lookup(manifest, "model", "model_name") or ", ".join(_distinct(summary, "model"))
-    dataset = _lookup(manifest, "dataset", "dataset_name")
-    methods = _lookup(manifest, "methods") or order_methods(_distinct(summary, "method"))
-    images = _lookup(manifest, "n_images", "num_images", "images")
-    if images is None and scores is not None and "image_id" in scores.column_names:
-        images = len(pc.unique(scores["image_id"]))
-    if isinstance(images, (list, tuple)):
-        images = len(images)
-    facts = [("run", _lookup(manifest, "run_id")), ("model", model), ("dataset", dataset),
-             ("methods", ", ".join(map(str, methods)) if isinstance(methods, (list, tuple)) else methods),
-             ("images", images)]
-    return [(key, str(value)) for key, value in facts if value not in (None, "")]
+def _table(head: Sequence[str], rows: Iterable[str], css: str = "") -> str:
+    """An HTML table from escaped header cells and ready-made <tr> rows."""
+    cls = f' class="{css}"' if css else ""
+    return (f"<table{cls}><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-_STATUS_COLUMNS = {"passes": True, "passed": True, "pass": True, "fails": False, "failed": False, "verdict": None}
+def _header(summary: pa.Table, scores: pa.Table | None, manifest: dict | None) -> list[tuple[str, str]]:
+    """(label, text) facts of the run: from the manifest's keys, else what the tables tell."""
+    if not manifest:
+        facts = [("model", ", ".join(_distinct(summary, "model"))),
+                 ("methods", ", ".join(order_methods(_distinct(summary, "method"))))]
+        if scores is not None:
+            facts.append(("images", str(len(pc.unique(scores["image_id"])))))
+        return facts
+    rules = manifest["verdict_rules"]
+    randomisation = manifest["randomisation"]
+    return [
+        ("model", manifest["model"]), ("dataset", manifest["dataset"]), ("images", manifest["n_images"]),
+        ("CAM layer", manifest["cam_layer"] or "none (no CAM method)"),
+        ("methods", ", ".join(manifest["config"]["methods"]["ids"])),
+        ("randomisation", f"seeds {', '.join(map(str, randomisation['seeds']))}; order {randomisation['order']}; "
+                          f"{len(manifest['states'])} MPRT states"),
+        ("verdict rules", f"fail when CI_low(R) > {rules['retention']:g}, pass when CI_high(R) < "
+                          f"{rules['retention']:g}, uninformative when mean(r − c) < {rules['min_gap']:g}; "
+                          f"eMPRT passes when CI(entropy rise) > {rules['entropy_rise']:g}; comparisons "
+                          f"Holm-corrected at α = {rules['alpha']:g}"),
+        ("code version", manifest["code_version"]),
+    ]
 
 
-def _status(column: str, value: object) -> str | None:
-    """"pass"/"fail" for a verdict cell: a boolean passes/fails column or a "pass…"/"fail…" string."""
-    if column not in _STATUS_COLUMNS or value is None:
-        return None
-    if isinstance(value, bool):
-        return "pass" if value == _STATUS_COLUMNS[column] else "fail"
-    text = str(value).lower()
-    return "pass" if text.startswith("pass") else "fail" if text.startswith("fail") else None
+def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), value)
 
 
-def _verdict_table(verdicts: pa.Table) -> str:
-    columns = verdicts.column_names
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+def _verdict_grid(rows: list[dict], css: str = "") -> str:
+    """One row per (model,) method, one column per (test, scope, metric); each cell a coloured verdict."""
+    columns = sorted({(r["test"], r["scope"], r["metric"]) for r in rows},
+                     key=lambda c: (_rank(c[0], _TEST_ORDER), _rank(c[1], _SCOPE_ORDER), c[2]))
+    models = sorted({r["model"] for r in rows})
+    rank = {m: i for i, m in enumerate(order_methods({r["method"] for r in rows}))}
+    keys = sorted({(r["model"], r["method"]) for r in rows}, key=lambda k: (k[0], rank[k[1]]))
+    cells = {(r["model"], r["method"], r["test"], r["scope"], r["metric"]): r for r in rows}
+    head = (["model"] if len(models) > 1 else []) + ["method"] + [
+        f"{_esc(test)}<br><small>{_esc(scope)} · {_esc(metric)}</small>" for test, scope, metric in columns]
     body = []
-    for row in verdicts.to_pylist():
-        cells = []
-        for column in columns:
-            status = _status(column, row[column])
-            if status:
-                cells.append(f'<td class="{status}">{status}</td>')
-            else:
-                cells.append(f"<td>{_esc(_fmt(row[column]))}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    for model, method in keys:
+        first = (f"<td>{_esc(model)}</td>" if len(models) > 1 else "") + f"<th>{_esc(method)}</th>"
+        body.append(f"<tr>{first}{''.join(_verdict_cell(cells.get((model, method, *c))) for c in columns)}</tr>")
+    return _table(head, body, css)
+
+
+def _verdict_cell(row: dict | None) -> str:
+    """The verdict word coloured by its class; small text: R (eMPRT: the entropy rise) with its CI, or
+    r − c for an uninformative one; the reason as tooltip."""
+    if row is None:
+        return "<td></td>"
+    verdict = row["verdict"]
+    if verdict == "uninformative":
+        detail = f"r − c {_fmt(row['gap_mean'])}" if row["gap_mean"] is not None else ""
+    elif row["test"] == "emprt":
+        detail = f"rise {_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+    else:
+        detail = (f"R {_fmt(row['retention_mean'])} "
+                  f"[{_fmt(row['retention_ci_low'])}, {_fmt(row['retention_ci_high'])}]")
+    return (f'<td class="verdict {_esc(verdict)}" title="{_esc(row["reason"])}">{_esc(verdict)}'
+            f"<br><small>{_esc(detail)}</small></td>")
+
+
+def _verdict_sections(verdicts: pa.Table) -> list[str]:
+    """The headline verdict table (per test "ssim" if present, else its first metric), the other metrics'
+    verdicts in a collapsible block, and the control checks."""
+    rows = verdicts.to_pylist()
+    headline = {}
+    for test in {r["test"] for r in rows}:
+        metrics = sorted({r["metric"] for r in rows if r["test"] == test})
+        headline[test] = "ssim" if "ssim" in metrics else metrics[0]
+    main = [r for r in rows if r["metric"] == headline[r["test"]]]
+    other = [r for r in rows if r["metric"] != headline[r["test"]]]
+    parts = ["<h2>Verdicts</h2>",
+             "<p class=\"note\">R = (s − c)/(r − c): 0 = the map changed as much as another image's map, "
+             "1 = unchanged. Each cell: the verdict and mean R [95% CI] (eMPRT: the entropy rise); hover "
+             "for the reason.</p>", _verdict_grid(main, "verdicts")]
+    if other:
+        parts.append(f"<details><summary>Other metrics ({', '.join(sorted({r['metric'] for r in other}))})"
+                     f"</summary>{_verdict_grid(other, 'verdicts small')}</details>")
+    return parts + [_controls(verdicts)]
+
+
+def _controls(verdicts: pa.Table) -> str:
+    checks = control_checks(verdicts)
+    wrong = [c for c in checks if not c["ok"]]
+    if not checks:
+        return '<p class="controls">No control method (edge_sobel, random, gradient) in this run.</p>'
+    if not wrong:
+        return (f'<p class="controls ok">Controls behave ({len(checks)} checks): edge_sobel fails, random is '
+                "uninformative, gradient passes.</p>")
+    items = "".join(f"<li>{_esc(c['control'])} — {_esc(c['test'])} {_esc(c['scope'])} ({_esc(c['metric'])}): "
+                    f"expected {_esc(c['expected'])}, got <strong>{_esc(c['verdict'])}</strong></li>"
+                    for c in wrong)
+    return (f'<div class="controls warning"><strong>Warning: {len(wrong)} of {len(checks)} control checks do '
+            "not hold</strong> — the verdicts of this run are suspect (gradient is only expected to pass on a "
+            f"trained model).<ul>{items}</ul></div>")
+
+
+def _comparison_table(comparisons: pa.Table) -> str:
+    rows = comparisons.to_pylist()
+    several = len({r["model"] for r in rows}) > 1
+    head = (["model"] if several else []) + ["variant vs signed", "test", "scope", "metric", "n", "R variant",
+                                             "R signed", "mean ΔR [95% CI]", "p (Holm)", "rank-biserial",
+                                             "significant"]
+    body = []
+    for r in rows:
+        cells = ([r["model"]] if several else []) + [
+            f"{r['variant']} vs {r['signed']}", r["test"], r["scope"], r["metric"], r["n"],
+            _fmt(r["variant_retention"]), _fmt(r["signed_retention"]),
+            f"{_fmt(r['mean_difference'])} [{_fmt(r['difference_ci_low'])}, {_fmt(r['difference_ci_high'])}]",
+            _p(r["p_holm"]), _fmt(r["rank_biserial"]), "yes" if r["significant"] else "no"]
+        css = ' class="significant"' if r["significant"] else ""
+        body.append(f"<tr{css}>{''.join(f'<td>{_esc(c)}</td>' for c in cells)}</tr>")
+    return _table(head, body)
 
 
 def _summary_table(summary: pa.Table) -> str:
     rank = {method: i for i, method in enumerate(order_methods(_distinct(summary, "method")))}
     rows = sorted(_select(summary), key=lambda r: (r["model"] or "", r["test"] or "", r["metric"] or "",
-                                                   rank.get(r["method"], -1), r["state_index"] or 0))
-    head = "".join(f"<th>{h}</th>" for h in ("model", "method", "test", "state", "metric", "n",
-                                             "mean ± std", "95% CI"))
-    body = "".join(
-        f"<tr><td>{_esc(r['model'])}</td><td>{_esc(r['method'])}</td><td>{_esc(r['test'])}</td>"
-        f"<td>{_esc(r['state'])}</td><td>{_esc(r['metric'])}</td><td>{_esc(_fmt(r['n']))}</td>"
-        f"<td>{_fmt(r['mean'])} ± {_fmt(r['std'])}</td><td>[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]</td></tr>"
-        for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                                                   rank.get(r["method"], -1), r["state_index"]))
+    head = ("model", "method", "test", "state", "metric", "n", "mean ± std", "95% CI", "r − c", "R [95% CI]")
+    body = [f"<tr><td>{_esc(r['model'])}</td><td>{_esc(r['method'])}</td><td>{_esc(r['test'])}</td>"
+            f"<td>{_esc(r['state'])}</td><td>{_esc(r['metric'])}</td><td>{_esc(_fmt(r['n']))}</td>"
+            f"<td>{_fmt(r['mean'])} ± {_fmt(r['std'])}</td><td>[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]</td>"
+            f"<td>{_fmt(r['gap_mean'])}</td><td>{_fmt(r['retention_mean'])} "
+            f"[{_fmt(r['retention_ci_low'])}, {_fmt(r['retention_ci_high'])}]</td></tr>" for r in rows]
+    return _table(head, body)
 
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin-bottom: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin-bottom: 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 th { background: #f0f0f0; }
-td.pass { background: #d8f0d8; color: #185c18; font-weight: bold; }
-td.fail { background: #f6d6d6; color: #8a1515; font-weight: bold; }
+table.verdicts td { text-align: center; font-weight: bold; }
+table.verdicts small { font-weight: normal; font-size: 0.8em; }
+table.small { font-size: 0.75em; }
+td.pass { background: #d8f0d8; color: #185c18; }
+td.fail { background: #f6d6d6; color: #8a1515; }
+td.inconclusive { background: #f7ebcc; color: #6b5000; }
+td.uninformative { background: #dde5ee; color: #3a4d63; }
+tr.significant td { font-weight: bold; }
+.controls { padding: 0.5em 1em; margin: 1em 0 2em 0; border-radius: 4px; }
+.controls.ok { background: #e8f4e8; border: 1px solid #9c9; }
+.controls.warning { background: #fde8d0; border: 2px solid #d9822b; }
+.note { font-size: 0.9em; color: #555; }
 figure { margin: 0 0 2.5em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; max-width: 60em; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
 dt { font-weight: bold; }
 """
 
 
 def _html(summary: pa.Table, scores: pa.Table | None, manifest: dict | None, verdicts: pa.Table | None,
-          sections: list[tuple[str, str, str]]) -> str:
+          comparisons: pa.Table | None, sections: list[tuple[str, str, str]]) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>Saliency sanity report</title>", f"<style>{_STYLE}</style></head><body>",
              "<h1>Saliency sanity report</h1>", "<dl>"]
-    parts += [f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in _headline(summary, scores, manifest)]
+    parts += [f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in _header(summary, scores, manifest)]
     parts.append("</dl>")
-    if verdicts is not None:
-        parts += ["<h2>Verdicts</h2>",
-                  "<p>A method fails a test when its mean similarity is not significantly below the "
-                  "edge_sobel control's.</p>", _verdict_table(verdicts)]
+    if verdicts is not None and verdicts.num_rows:
+        parts += _verdict_sections(verdicts)
+    if comparisons is not None and comparisons.num_rows:
+        parts += ["<h2>Positive/absolute variants vs signed</h2>",
+                  '<p class="note">Per image ΔR = R(variant) − R(signed) at the same layer; &gt; 0: the variant '
+                  "keeps more of its map, i.e. is less sensitive. Wilcoxon signed-rank, Holm-corrected over all "
+                  "rows; rank-biserial effect size.</p>", _comparison_table(comparisons)]
     if sections:
         parts.append("<h2>Figures</h2>")
     for file_name, alt, caption in sections:
         parts.append(f'<figure><img src="{_esc(file_name)}" alt="{_esc(alt)}">'
                      f"<figcaption>{_esc(caption)}</figcaption></figure>")
-    parts += ["<h2>Summary</h2>", _summary_table(summary)]
+    parts.append(f"<details><summary>All summary statistics</summary>{_summary_table(summary)}</details>")
     if manifest:
         parts.append("<details><summary>Manifest</summary><pre>"
                      f"{_esc(json.dumps(manifest, indent=2, default=str))}</pre></details>")

@@ -41,12 +41,13 @@ def write_run_report(run_dir: RunDir) -> str:
     """Write RUN_DIR/report/ (index.html and PNGs); returns a local folder holding the report."""
     summary = run_dir.read_table("summary.parquet")
     verdicts = run_dir.read_table("verdicts.parquet") if run_dir.exists("verdicts.parquet") else None
+    comparisons = run_dir.read_table("comparisons.parquet") if run_dir.exists("comparisons.parquet") else None
     manifest = run_dir.read_json("manifest.json")
-    scores = run_dir.read_parts("scores")
     first_maps = next(iter(run_dir.parts("maps").values()), None)
     maps = pq.read_table(first_maps, filesystem=run_dir.fs) if first_maps else None
     out = Path(run_dir.file("report")) if run_dir.is_local else Path(tempfile.mkdtemp(prefix="report-"))
-    write_report(summary, out, scores=scores, manifest=manifest, map_grids=map_grids(maps), verdicts=verdicts)
+    write_report(summary, out, manifest=manifest, map_grids=map_grids(maps), verdicts=verdicts,
+                 comparisons=comparisons)
     if not run_dir.is_local:
         run_dir.upload_dir(out, "report")
     return str(out)

@@ -1,7 +1,8 @@
-"""Report figures and HTML (SPEC.md §4) on small synthetic tables in the contract's schemas."""
+"""Report figures and HTML (SPEC.md §4) on synthetic scores run through saliency.statistics."""
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib.colors as mcolors
 import numpy as np
@@ -11,73 +12,111 @@ import torch
 from matplotlib.container import BarContainer
 
 from saliency import report
+from saliency.sanity import SCORE_SCHEMA
+from saliency.statistics import SUMMARY_SCHEMA, comparisons, summarize, verdicts
 
-SUMMARY_SCHEMA = pa.schema([("model", pa.string()), ("method", pa.string()), ("test", pa.string()),
-                            ("state", pa.string()), ("state_index", pa.int32()), ("metric", pa.string()),
-                            ("n", pa.int64()), ("mean", pa.float64()), ("std", pa.float64()),
-                            ("ci_low", pa.float64()), ("ci_high", pa.float64())])
-SCORE_SCHEMA = pa.schema([("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()),
-                          ("label", pa.int64()), ("model", pa.string()), ("method", pa.string()),
-                          ("test", pa.string()), ("state", pa.string()), ("state_index", pa.int32()),
-                          ("target_class", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["fc", "layer4.1.conv2", "layer4.1.conv1", "conv1"]
 METHODS = ["gradient", "gradcampp/signed", "gradcampp", "edge_sobel", "random"]
+LEVELS = {"gradient": 0.1, "gradcampp/signed": 0.5, "gradcampp": 0.9, "edge_sobel": 1.0, "random": 0.5}
+"""Retention R of each method at the head state and in class sensitivity: pass, inconclusive (its images
+spread ±0.3 around 0.5), fail, fail; random has r − c = 0.05 (uninformative)."""
+CHANCE = 0.2
 
 
-def summary_table(methods=METHODS, layers=LAYERS, mprt=True, class_sensitivity=True, emprt=False,
-                  metrics=("ssim",), model="cnn", nan_at=None) -> pa.Table:
-    """A summary in SUMMARY_SCHEMA: rows deliberately not in state order, means that differ per method."""
+def retention_at(method: str, k: int, levels=LEVELS) -> float:
+    """R of a method at MPRT state k: its level, shrinking by 0.8 per randomised layer."""
+    return levels.get(method, 0.3) * 0.8 ** k
+
+
+def scores_table(methods=METHODS, layers=LAYERS, tests=("mprt", "class_sensitivity"), metrics=("ssim",),
+                 model="cnn", n_images=6, levels=LEVELS, nan_at=None) -> pa.Table:
+    """Scores in SCORE_SCHEMA with c = 0.2, r = 1 (random: 0.25) and s = c + R (r − c); MPRT and eMPRT
+    rows for seeds 0 and 1, listed in reverse state order."""
     rows = []
 
-    def add(method, test, state, index, metric, mean):
-        rows.append(dict(model=model, method=method, test=test, state=state, state_index=index, metric=metric,
-                         n=8, mean=mean, std=0.1, ci_low=mean - 0.05, ci_high=mean + 0.05))
+    def add(method, test, state, index, seed, metric, value, chance=None, retest=None):
+        for i in range(n_images):
+            spread = (0.3 if i % 2 else -0.3) if method == "gradcampp/signed" and chance is not None else 0.0
+            rows.append(dict(run_id="r", shard=0, image_id=f"img{i}", label=1, model=model, method=method,
+                             test=test, state=state, state_index=index, seed=seed, target_class=1, metric=metric,
+                             value=value + spread, chance=chance, retest=retest))
 
     for m, method in enumerate(methods):
+        retest = CHANCE + (0.05 if method == "random" else 0.8)
         for metric in metrics:
-            if mprt:
+            if "mprt" in tests:
                 for k in reversed(range(len(layers))):
-                    mean = math.nan if nan_at == (method, k) else 0.9 - 0.1 * k - 0.01 * m
-                    add(method, "mprt", f"{k:02d}:{layers[k]}", k, metric, mean)
-            if class_sensitivity:
+                    r = math.nan if nan_at == (method, k) else retention_at(method, k, levels)
+                    for seed in (0, 1):
+                        add(method, "mprt", f"{k:02d}:{layers[k]}", k, seed, metric,
+                            CHANCE + r * (retest - CHANCE), CHANCE, retest)
+            if "class_sensitivity" in tests:
                 for j, other in enumerate(("min", "random", "second")):
-                    add(method, "class_sensitivity", other, j, metric, 0.95 if method == "edge_sobel" else 0.3 + 0.1 * j)
-        if emprt:
+                    r = levels.get(method, 0.3)
+                    add(method, "class_sensitivity", other, j, None, metric, CHANCE + r * (retest - CHANCE),
+                        CHANCE, retest)
+        if "emprt" in tests:
             for k in range(len(layers)):
-                add(method, "emprt", f"{k:02d}:{layers[k]}", k, "entropy_rise", 0.1 * k + 0.01 * m)
-    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+                for seed in (0, 1):
+                    add(method, "emprt", f"{k:02d}:{layers[k]}", k, seed, "entropy_rise",
+                        0.1 * k * (1 - levels.get(method, 0.3)))
+    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+
+
+def summary_table(**kwargs) -> pa.Table:
+    return summarize(scores_table(**kwargs), n_boot=200)
 
 
 def labelled_lines(ax) -> dict:
     return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
-def test_mprt_curve_draws_one_line_per_method_in_state_order():
+def test_mprt_curve_plots_retention_and_raw_similarity_in_state_order():
     fig = report.mprt_curve_figure(summary_table(metrics=("spearman_abs", "ssim")), metric="ssim")
-    (ax,) = fig.axes
-    lines = labelled_lines(ax)
-    assert set(lines) == set(METHODS) | {"original (identical map)"}
-    assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+    ax_r, ax_s = fig.axes
+    r_lines, s_lines = labelled_lines(ax_r), labelled_lines(ax_s)
+    assert set(r_lines) == set(METHODS) | {"verdict threshold R = 0.5", "R = 0: another image's map"}
+    assert set(s_lines) == set(METHODS) | {"original (identical map)"}
+    for ax in (ax_r, ax_s):
+        assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+        assert len(ax.collections) == len(METHODS)  # one CI band per method
     # y follows state_index order although the rows came in reverse order
-    np.testing.assert_allclose(lines["gradient"].get_ydata(), [0.9, 0.8, 0.7, 0.6])
-    np.testing.assert_allclose(lines["original (identical map)"].get_ydata(), [1.0, 1.0])
-    assert len(ax.collections) == len(METHODS)  # one CI band per method
-    assert fig.legends and not ax.get_legend()  # one legend, outside the axes
+    expected = [retention_at("gradient", k) for k in range(len(LAYERS))]
+    np.testing.assert_allclose(r_lines["gradient"].get_ydata(), expected)
+    np.testing.assert_allclose(s_lines["gradient"].get_ydata(), CHANCE + 0.8 * np.array(expected))
+    np.testing.assert_allclose(r_lines["verdict threshold R = 0.5"].get_ydata(), [0.5, 0.5])
+    assert fig.legends and not ax_r.get_legend() and not ax_s.get_legend()  # one legend, outside the axes
+
+
+def test_mprt_curve_excludes_the_cascade_state():
+    summary = summary_table()
+    assert "cascade" in summary["state"].to_pylist()
+    for ax in report.mprt_curve_figure(summary, "ssim").axes:
+        assert "cascade" not in [t.get_text() for t in ax.get_xticklabels()]
+        assert all(list(line.get_xdata()) == list(range(len(LAYERS)))
+                   for name, line in labelled_lines(ax).items() if name in METHODS)
+
+
+def test_mprt_retention_is_not_drawn_for_an_uninformative_method():
+    ax_r, ax_s = report.mprt_curve_figure(summary_table(), "ssim").axes
+    assert np.isnan(labelled_lines(ax_r)["random"].get_ydata()).all()
+    assert np.isfinite(labelled_lines(ax_s)["random"].get_ydata()).all()
 
 
 def test_mprt_controls_are_dashed_grey_and_black_references():
-    lines = labelled_lines(report.mprt_curve_figure(summary_table(), "ssim").axes[0])
-    for control, colour in (("edge_sobel", "0.55"), ("random", "black")):
-        assert lines[control].get_linestyle() == "--"
-        assert mcolors.same_color(lines[control].get_color(), colour)
-    assert lines["gradient"].get_linestyle() == "-"
-    assert not any(mcolors.same_color(lines["gradient"].get_color(), c) for c in ("0.55", "black"))
+    for ax in report.mprt_curve_figure(summary_table(), "ssim").axes:
+        lines = labelled_lines(ax)
+        for control, colour in (("edge_sobel", "0.55"), ("random", "black")):
+            assert lines[control].get_linestyle() == "--"
+            assert mcolors.same_color(lines[control].get_color(), colour)
+        assert lines["gradient"].get_linestyle() == "-"
+        assert not any(mcolors.same_color(lines["gradient"].get_color(), c) for c in ("0.55", "black"))
 
 
 def test_mprt_thins_tick_labels_of_many_states_keeping_both_ends():
     layers = [f"block{i}.conv" for i in range(60)]
-    ax = report.mprt_curve_figure(summary_table(layers=layers, class_sensitivity=False), "ssim").axes[0]
+    ax = report.mprt_curve_figure(summary_table(layers=layers, tests=("mprt",)), "ssim").axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert len(labels) <= report.MAX_TICK_LABELS
     assert labels[0] == "block0.conv" and labels[-1] == "block59.conv"
@@ -85,16 +124,16 @@ def test_mprt_thins_tick_labels_of_many_states_keeping_both_ends():
 
 
 def test_mprt_nan_mean_leaves_a_gap_and_single_method_works():
-    summary = summary_table(methods=["gradcampp/signed"], nan_at=("gradcampp/signed", 2))
-    lines = labelled_lines(report.mprt_curve_figure(summary, "ssim").axes[0])
-    y = lines["gradcampp/signed"].get_ydata()
-    assert np.isnan(y[2]) and np.isfinite(np.delete(y, 2)).all()
+    summary = summary_table(methods=["gradient"], nan_at=("gradient", 2))
+    for ax in report.mprt_curve_figure(summary, "ssim").axes:
+        y = labelled_lines(ax)["gradient"].get_ydata()
+        assert np.isnan(y[2]) and np.isfinite(np.delete(y, 2)).all()
 
 
 def test_mprt_panel_per_model_or_one_chosen_model():
     both = pa.concat_tables([summary_table(model="a"), summary_table(model="b")])
-    assert len(report.mprt_curve_figure(both, "ssim").axes) == 2
-    assert len(report.mprt_curve_figure(both, "ssim", model="b").axes) == 1
+    assert len(report.mprt_curve_figure(both, "ssim").axes) == 4
+    assert len(report.mprt_curve_figure(both, "ssim", model="b").axes) == 2
 
 
 def test_figures_name_the_missing_rows():
@@ -104,7 +143,7 @@ def test_figures_name_the_missing_rows():
         report.entropy_figure(summary_table())
 
 
-def test_class_sensitivity_grouped_bars_with_controls_and_edge_level():
+def test_class_sensitivity_retention_bars_with_controls_and_threshold():
     fig = report.class_sensitivity_figure(summary_table(), metric="ssim")
     (ax,) = fig.axes
     containers = [c for c in ax.containers if isinstance(c, BarContainer)]
@@ -112,21 +151,24 @@ def test_class_sensitivity_grouped_bars_with_controls_and_edge_level():
     assert [c.get_label() for c in containers] == ["other class: min", "other class: random", "other class: second"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["gradcampp", "gradcampp/signed", "gradient",
                                                             "edge_sobel", "random"]
-    np.testing.assert_allclose([bar.get_height() for bar in containers[1]], [0.4, 0.4, 0.4, 0.95, 0.4])
+    heights = [bar.get_height() for bar in containers[1]]
+    np.testing.assert_allclose(heights[:4], [0.9, 0.5, 0.1, 1.0], atol=1e-9)
+    assert np.isnan(heights[4])  # random: uninformative, no R
+    assert "uninformative" in [text.get_text() for text in ax.texts]
     hatched = [[bool(bar.get_hatch()) for bar in c] for c in containers]
     assert all(h == [False, False, False, True, True] for h in hatched)
-    edge = [line for line in ax.get_lines() if line.get_label().startswith("edge_sobel level")]
-    assert len(edge) == 1 and np.allclose(edge[0].get_ydata(), 0.95)
+    threshold = [line for line in ax.get_lines() if line.get_label().startswith("verdict threshold")]
+    assert len(threshold) == 1 and np.allclose(threshold[0].get_ydata(), 0.5)
     assert len(ax.patches) - 3 * len(METHODS) == 2  # the two shaded control groups
     assert all(len(c.errorbar.lines[2]) == 1 for c in containers)  # CI error bars
 
 
 def test_entropy_figure_one_bar_per_method_at_the_last_state():
-    ax = report.entropy_figure(summary_table(emprt=True)).axes[0]
+    ax = report.entropy_figure(summary_table(tests=("emprt",))).axes[0]
     (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
     heights = dict(zip([t.get_text() for t in ax.get_xticklabels()], [b.get_height() for b in bars]))
     assert set(heights) == set(METHODS)
-    assert heights["gradient"] == pytest.approx(0.3)  # 0.1 * last index 3
+    assert heights["gradient"] == pytest.approx(0.27)  # 0.1 * last index 3 * (1 − 0.1)
 
 
 def test_map_grid_has_rows_times_columns_and_symmetric_limits_per_cell():
@@ -169,18 +211,28 @@ def _assert_png(path):
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
+def manifest(methods=METHODS) -> dict:
+    """The manifest keys the report reads (tasks/plan.py writes more)."""
+    return {"model": "cnn", "dataset": "mnist", "n_images": 6, "cam_layer": "layer4",
+            "config": {"methods": {"ids": list(methods), "batch_size": 32}},
+            "randomisation": {"seeds": [0, 1], "order": "cascade_top_down"},
+            "verdict_rules": {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05},
+            "states": [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)], "code_version": "abc123"}
+
+
+def run_tables(**kwargs) -> tuple[pa.Table, pa.Table, pa.Table]:
+    scores = scores_table(tests=("mprt", "class_sensitivity", "emprt"), metrics=("ssim", "spearman_abs"), **kwargs)
+    summary = summarize(scores, n_boot=200)
+    return summary, verdicts(summary), comparisons(scores, n_boot=200)
+
+
 def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
     methods = ["gradient", "a<b&c", "edge_sobel", "random"]
-    summary = summary_table(methods=methods, emprt=True, metrics=("ssim", "spearman_abs"))
-    scores = pa.Table.from_pylist([dict(run_id="r", shard=0, image_id=str(i), label=1, model="cnn", method="gradient",
-                                        test="mprt", state="00:fc", state_index=0, target_class=1, metric="ssim",
-                                        value=0.5) for i in range(7)], schema=SCORE_SCHEMA)
-    verdicts = pa.table({"method": ["a<b&c", "gradient"], "test": ["mprt", "mprt"], "metric": ["ssim", "ssim"],
-                         "mean": [0.2, 0.97], "control_mean": [0.95, 0.95], "passes": [True, False]})
+    summary = summary_table(methods=methods, tests=("mprt", "class_sensitivity", "emprt"),
+                            metrics=("ssim", "spearman_abs"))
     grid = report.map_grid_figure({"gradient": [torch.randn(6, 6), torch.randn(6, 6)]}, ["original", "00:fc"])
-    index = report.write_report(summary, tmp_path / "report", scores=scores, verdicts=verdicts,
-                                manifest={"config": {"model": {"name": "cnn"}, "dataset": "mnist"}},
-                                map_grids={"image 0": grid})
+    index = report.write_report(summary, tmp_path / "report", verdicts=verdicts(summary),
+                                manifest=manifest(methods), map_grids={"image 0": grid})
     assert index == tmp_path / "report" / "index.html"
     files = report.written_files(index)
     names = sorted(path.name for path in files)
@@ -190,21 +242,71 @@ def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
         _assert_png(path)
     page = index.read_text(encoding="utf-8")
     assert "a&lt;b&amp;c" in page and "a<b&c" not in page
-    assert all(method in page for method in ("gradient", "edge_sobel", "random"))
-    assert '<td class="pass">pass</td>' in page and '<td class="fail">fail</td>' in page
-    assert "<dd>mnist</dd>" in page and "<dd>7</dd>" in page and "<dd>cnn</dd>" in page
-    assert "0.900 ± 0.100" in page and "[0.850, 0.950]" in page
+    assert "<dd>mnist</dd>" in page and "<dd>6</dd>" in page and "<dd>cnn</dd>" in page
+    assert "0.280 ± 0.000" in page and "0.100 [0.100, 0.100]" in page  # gradient's s and R at the head state
     assert str(tmp_path) not in page  # links are relative
 
 
+def test_header_lists_method_ids_cam_layer_seeds_and_rules(tmp_path):
+    summary, verdict, _ = run_tables()
+    page = report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
+    header = page[:page.index("<h2>")]
+    assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header
+    assert "<dt>CAM layer</dt><dd>layer4</dd>" in header
+    assert "seeds 0, 1" in header and "CI_low(R) &gt; 0.5" in header and "&lt; 0.2" in header
+
+
+def test_verdict_table_comes_first_with_coloured_words(tmp_path):
+    summary, verdict, _ = run_tables()
+    page = report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
+    table = re.search(r'<table class="verdicts">.*?</table>', page, re.S)
+    assert table and table.end() < page.index("<figure") and table.start() < page.index("<details")
+    rows = re.findall(r"<tr><th>([^<]+)</th><td", table.group())
+    assert rows == ["gradcampp", "gradcampp/signed", "gradient", "edge_sobel", "random"]  # one per method
+    headers = re.findall(r"<th>(\w+)<br><small>([^<]+)</small>", table.group())
+    assert [(test, scope.split(" · ")[0]) for test, scope in headers] == [
+        ("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
+        ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
+    assert all(scope.endswith("ssim") for test, scope in headers if test != "emprt")
+    cells = dict(re.findall(r"<tr><th>([^<]+)</th>(<td.*?</td>)", table.group()))
+    for method, word in (("gradient", "pass"), ("gradcampp", "fail"), ("gradcampp/signed", "inconclusive"),
+                         ("random", "uninformative")):
+        assert re.match(rf'<td class="verdict {word}" title="[^"]+">{word}<br><small>', cells[method])
+    assert "R 0.100 [0.100, 0.100]" in cells["gradient"]
+    assert re.search(r'<details><summary>Other metrics \(spearman_abs\)</summary><table class="verdicts small">',
+                     page)
+    assert "Controls behave" in page and "Warning" not in page
+
+
+def test_a_failing_control_is_shown_as_a_warning(tmp_path):
+    summary, verdict, _ = run_tables(levels=LEVELS | {"edge_sobel": 0.1})
+    page = report.write_report(summary, tmp_path, verdicts=verdict).read_text(encoding="utf-8")
+    warning = re.search(r'<div class="controls warning">.*?</div>', page, re.S).group()
+    assert "edge_sobel — class_sensitivity min (ssim): expected fail, got <strong>pass</strong>" in warning
+    assert "<li>edge_sobel" in warning and "<li>random" not in warning and "Controls behave" not in page
+    assert page.index("controls warning") < page.index("<figure")
+
+
+def test_comparisons_table_is_rendered_when_given(tmp_path):
+    summary, verdict, paired = run_tables()
+    page = report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired).read_text(encoding="utf-8")
+    assert page.index("<table class=\"verdicts\">") < page.index("vs signed</h2>") < page.index("<figure")
+    row = re.search(r'<tr(?: class="significant")?><td>gradcampp vs gradcampp/signed</td><td>mprt</td>'
+                    r"<td>head</td><td>ssim</td><td>6</td><td>0.900</td><td>0.500</td>"
+                    r"<td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", page)
+    assert row and "rank-biserial" in page
+    empty = report.write_report(summary, tmp_path / "none", verdicts=verdict).read_text(encoding="utf-8")
+    assert "vs signed</h2>" not in empty
+
+
 def test_write_report_survives_edge_cases(tmp_path):
-    summary = summary_table(methods=["gradcampp/signed"], mprt=False, nan_at=None)
+    summary = summary_table(methods=["gradcampp/signed"], tests=("class_sensitivity",))
     nan_row = pa.Table.from_pylist([dict(model="cnn", method="gradcampp/signed", test="class_sensitivity",
-                                         state="min", state_index=0, metric="spearman_abs", n=0, mean=None,
-                                         std=None, ci_low=None, ci_high=None)], schema=SUMMARY_SCHEMA)
+                                         state="min", state_index=0, metric="spearman_abs", n=0)],
+                                   schema=SUMMARY_SCHEMA)
     index = report.write_report(pa.concat_tables([summary, nan_row]), tmp_path)
     names = sorted(path.name for path in report.written_files(index))
     assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html"]
     assert "gradcampp/signed" in index.read_text(encoding="utf-8")
-    empty = report.write_report(summary_table(mprt=False, class_sensitivity=False), tmp_path / "empty")
+    empty = report.write_report(summary_table(tests=()), tmp_path / "empty")
     assert report.written_files(empty) == [empty]
