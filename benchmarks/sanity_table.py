@@ -1,68 +1,97 @@
-"""The paper's claim on the reference model: class sensitivity (min class) and the fully randomised
-top-down cascade, mean ± std of ssim and spearman_abs per method, with the verdict against edge_sobel.
+"""The paper's claims as verdicts: method × test → R (95% CI) and verdict, and the paired
+pos/abs-vs-signed comparison table, as Markdown.
 
-    .venv/bin/python benchmarks/sanity_table.py [--images 200] [--batch 50]
+    .venv/bin/python benchmarks/sanity_table.py RUN_DIR [--metric ssim]
+    .venv/bin/python benchmarks/sanity_table.py --model reference_resnet [--images 200] [--seeds 0,1,2]
 
-Trains (or loads from cache) the reference CNN and uses the first N held-out MNIST digits.
+With RUN_DIR it reads the run's verdicts.parquet and comparisons.parquet; otherwise it computes them with
+the library alone (no services) on the first N held-out MNIST digits, every method of the paper, the
+default tests (others min and random, the full top-down cascade) in batches of 50.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from saliency.data import batches, load_dataset
-from saliency.models import load_reference
-from saliency.randomize import parameter_layers
-from saliency.sanity import class_sensitivity, parameter_randomization, summarize, verdicts
+from saliency.methods import PAPER_METHODS
+from saliency.models import load_model
+from saliency.sanity import class_sensitivity, parameter_randomization
+from saliency.statistics import comparisons, summarize, verdicts
 
-METHODS = ["gradient", "gradcam", "gradcampp", "gradcampp/signed", "fullgrad", "fullgrad/signed",
-           "guided_backprop", "rectgrad", "lrp_zplus", "lrp_epsilon", "edge_sobel", "random"]
-METRICS = ("ssim", "spearman_abs")
+COLUMNS = (("class_sensitivity", "min"), ("class_sensitivity", "random"), ("mprt", "head"), ("mprt", "cascade"),
+           ("emprt", "full"))
+
+
+def compute(model_name: str, images: int, seeds: list[int]) -> tuple[pa.Table, pa.Table]:
+    model = load_model(model_name)
+    data = load_dataset("mnist", split="test", limit=images)
+    tables = []
+    for ids, x, labels in batches(data, 50):
+        common = dict(image_ids=ids, labels=labels, model_name=model_name, metrics=("ssim", "spearman_abs"))
+        tables.append(class_sensitivity(model, x, PAPER_METHODS, others=("min", "random"), **common))
+        tables.append(parameter_randomization(model, x, PAPER_METHODS, randomization_seeds=seeds, **common))
+    scores = pa.concat_tables(tables)
+    return verdicts(summarize(scores)), comparisons(scores)
+
+
+def verdict_markdown(table: pa.Table, metric: str) -> str:
+    cells: dict[tuple[str, str, str], str] = {}
+    for r in table.to_pylist():
+        if r["metric"] != metric and r["test"] != "emprt":
+            continue
+        if r["test"] == "emprt":
+            value = f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        else:
+            value = f"{r['retention_mean']:.2f} [{r['retention_ci_low']:.2f}, {r['retention_ci_high']:.2f}]"
+        cells[(r["method"], r["test"], r["scope"])] = f"{value} {r['verdict']}"
+    methods = list(dict.fromkeys(r["method"] for r in table.to_pylist()))
+    lines = ["| method | " + " | ".join(f"{t} {s}" for t, s in COLUMNS) + " |", "|---" * (1 + len(COLUMNS)) + "|"]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(cells.get((method, t, s), "") for t, s in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(table: pa.Table, metric: str) -> str:
+    lines = ["| variant vs signed | test | scope | n | R variant | R signed | ΔR [95% CI] | p (Holm) | rank-biserial |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_pylist():
+        if r["metric"] == metric:
+            lines.append(f"| {r['variant']} vs {r['signed']} | {r['test']} | {r['scope']} | {r['n']} | "
+                         f"{r['variant_retention']:.2f} | {r['signed_retention']:.2f} | {r['mean_difference']:+.2f} "
+                         f"[{r['difference_ci_low']:+.2f}, {r['difference_ci_high']:+.2f}] | {r['p_holm']:.1e} | "
+                         f"{r['rank_biserial']:+.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", help="a finished run directory")
+    parser.add_argument("--model", default="reference")
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--metric", default="ssim")
     args = parser.parse_args()
     start = time.perf_counter()
-    model = load_reference()
-    data = load_dataset("mnist", split="test", limit=args.images)
-    last = len(parameter_layers(model, example_input=data[0].image[None])) - 1
-    tables = []
-    for ids, x, labels in batches(data, args.batch):
-        tables.append(class_sensitivity(model, x, METHODS, others=("min",), metrics=METRICS,
-                                        image_ids=ids, labels=labels, model_name="reference"))
-        tables.append(parameter_randomization(model, x, METHODS, metrics=METRICS, states=[last],
-                                              emprt=False, image_ids=ids, labels=labels,
-                                              model_name="reference"))
-    summary = summarize(pa.concat_tables(tables))
-    verdict = verdicts(summary)
-    print(f"reference CNN, {args.images} held-out MNIST digits, {time.perf_counter() - start:.1f} s; "
-          f"cascade state {last} = fully randomised; fail = mean not significantly below edge_sobel")
-    header = f"| {'method':18s} |" + "".join(
-        f" {t} {m:12s} |" for t in ("class-min", "random-model") for m in METRICS)
-    print(header)
-    print("|" + "---|" * (1 + 2 * len(METRICS)))
-    for method in METHODS:
-        cells = []
-        for test in ("class_sensitivity", "mprt"):
-            for metric in METRICS:
-                row = summary.filter(pc.and_(pc.and_(pc.equal(summary["method"], method),
-                                                     pc.equal(summary["test"], test)),
-                                             pc.equal(summary["metric"], metric))).to_pylist()[0]
-                v = verdict.filter(pc.and_(pc.and_(pc.equal(verdict["method"], method),
-                                                   pc.equal(verdict["test"], test)),
-                                           pc.equal(verdict["metric"], metric))).to_pylist()
-                mark = "" if method == "edge_sobel" or not v else f" {v[0]['verdict']}"
-                cells.append(f"{row['mean']:.3f} ± {row['std']:.3f}{mark}")
-        print(f"| {method:18s} | " + " | ".join(cells) + " |")
+    if args.run_dir:
+        verdict = pq.read_table(Path(args.run_dir) / "verdicts.parquet")
+        paired = pq.read_table(Path(args.run_dir) / "comparisons.parquet")
+        print(f"{args.run_dir}; R (95% CI) and verdict on {args.metric}; eMPRT: entropy rise")
+    else:
+        torch.set_num_threads(2)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        verdict, paired = compute(args.model, args.images, seeds)
+        print(f"{args.model}, {args.images} held-out MNIST digits, seeds {seeds}, "
+              f"{time.perf_counter() - start:.0f} s; R (95% CI) and verdict on {args.metric}; eMPRT: entropy rise")
+    print(verdict_markdown(verdict, args.metric))
+    print()
+    print(comparison_markdown(paired, args.metric))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

@@ -31,9 +31,12 @@ class ConfigError(ValueError):
 
 
 def _split_commas(value: Any) -> Any:
-    """``--set methods.ids=gradient,gradcampp`` gives a string; lists accept comma-separated strings."""
+    """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set randomisation.seeds=0`` a
+    number; lists accept comma-separated strings and single values."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
     return value
 
 

@@ -267,6 +267,11 @@ def test_flow_rejects_a_bad_config_before_any_work(prefect_server, tmp_path):
 def test_config_defaults_overrides_and_identity():
     cfg = load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp", "compute.actors=3"])
     assert cfg.data.limit == 32 and cfg.methods.ids == ["gradient", "gradcampp"]
+    assert load_config(overrides=["randomisation.seeds=4"]).randomisation.seeds == [4]
+    assert load_config(overrides=["randomisation.seeds=4,5"]).randomisation.seeds == [4, 5]
+    for bad in ("randomisation.seeds=1,1", "randomisation.seeds=-1", "tests.others=min,min"):
+        with pytest.raises(ConfigError, match=bad.partition("=")[0]):
+            load_config(overrides=[bad])
     # compute settings other than batching/sharding do not change the experiment
     assert cfg.run_id() == load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp"]).run_id()
     assert cfg.run_id() != load_config(overrides=["data.limit=32", "methods.ids=gradient"]).run_id()
