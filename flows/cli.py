@@ -87,13 +87,14 @@ def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or
 
 @app.command()
 def methods() -> None:
-    """List the saliency method ids: family, gradient policy, and whether the id is a published default."""
+    """List the saliency method ids: family, gradient policy, whether the id is a published default, whether
+    it is in the default run, and the signed method it is compared with in comparisons.parquet."""
     from saliency.methods import PAPER_METHODS, method_table
 
-    table = Table("id", "family", "policy", "default", "in default run")
+    table = Table("id", "family", "policy", "default", "in default run", "compared with")
     for row in method_table():
         table.add_row(row["id"], row["family"], str(row["policy"] or "–"), "yes" if row["default"] else "",
-                      "yes" if row["id"] in PAPER_METHODS else "")
+                      "yes" if row["id"] in PAPER_METHODS else "", row["signed_counterpart"] or "")
     console.print(table)
 
 
@@ -148,14 +149,17 @@ def _format(value) -> str:
 def train_reference(force: Annotated[bool, typer.Option(help="retrain even if cached")] = False,
                     cache_dir: Annotated[Optional[str], typer.Option(help="default: $SALIENCY_SANITY_CACHE "
                                                                      "or ~/.cache/saliency-sanity")] = None,
-                    seed: int = 0, verbose: bool = False) -> None:
-    """Train the reference CNN on the bundled MNIST digits (cached; the default run does it on first use)."""
+                    seed: int = 0, verbose: bool = False,
+                    architecture: Annotated[str, typer.Option(help="reference (the CNN) or reference_resnet")]
+                    = "reference") -> None:
+    """Train a reference model on the bundled MNIST digits (cached; a run does it on first use)."""
     _quiet_prefect(verbose)
     from flows.train_reference import train_reference_flow
 
-    info = train_reference_flow(force=force, cache_dir=cache_dir, seed=seed, progress=True)
+    info = train_reference_flow(force=force, cache_dir=cache_dir, seed=seed, progress=True,
+                                architecture=architecture)
     state = "loaded from cache" if info.get("cached") else f"trained in {info.get('seconds', 0):.0f} s"
-    console.print(f"reference model {state}: accuracy {info.get('accuracy', float('nan')):.4f} on the "
+    console.print(f"{architecture} model {state}: accuracy {info.get('accuracy', float('nan')):.4f} on the "
                   f"held-out digits; weights at {info['cache_path']}")
 
 
