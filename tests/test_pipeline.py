@@ -240,6 +240,20 @@ def test_two_node_cluster_uses_both_nodes_and_equals_one_node(reference_run, tmp
         assert_same_table(tables[name], table, name)
 
 
+def test_a_client_without_the_ray_token_cannot_attach(ray_local):
+    """Ray's token authentication stays on (a local Ray listens on every interface): a process with this
+    machine's token attaches to the running Ray, one with another token is refused."""
+    address = ray_local.get_runtime_context().gcs_address
+    script = f"import ray; ray.init(address={address!r}, log_to_driver=False); print('ATTACHED')"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    ours = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0 and "ATTACHED" in ours.stdout, ours.stderr[-2000:]
+    theirs = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+                            capture_output=True, text=True, timeout=120)
+    assert theirs.returncode != 0 and "ATTACHED" not in theirs.stdout
+    assert "Failed to connect to Ray cluster" in theirs.stderr and "token" in theirs.stderr.lower()
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_config_errors_name_the_field_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match=r"`randomisation.order`.*'cascade_top_down'.*'independent'"):
