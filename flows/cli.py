@@ -41,9 +41,12 @@ def _validated(config: Path | None, overrides: list[str]):
 @app.command()
 def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         verbose: Annotated[bool, typer.Option(help="show Prefect's logs")] = False,
-        progress: Annotated[bool, typer.Option(help="show the progress bar")] = True) -> None:
+        progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+        allow_code_change: Annotated[bool, typer.Option(
+            help="resume a run directory made by other code or libraries (recorded in the manifest)")] = False
+        ) -> None:
     """Run the sanity checks (the Prefect flow `sanity_check`); re-running with the same config and
-    --out resumes an interrupted run."""
+    --out resumes an interrupted run (refused if the code or libraries changed, unless --allow-code-change)."""
     overrides = list(set_ or [])
     cfg = _validated(config, overrides)
     _quiet_prefect(verbose)
@@ -53,7 +56,7 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                   f"{cfg.data.dataset} images, {len(cfg.methods.ids)} methods")
     try:
         outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
-                               overrides=overrides, progress=progress)
+                               overrides=overrides, progress=progress, allow_code_change=allow_code_change)
     except Exception as error:
         console.print(f"[red]run failed:[/red] {error}")
         raise typer.Exit(1) from None

@@ -111,18 +111,21 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
 
 @flow(name="sanity_check")
 def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = None,
-                 overrides: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                 overrides: list[str] | None = None, progress: bool = False,
+                 allow_code_change: bool = False) -> dict[str, Any]:
     """Run the sanity checks of a config (a YAML path, a dict, or None = the embedded default).
 
     ``out`` (default: storage.out) holds the run directory ``<out>/<run name>``; ``overrides`` are
-    ``key.path=value`` strings. Returns where the results are and the run's counts.
+    ``key.path=value`` strings. Resuming a run directory made by other code or libraries is refused
+    unless ``allow_code_change`` (recorded in the manifest). Returns where the results are and the run's
+    counts.
     """
     logger = get_run_logger()
     started = time.perf_counter()
     cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
-    plan = plan_shards(cfg)
+    plan = plan_shards(cfg, allow_code_change)
     logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
                 len(plan.shards), len(plan.pending), len(plan.manifest["layers"]))
     results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)

@@ -53,6 +53,16 @@ def code_version() -> str:
         return _version("saliency-sanity")
 
 
+def code_hash() -> str:
+    """A content hash of the project's Python sources (saliency, tasks, flows): unlike the git commit it
+    also changes with uncommitted edits, so a resume can tell that the code that made a part changed."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("saliency", "tasks", "flows") for p in (root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -83,6 +93,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "run_name": cfg.run_name(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": code_version(),
+        "code_hash": code_hash(),
         "libraries": library_versions(),
         "config": cfg.model_dump(mode="json"),
         "identity": cfg.identity(),
@@ -135,10 +146,28 @@ def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> None:
                               f"(the data or the code changed); use another --out to start afresh")
 
 
+def _same_code(old: dict[str, Any], new: dict[str, Any], run_dir: RunDir, allow_code_change: bool) -> dict:
+    """Resume only with the code and libraries that computed the parts already there; with
+    ``allow_code_change`` continue and record the change in the manifest."""
+    changed = [f"{key} {old.get(key)!r} → {new[key]!r}" for key in ("code_hash", "libraries")
+               if old.get(key) != new[key]]
+    if not changed:
+        return old
+    if not allow_code_change:
+        raise ConfigError(f"the run directory {run_dir} holds parts computed by other code ({'; '.join(changed)}); "
+                          "resuming would mix their scores with this code's. Start afresh with another --out "
+                          "(or delete the run directory), or pass --allow-code-change to continue "
+                          "deliberately (it is recorded in manifest.json)")
+    change = {"at": new["created"], "from": {k: old.get(k) for k in ("code_version", "code_hash", "libraries")},
+              "to": {k: new[k] for k in ("code_version", "code_hash", "libraries")}}
+    return {**old, "code_changes": [*old.get("code_changes", []), change]}
+
+
 @task(name="plan_shards", cache_policy=NO_CACHE)
-def plan_shards(cfg: Config) -> Plan:
+def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     """Cut the dataset into shards and write manifest.json; on a re-run, keep the manifest and list the
-    shards whose scores part is still missing (resume)."""
+    shards whose scores part is still missing (resume). A re-run with other code or libraries than the
+    manifest's is refused unless ``allow_code_change``."""
     run_dir = RunDir(join(cfg.storage.out, cfg.run_name()))
     dataset = load_data(cfg)
     if len(dataset) == 0:
@@ -149,7 +178,8 @@ def plan_shards(cfg: Config) -> Plan:
     if run_dir.exists("manifest.json"):
         old = run_dir.read_json("manifest.json")
         _same_plan(old, manifest)
-        manifest = {**old, "verdict_rules": manifest["verdict_rules"]}
+        manifest = {**_same_code(old, manifest, run_dir, allow_code_change),
+                    "verdict_rules": manifest["verdict_rules"]}
         run_dir.write_json(manifest, "manifest.json")
     else:
         run_dir.write_json(manifest, "manifest.json")

@@ -203,6 +203,29 @@ def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_lo
     assert leftovers == []
 
 
+@pytest.mark.slow
+def test_resume_refuses_other_code_unless_allowed(prefect_server, ray_local, tmp_path):
+    """Parts computed by other code are never silently mixed with this code's (issue 11, case 1)."""
+    from flows.sanity_check import sanity_check
+
+    config = tiny(data={"limit": 2 * PER_SHARD})
+    first = sanity_check(config=config, out=str(tmp_path))
+    directory = RunDir(first["run_dir"])
+    rows = directory.read_parts("scores").num_rows
+    manifest = directory.read_json("manifest.json")
+    directory.write_json({**manifest, "code_hash": "other-code"}, "manifest.json")  # as if other code made them
+    Path(directory.part_path("scores", 1)).unlink()
+    with pytest.raises(ConfigError, match=r"other code \(code_hash 'other-code' → .*--allow-code-change"):
+        sanity_check(config=config, out=str(tmp_path))
+    assert directory.read_parts("scores").num_rows == rows // 2  # nothing computed, nothing lost
+
+    again = sanity_check(config=config, out=str(tmp_path), allow_code_change=True)
+    assert again["stats"]["shards_skipped"] == 1 and directory.read_parts("scores").num_rows == rows
+    changes = directory.read_json("manifest.json")["code_changes"]
+    assert len(changes) == 1 and changes[0]["from"]["code_hash"] == "other-code"
+    assert changes[0]["to"]["code_hash"] == manifest["code_hash"]
+
+
 MULTI_NODE_SCRIPT = """
 import json, sys
 import flows
