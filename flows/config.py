@@ -54,6 +54,14 @@ def _check_choices(values: list[str], allowed: tuple[str, ...] | list[str], what
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_other_types(cls, value: Any, info) -> Any:
+        """YAML reads `true` as a boolean and pydantic would take it as 1 (`data.limit=true`): refuse."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("a boolean is not allowed here")
+        return value
+
 
 class ModelConfig(Section):
     name: str = Field("reference", description='a torchvision.models name (e.g. "resnet18"), "reference" '

@@ -274,6 +274,10 @@ def _input_channels(model: nn.Module) -> int | None:
 def check_input(model: nn.Module, x: Tensor) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor B×C×H×W, got {getattr(x, 'dtype', type(x).__name__)}")
+    first = next(model.parameters(), None)
+    if first is not None and x.dtype != first.dtype:
+        raise ValueError(f"x is {x.dtype} but the model's parameters are {first.dtype}; convert one of them "
+                         f"(e.g. x.to({first.dtype}))")
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dimensions B×C×H×W, got shape {tuple(x.shape)}")
     channels = _input_channels(model)
@@ -469,6 +473,9 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     method_ids = [methods] if isinstance(methods, str) else list(methods)
     if not method_ids:
         raise ValueError("methods is empty; see saliency.available_methods()")
+    duplicates = sorted({m for m in method_ids if method_ids.count(m) > 1})
+    if duplicates:
+        raise ValueError(f"method ids listed more than once: {duplicates}")
     resolved = [get_method(m) for m in method_ids]
     if channel_reduction not in CHANNEL_REDUCTIONS:
         raise ValueError(f"unknown channel_reduction {channel_reduction!r}; allowed: "

@@ -84,6 +84,9 @@ def _method_list(methods: str | Sequence[str]) -> list[str]:
     names = [methods] if isinstance(methods, str) else list(methods)
     if not names:
         raise ValueError("methods is empty; give at least one method id (see saliency.available_methods())")
+    duplicates = sorted({m for m in names if names.count(m) > 1})
+    if duplicates:
+        raise ValueError(f"method ids listed more than once (they would duplicate rows): {duplicates}")
     return names
 
 

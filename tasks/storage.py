@@ -120,7 +120,12 @@ class RunDir:
 
     def read_json(self, *parts: str) -> dict[str, Any]:
         with self.fs.open_input_stream(self.file(*parts)) as stream:
-            return json.loads(stream.read())
+            text = stream.read()
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{self.file(*parts)} is not valid JSON ({error}); restore it, or start the "
+                             "run afresh with another --out") from None
 
     def parts(self, kind: str) -> dict[str, str]:
         """{shard label ("00007" or "dataset"): path} of the finished parts of one kind."""

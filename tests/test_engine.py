@@ -382,6 +382,9 @@ def test_bad_targets(small, targets, message):
     (torch.randn(3, 16, 16), "4 dimensions B×C×H×W"),
     (torch.randn(2, 1, 16, 16), "x has 1 channels but the model's first convolution expects 3"),
     (torch.zeros(2, 3, 16, 16, dtype=torch.long), "float tensor"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.float64), r"x is torch.float64 but the model's parameters are "
+                                                     r"torch.float32; convert one of them"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.float16), "x is torch.float16"),
 ])
 def test_bad_x(small, x, message):
     model, _ = small
@@ -412,6 +415,12 @@ def test_empty_methods(small):
     model, x = small
     with pytest.raises(ValueError, match="methods is empty"):
         saliency.explain(model, x, [], torch.tensor([0, 1, 2]))
+
+
+def test_duplicate_method_ids(small):
+    model, x = small
+    with pytest.raises(ValueError, match=r"listed more than once: \['gradient'\]"):
+        saliency.explain(model, x, ["gradient", "gradcam", "gradient"], torch.tensor([0, 1, 2]))
 
 
 def test_cam_on_a_model_without_convolutions():

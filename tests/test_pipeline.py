@@ -306,7 +306,8 @@ def test_config_defaults_overrides_and_identity():
     assert cfg.data.limit == 32 and cfg.methods.ids == ["gradient", "gradcampp"]
     assert load_config(overrides=["randomisation.seeds=4"]).randomisation.seeds == [4]
     assert load_config(overrides=["randomisation.seeds=4,5"]).randomisation.seeds == [4, 5]
-    for bad in ("randomisation.seeds=1,1", "randomisation.seeds=-1", "tests.others=min,min"):
+    for bad in ("randomisation.seeds=1,1", "randomisation.seeds=-1", "tests.others=min,min", "data.limit=true",
+                "model.weights=false"):
         with pytest.raises(ConfigError, match=bad.partition("=")[0]):
             load_config(overrides=[bad])
     # compute settings other than batching/sharding do not change the experiment
@@ -426,6 +427,14 @@ def test_worker_raises_when_no_image_can_be_explained(image_folder):
 
 
 # ----------------------------------------------------------------------------------------------- storage
+def test_a_corrupt_manifest_is_named_in_the_message(tmp_path):
+    directory = RunDir(str(tmp_path / "run"))
+    directory.write_json({"run_id": "x"}, "manifest.json")
+    (tmp_path / "run" / "manifest.json").write_text('{"run_id": ')
+    with pytest.raises(ValueError, match=r"run/manifest.json is not valid JSON .*another --out"):
+        directory.read_json("manifest.json")
+
+
 def test_parts_are_atomic_and_temporaries_are_cleaned(tmp_path):
     directory = RunDir(str(tmp_path / "run"))
     table = pa.table({"x": [1, 2, 3]})

@@ -358,6 +358,8 @@ def test_users_model_is_unchanged(model, x):
     (lambda m, x: parameter_randomization(m, x, "gradient", randomization_seeds=[1, 1]), "distinct seeds"),
     (lambda m, x: parameter_randomization(m, x, "gradient", randomization_seeds=[]), "distinct seeds"),
     (lambda m, x: class_sensitivity(m, x, "gradient", others=("min", "min")), "lists a class rule twice"),
+    (lambda m, x: class_sensitivity(m, x, ["random", "random"]), r"listed more than once .*\['random'\]"),
+    (lambda m, x: parameter_randomization(m, x, ["gradient", "gradient"]), "listed more than once"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(model, x, call, message):
     with pytest.raises(ValueError, match=message):
