@@ -342,6 +342,18 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
     return after[-1] if after else conv
 
 
+def cam_layer(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | None = None) -> str | None:
+    """The CAM layer ``explain`` uses for ``methods`` on ``x``: ``layer`` (checked), else
+    ``default_cam_layer``; ``layer`` unchanged when no method needs one. Resolve it once for many calls."""
+    from saliency.methods import get_method  # the methods import this module
+
+    if not any(get_method(m).needs_layer for m in methods):
+        return layer
+    layer = default_cam_layer(model, x) if layer is None else layer
+    check_layer(model, layer)
+    return layer
+
+
 def check_layer(model: nn.Module, layer: str) -> None:
     modules = dict(model.named_modules())
     if layer not in modules or layer == "":
@@ -487,10 +499,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     if not 0.0 <= rectgrad_q <= 100.0:
         raise ValueError(f"rectgrad_q must be a percentile in [0, 100], got {rectgrad_q}")
     check_input(model, x)
+    layer = cam_layer(model, x, method_ids, layer)
     needs_layer = any(m.needs_layer for m in resolved)
-    if needs_layer:
-        layer = default_cam_layer(model, x) if layer is None else layer
-        check_layer(model, layer)
     with evaluation(model):
         if targets is None:
             targets = forward_logits(model, x).argmax(dim=1)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from saliency.engine import default_cam_layer, explain, forward_logits
+from saliency.engine import cam_layer, explain, forward_logits
 from saliency.methods import get_method
 from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
 from saliency.seeds import stable_seed
@@ -166,13 +166,6 @@ def _retest(model: nn.Module, x: Tensor, method_ids: list[str], metric_ids: list
             for m in method_ids for metric in metric_ids}
 
 
-def _resolve_layer(model: nn.Module, x: Tensor, method_ids: list[str], layer: str | None) -> str | None:
-    """The CAM layer, traced once per call instead of once per explain."""
-    if layer is None and any(get_method(m).needs_layer for m in method_ids):
-        return default_cam_layer(model, x)
-    return layer
-
-
 class _Rows:
     """Column buffers for score rows; one ``add`` per (method, state, metric) block of B images."""
 
@@ -237,7 +230,7 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     if logits.shape[1] < 2:
         raise ValueError(f"class sensitivity needs at least 2 classes, the model has {logits.shape[1]}")
     targets = class_targets(logits, other_names, seed, ids)
-    layer = _resolve_layer(model, x, method_ids, layer)
+    layer = cam_layer(model, x, method_ids, layer)
 
     kwargs = {"seed": seed, **(explain_kwargs or {})}
     maps = explain(model, x, method_ids, targets, layer=layer, **kwargs)
@@ -288,7 +281,7 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
     layers = parameter_layers(model, example_input=x[:1], granularity=granularity)
     state_indices = _state_indices(states, len(layers))
     kwargs = {"seed": seed, **(explain_kwargs or {})}
-    layer = _resolve_layer(model, x, method_ids, layer)
+    layer = cam_layer(model, x, method_ids, layer)
 
     top = forward_logits(model, x).argmax(dim=1)
     original = explain(model, x, method_ids, top[:, None], layer=layer, **kwargs)

@@ -16,8 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from flows.config import Config, ConfigError
-from saliency.engine import check_layer, default_cam_layer
-from saliency.methods import get_method
+from saliency.engine import cam_layer
 from saliency.randomize import parameter_layers
 from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
@@ -107,7 +106,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                   "random_other_class": "seeded per (seed, image id)"},
         "randomisation": {"order": r.order, "granularity": r.granularity, "init": r.init,
                           "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target, "seeds": r.seeds},
-        "cam_layer": cam_layer(cfg, model, example),
+        "cam_layer": run_cam_layer(cfg, model, example),
         "verdict_rules": cfg.verdicts.rules().as_dict(),
         "layers": layers,
         "states": state_names(layers, r.order),
@@ -118,17 +117,12 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     }
 
 
-def cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
-    """The CAM layer the run uses: model.layer, else the traced default (None when no CAM method runs)."""
-    if not any(get_method(m).needs_layer for m in cfg.methods.ids):
-        return cfg.model.layer
-    if cfg.model.layer is not None:
-        try:
-            check_layer(model, cfg.model.layer)
-        except ValueError as error:
-            raise ConfigError(f"config field `model.layer`: {error}") from None
-        return cfg.model.layer
-    return default_cam_layer(model, example)
+def run_cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
+    """The CAM layer the run uses (``saliency.engine.cam_layer``), checked before any work is done."""
+    try:
+        return cam_layer(model, example, cfg.methods.ids, cfg.model.layer)
+    except ValueError as error:
+        raise ConfigError(f"config field `model.layer`: {error}") from None
 
 
 def _relative(path: str, root: str | None) -> str:
