@@ -80,7 +80,7 @@ def plain_loop(n_images: int, out: Path) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from flows.config import load_config
+    from tasks.config import load_config
     from saliency.data import batches
     from saliency.sanity import class_sensitivity, parameter_randomization
     from saliency.statistics import summarize

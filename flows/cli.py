@@ -29,7 +29,7 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _validated(config: Path | None, overrides: list[str]):
-    from flows.config import ConfigError, load_config
+    from tasks.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides)
@@ -104,7 +104,7 @@ def methods() -> None:
 @app.command()
 def config() -> None:
     """Print the embedded default configuration: every field, its default and what it means."""
-    from flows.config import default_yaml
+    from tasks.config import default_yaml
 
     print(default_yaml(), end="")
 
@@ -116,7 +116,7 @@ def runs(out: OutOption = None,
          experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "saliency-sanity",
          limit: Annotated[int, typer.Option(help="most recent runs to show")] = 20) -> None:
     """List the runs in the MLflow tracking store with their headline metrics."""
-    from flows.config import load_config
+    from tasks.config import load_config
     from tasks.tracking import tracking_uri as default_uri
 
     cfg = load_config()

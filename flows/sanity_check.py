@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from flows.config import load_config
+from tasks.config import load_config
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
 from tasks.explain import explain_shard

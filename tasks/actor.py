@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from flows.config import Config, ConfigError
+from tasks.config import Config, ConfigError
 from saliency.engine import explain, forward_logits
 from saliency.randomize import parameter_layers, randomized_state
 from saliency.sanity import SCORE_SCHEMA, as_2d, class_sensitivity, class_targets, parameter_randomization

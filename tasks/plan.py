@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from flows.config import Config, ConfigError
+from tasks.config import Config, ConfigError
 from saliency.engine import cam_layer
 from saliency.randomize import parameter_layers
 from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names

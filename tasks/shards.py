@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flows.config import Config
+from tasks.config import Config
 from saliency.data import ImageDataset, load_dataset
 from saliency.models import load_model
 from saliency.randomize import state_name

@@ -12,7 +12,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import Config
+from tasks.config import Config
 from saliency.statistics import VERDICTS
 from tasks.storage import RunDir, local_path
 

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.config import Config
+from tasks.config import Config
 from saliency.methods import available_methods
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from flows.config import Config, ConfigError, default_yaml, load_config
+from tasks.config import Config, ConfigError, default_yaml, load_config
 from saliency.data import load_dataset
 from saliency.sanity import SCORE_SCHEMA
 from saliency.statistics import COMPARISON_SCHEMA, SUMMARY_SCHEMA, VERDICT_SCHEMA
