@@ -6,7 +6,8 @@
     saliency.sanity.parameter_randomization(model, x, ["gradient", "fullgrad"])
 """
 from saliency import sanity
-from saliency.engine import default_cam_layer, explain
+from saliency.engine import explain
+from saliency.passes import default_cam_layer
 from saliency.methods import available_methods, method_table
 from saliency.randomize import randomization_states
 from saliency.similarity import similarity

@@ -21,7 +21,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from saliency.engine import cam_layer, explain, forward_logits
+from saliency.engine import cam_layer, explain
+from saliency.passes import forward_logits
 from saliency.methods import get_method
 from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
 from saliency.seeds import stable_seed

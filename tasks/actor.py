@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from tasks.config import Config, ConfigError
-from saliency.engine import explain, forward_logits
+from saliency.engine import explain
+from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, randomized_state
 from saliency.sanity import SCORE_SCHEMA, as_2d, class_sensitivity, class_targets, parameter_randomization
 from tasks.shards import Shard, load_data, state_names

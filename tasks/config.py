@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from saliency.data import DATASETS, SPLITS
-from saliency.engine import CHANNEL_REDUCTIONS, PROPAGATION_POLICIES
+from saliency.engine import PROPAGATION_POLICIES
+from saliency.passes import CHANNEL_REDUCTIONS
 from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
 from saliency.sanity import OTHERS, TARGET_MODES

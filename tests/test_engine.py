@@ -430,7 +430,7 @@ def test_cam_on_a_model_without_convolutions():
 
 
 def test_vmap_and_looped_backward_agree(small):
-    from saliency.engine import evaluation, run_pass
+    from saliency.passes import evaluation, run_pass
 
     model, x = small
     targets = torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1]])

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import saliency
-from saliency.engine import _relu_backward, _row_percentile
+from saliency.methods.propagation import RectGradRule
+from saliency.methods.propagation import row_percentile as _row_percentile
 from models_for_tests import SmallCNN, assert_model_untouched, small_cnn, state_snapshot
 
 
@@ -34,6 +35,11 @@ def tf_percentile_nearest(row: np.ndarray, q: float) -> float:
     index = int(np.clip(int(index), 0, d - 1))
     sorted_desc = np.sort(row.reshape(-1))[::-1]  # _sort_tensor = top_k: descending
     return float(sorted_desc[index])
+
+
+def _relu_backward(rule: str, out: torch.Tensor, grad: torch.Tensor, q: float) -> torch.Tensor:
+    """Our rule object for "rectgrad" / "rectgrad_abs" at percentile q."""
+    return RectGradRule(q=q, absolute=rule == "rectgrad_abs").backward(out, grad)
 
 
 def reference_rule(out: torch.Tensor, grad: torch.Tensor, q: float, absolute: bool = False) -> torch.Tensor:

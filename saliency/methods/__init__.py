@@ -6,7 +6,7 @@ from saliency.methods.cam import FullGrad, GradCAM, GradCAMPlusPlus
 from saliency.methods.controls import EdgeSobel, RandomMap
 from saliency.methods.gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
 from saliency.methods.lrp import LRP
-from saliency.methods.propagation import ReLURuleMethod
+from saliency.methods.propagation import Deconvnet, GuidedBackprop, RectGrad
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -40,13 +40,12 @@ register(SmoothGrad(id="smoothgrad", family="gradient", stochastic=True))
 _register_policies(GradCAM, "gradcam", "cam", "signed")
 _register_policies(GradCAMPlusPlus, "gradcampp", "cam", "pos")
 _register_policies(FullGrad, "fullgrad", "cam", "abs", sign_preserving=True)
-register(ReLURuleMethod(id="guided_backprop", family="propagation", policy="pos", rule="guided_backprop",
-                        signed_counterpart="gradient"))
-register(ReLURuleMethod(id="deconvnet", family="propagation", policy="pos", rule="deconvnet"))
-register(ReLURuleMethod(id="rectgrad", family="propagation", policy="pos", rule="rectgrad", times_input=True,
-                        signed_counterpart="rectgrad/abs"))
-register(ReLURuleMethod(id="rectgrad/abs", family="propagation", policy="abs", rule="rectgrad_abs",
-                        times_input=True, default=False))
+register(GuidedBackprop(id="guided_backprop", family="propagation", policy="pos", signed_counterpart="gradient"))
+register(Deconvnet(id="deconvnet", family="propagation", policy="pos"))
+register(RectGrad(id="rectgrad", family="propagation", policy="pos", times_input=True,
+                  signed_counterpart="rectgrad/abs"))
+register(RectGrad(id="rectgrad/abs", family="propagation", policy="abs", absolute=True, times_input=True,
+                  default=False))
 register(LRP(id="lrp_epsilon", family="lrp", policy="signed"))
 register(LRP(id="lrp_zplus", family="lrp", policy="pos", signed_counterpart="lrp_epsilon"))
 register(LRP(id="lrp_alpha2beta1", family="lrp", policy="signed"))

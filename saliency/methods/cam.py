@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from saliency.methods.base import Method, apply_policy, max_abs, min_max
+from saliency.passes import evaluation, normalize_targets, run_pass, upsample
 
 GRADCAMPP_EPS = 1e-6
 
@@ -21,8 +22,6 @@ def _weighted_sum(weights: Tensor, act: Tensor) -> Tensor:
 
 
 def _finish(ctx, cam: Tensor) -> Tensor:
-    from saliency.engine import upsample
-
     cam = upsample(cam, ctx.size)
     return cam.clamp_min(0) if ctx.options.relu_map else cam
 
@@ -83,8 +82,6 @@ class FullGrad(Method):
         return max_abs(term, dims=(-3, -2, -1)) if self.sign_preserving else min_max(term)
 
     def compute(self, ctx) -> Tensor:
-        from saliency.engine import upsample
-
         p = ctx.shared_pass()
         total = self._psi(ctx.x.unsqueeze(1) * p.input_grad).sum(dim=2)
         for bias, grad in p.bias_terms:
@@ -96,8 +93,6 @@ class FullGrad(Method):
 def fullgrad_completeness(model, x: Tensor, targets) -> tuple[Tensor, Tensor]:
     """(y_c, Σ x⊙∇_x y_c + Σ b⊙∇_b y_c) per image and target, the raw terms of FullGrad with every
     bias included (conv, folded BatchNorm and Linear). Equal for piecewise-linear ReLU networks."""
-    from saliency.engine import evaluation, normalize_targets, run_pass
-
     t = normalize_targets(targets, x.shape[0], x.device)
     with evaluation(model):
         p = run_pass(model, x, t, bias_layers=True, linear_biases=True)

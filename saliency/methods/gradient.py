@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from saliency.methods.base import Method
+from saliency.passes import evaluation, normalize_targets
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,6 @@ class IntegratedGradients(Method):
 def integrated_gradients_delta(model, x: Tensor, targets: Tensor, attributions: Tensor,
                                baseline: Tensor | float | None = None) -> Tensor:
     """Completeness gap Σ IG − (y(x) − y(x̄)) per image and target (B×T); attributions B×T×…"""
-    from saliency.engine import evaluation, normalize_targets
-
     baseline = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline).to(x).expand_as(x)
     t = normalize_targets(targets, x.shape[0], x.device)
     with torch.no_grad(), evaluation(model):

@@ -1,0 +1,54 @@
+"""The import graph points one way: saliency/ imports nothing above it; tasks/ imports saliency/;
+flows/ imports tasks/ and saliency/. Inside saliency/, the pass machinery and the methods never
+import the engine that drives them (no cycles hidden in function-level imports)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"saliency": ("tasks", "flows"), "tasks": ("flows",), "flows": ()}
+
+
+def imports_of(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, imported module, only under TYPE_CHECKING) for every import in the file, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    type_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_only |= {id(n) for child in node.body for n in ast.walk(child)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, id(node) in type_only) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module, id(node) in type_only))
+    return found
+
+
+def package_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_package_imports_a_layer_above_it(package):
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+           for path in package_files(package) for line, module, _ in imports_of(path)
+           if module.split(".")[0] in FORBIDDEN[package]]
+    assert not bad, bad
+
+
+def test_passes_and_methods_never_import_the_engine():
+    files = [ROOT / "saliency" / "passes.py", *package_files("saliency/methods")]
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+           for path in files for line, module, type_only in imports_of(path)
+           if module == "saliency.engine" and not type_only]
+    assert not bad, bad
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from flows.cli import app\n    return app\n")
+    assert imports_of(sample) == [(2, "flows.cli", False)]
