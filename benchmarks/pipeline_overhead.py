@@ -80,25 +80,17 @@ def plain_loop(n_images: int, out: Path) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from tasks.config import load_config
     from saliency.data import batches
-    from saliency.sanity import class_sensitivity, parameter_randomization
+    from saliency.sanity import run_sanity
     from saliency.statistics import summarize
+    from tasks.config import load_config
     from tasks.shards import load_configured_model, load_data
 
     cfg = load_config(overrides=[f"data.limit={n_images}"])
     torch.set_num_threads(os.cpu_count() or 1)
-    model, dataset, r = load_configured_model(cfg), load_data(cfg), cfg.randomisation
-    tables = []
-    for ids, x, labels in batches(dataset, cfg.compute.batch_size):
-        common = {"image_ids": ids, "labels": labels, "model_name": cfg.model.name,
-                  "explain_kwargs": cfg.methods.explain_kwargs()}
-        tables.append(class_sensitivity(model, x, cfg.methods.ids, others=cfg.tests.others,
-                                        metrics=cfg.metrics.names, seed=cfg.seed, **common))
-        tables.append(parameter_randomization(model, x, cfg.methods.ids, order=r.order, granularity=r.granularity,
-                                              init=r.init, metrics=cfg.metrics.names, target=r.target,
-                                              seed=cfg.seed, bn_stats=r.bn_stats, sigma=r.sigma,
-                                              randomization_seeds=r.seeds, **common))
+    model, dataset, settings = load_configured_model(cfg), load_data(cfg), cfg.sanity_settings()
+    tables = [run_sanity(model, x, settings, image_ids=ids, labels=labels, model_name=cfg.model.name)
+              for ids, x, labels in batches(dataset, cfg.compute.batch_size)]
     scores = pa.concat_tables(tables)
     summarize(scores, n_boot=cfg.metrics.n_boot, seed=cfg.seed)
     pq.write_table(scores, out / "plain-scores.parquet")
@@ -116,7 +108,7 @@ def pipeline(n_images: int, out: Path) -> dict:
 def max_difference(plain, piped) -> float:
     import numpy as np
 
-    keys = ["image_id", "method", "test", "state", "metric"]
+    keys = ["image_id", "method", "test", "state", "seed", "metric"]
     a = plain.sort_by([(k, "ascending") for k in keys])
     b = piped.sort_by([(k, "ascending") for k in keys])
     if a.num_rows != b.num_rows or not a.select(keys).equals(b.select(keys)):

@@ -21,7 +21,7 @@ import torch
 from saliency.data import batches, load_dataset
 from saliency.methods import PAPER_METHODS
 from saliency.models import load_model
-from saliency.sanity import class_sensitivity, parameter_randomization
+from saliency.sanity import class_sensitivity, get_test, parameter_randomization
 from saliency.statistics import comparisons, summarize, verdicts
 
 COLUMNS = (("class_sensitivity", "min"), ("class_sensitivity", "random"), ("mprt", "head"), ("mprt", "cascade"),
@@ -43,9 +43,10 @@ def compute(model_name: str, images: int, seeds: list[int]) -> tuple[pa.Table, p
 def verdict_markdown(table: pa.Table, metric: str) -> str:
     cells: dict[tuple[str, str, str], str] = {}
     for r in table.to_pylist():
-        if r["metric"] != metric and r["test"] != "emprt":
+        normalised = get_test(r["test"]).normalised
+        if r["metric"] != metric and normalised:
             continue
-        if r["test"] == "emprt":
+        if not normalised:
             value = f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         else:
             value = f"{r['retention_mean']:.2f} [{r['retention_ci_low']:.2f}, {r['retention_ci_high']:.2f}]"

@@ -127,11 +127,11 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
         cfg.storage.out = out
     plan = plan_shards(cfg, allow_code_change)
     logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
-                len(plan.shards), len(plan.pending), len(plan.manifest["layers"]))
+                len(plan.shards), len(plan.pending), len(plan.manifest.layers))
     results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
     computed = sum(r["n_images"] for r in results)
     agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                    cfg.randomisation.order)
+                    cfg.randomization.order)
     report_dir = render_report(plan.run_dir) if cfg.storage.report else None
     stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
              "score_rows": agg.scores.num_rows, "shards": len(plan.shards),

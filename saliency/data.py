@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from saliency.choices import check_choice
+
 DATASETS = ("mnist", "digits", "skimage", "imagefolder", "torchvision")
 SPLITS = ("train", "test")
 
@@ -99,10 +101,8 @@ def load_dataset(name: str, *, split: str = "test", limit: int | None = None,
 
     Extra keywords go to the torchvision dataset class (``dataset="CIFAR10"`` names it).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    check_choice("dataset", name, DATASETS)
+    check_choice("split", split, SPLITS)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     if image_size is not None and image_size < 1:

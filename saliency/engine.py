@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from saliency.choices import check_choice
 from saliency.methods import get_method
 from saliency.passes import (CHANNEL_REDUCTIONS, Pass, ReLURule, check_input, check_layer, default_cam_layer,
                              evaluation, forward_logits, normalize_targets, reduce_channels, run_pass)
@@ -126,11 +127,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     if duplicates:
         raise ValueError(f"method ids listed more than once: {duplicates}")
     resolved = [get_method(m) for m in method_ids]
-    if channel_reduction not in CHANNEL_REDUCTIONS:
-        raise ValueError(f"unknown channel_reduction {channel_reduction!r}; allowed: "
-                         f"{', '.join(CHANNEL_REDUCTIONS)}")
-    if propagation not in PROPAGATION_POLICIES:
-        raise ValueError(f"unknown propagation {propagation!r}; allowed: {', '.join(PROPAGATION_POLICIES)}")
+    check_choice("channel_reduction", channel_reduction, CHANNEL_REDUCTIONS)
+    check_choice("propagation", propagation, PROPAGATION_POLICIES)
     if internal_batch_size is not None and internal_batch_size < 1:
         raise ValueError(f"internal_batch_size must be ≥ 1 (or None for automatic), got {internal_batch_size}")
     if not 0.0 <= rectgrad_q <= 100.0:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from saliency.choices import choice_error
+
 CHANNEL_REDUCTIONS = ("sum", "abs_sum", "abs_max", "none")
 BIAS_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 
@@ -360,4 +362,4 @@ def reduce_channels(maps: Tensor, how: str) -> Tensor:
         return maps.abs().amax(dim=2)
     if how == "none":
         return maps
-    raise ValueError(f"unknown channel_reduction {how!r}; allowed: {', '.join(CHANNEL_REDUCTIONS)}")
+    raise choice_error("channel_reduction", how, CHANNEL_REDUCTIONS)

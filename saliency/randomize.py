@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from saliency.choices import check_choice
 from saliency.seeds import stable_seed
 
 ORDERS = ("cascade_top_down", "cascade_bottom_up", "independent")
@@ -56,7 +57,7 @@ def parameter_layers(
     with F input features, on the device and dtype of the model's first parameter. The trace runs
     on a deep copy in eval mode without gradients, so the model is left as it was.
     """
-    _check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("granularity", granularity, GRANULARITIES)
     executed = _trace_parameter_modules(model, example_input)
     if granularity == "module":
         return executed
@@ -135,15 +136,10 @@ def _iterate_states(model, ordered, owned, order, init, seed, bn_stats, sigma):
         yield state_name(k, layer), (copy.deepcopy(state) if cascade else state).eval()
 
 
-def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
-
-
 def _check_options(order: str, init: str, bn_stats: str, seed: int, sigma: float) -> None:
-    _check_choice("order", order, ORDERS)
-    _check_choice("init", init, INITS)
-    _check_choice("bn_stats", bn_stats, BN_STATS)
+    check_choice("order", order, ORDERS)
+    check_choice("init", init, INITS)
+    check_choice("bn_stats", bn_stats, BN_STATS)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):

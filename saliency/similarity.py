@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saliency.choices import check_choice
+
 METRICS: tuple[str, ...] = (
     "ssim", "spearman", "spearman_abs", "pearson", "cosine", "hog_pearson", "topk_intersection",
 )
@@ -51,8 +53,7 @@ def normalize(maps: Tensor, method: str = "max_abs") -> Tensor:
     1st/99th percentile (numpy's linear interpolation) and rescales to [0, 1] (a map whose two
     percentiles coincide becomes zero); `none` returns the maps unchanged.
     """
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {method!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    check_choice("normalization", method, NORMALIZATIONS)
     _check_rank(maps, "maps")
     if not maps.is_floating_point():
         maps = maps.float()
@@ -78,11 +79,8 @@ def similarity(a: Tensor, b: Tensor, metric: str, *, normalization: str = "max_a
     normalisation's natural range, see DEFAULT_DATA_RANGE, and must be given for `none`). `k` is the
     fraction of pixels `topk_intersection` keeps (top by signed value, ties broken by pixel index).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    check_choice("metric", metric, METRICS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
     _check_rank(a, "a")
     _check_rank(b, "b")
     if a.shape != b.shape:
@@ -221,8 +219,7 @@ def _hog(maps: Tensor, orientations: int = HOG_ORIENTATIONS,
          pixels_per_cell: int = HOG_PIXELS_PER_CELL,
          cells_per_block: int = HOG_CELLS_PER_BLOCK, block_norm: str = HOG_BLOCK_NORM) -> Tensor:
     """skimage.feature.hog (block_norm "L2" or "L2-Hys", no sqrt transform): B×H×W -> B×F."""
-    if block_norm not in ("L2", "L2-Hys"):
-        raise ValueError(f"unknown HOG block_norm {block_norm!r}; allowed: L2, L2-Hys")
+    check_choice("HOG block_norm", block_norm, ("L2", "L2-Hys"))
     height, width = maps.shape[1:]
     smallest = pixels_per_cell * cells_per_block
     if height < smallest or width < smallest:

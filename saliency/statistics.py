@@ -23,15 +23,11 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from saliency.methods import signed_pairs
-from saliency.randomize import ORDERS
-from saliency.sanity import SCORE_SCHEMA
+from saliency.sanity import CASCADE, CASCADE_INDEX, SCORE_SCHEMA, get_test, sanity_tests
 from saliency.seeds import stable_seed
 
 GROUP_KEYS = ("model", "method", "test", "state", "state_index", "metric")
 QUANTITIES = ("value", "chance", "retest", "gap", "retention")  # gap = r − c, retention = R
-CASCADE = "cascade"  # the summary state that averages R over all MPRT states, per seed and image
-CASCADE_INDEX = -1
-SIMILARITY_TESTS = ("class_sensitivity", "mprt")
 VERDICTS = ("pass", "fail", "inconclusive", "uninformative")
 
 _STAT_FIELDS = [("n", pa.int64()), ("n_seeds", pa.int64()), ("mean", pa.float64()), ("std", pa.float64()),
@@ -94,7 +90,8 @@ def _nan_to_null(array: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def _working_table(scores: pa.Table) -> pa.Table:
     """Score rows with gap and retention columns (NaN → null), seed filled with −1 where the test has
-    none, plus one "cascade" row per (model, method, metric, seed, image): the MPRT means over states."""
+    none, plus one "cascade" row per (model, method, test, metric, seed, image) of each normalised curve test (MPRT):
+    the means over its states."""
     missing = [c for c in (*GROUP_KEYS, "image_id", "value", "chance", "retest", "seed")
                if c not in scores.column_names]
     if missing:
@@ -109,7 +106,8 @@ def _working_table(scores: pa.Table) -> pa.Table:
                         ("retention", retention(value, chance, retest))):
         columns[name] = _nan_to_null(pa.array(array, pa.float64()))
     table = pa.table(columns)
-    mprt = table.filter(pc.equal(table["test"], "mprt"))
+    curves = [test.id for test in sanity_tests() if test.curve and test.normalised]
+    mprt = table.filter(pc.is_in(table["test"], pa.array(curves, pa.string())))
     if mprt.num_rows:
         keys = ["model", "method", "test", "metric", "seed", "image_id"]
         cascade = mprt.group_by(keys, use_threads=False).aggregate([(q, "mean") for q in QUANTITIES])
@@ -220,13 +218,6 @@ def summarize(scores: pa.Table, n_boot: int = 1000, seed: int = 0) -> pa.Table:
 
 
 # --------------------------------------------------------------------------------------------- verdicts
-def head_state_index(order: str, n_states: int) -> int:
-    """The MPRT state where the classifier head is randomised: the first from the logits."""
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
-    return n_states - 1 if order == "cascade_bottom_up" else 0
-
-
 def _retention_verdict(row: dict, rules: VerdictRules) -> tuple[str, str]:
     gap, low, high = row["gap_mean"], row["retention_ci_low"], row["retention_ci_high"]
     if gap is None or not math.isfinite(gap):
@@ -256,37 +247,36 @@ def _entropy_verdict(row: dict, mprt_gaps: list[float], rules: VerdictRules) -> 
 
 
 def verdicts(summary: pa.Table, rules: VerdictRules = VerdictRules(), order: str = "cascade_top_down") -> pa.Table:
-    """pass | fail | inconclusive | uninformative per method and test (SPEC §4).
+    """pass | fail | inconclusive | uninformative per method and test (SPEC §4), at the scopes each
+    registered test names (``SanityTest.scope``).
 
     Class sensitivity: one verdict per other class and metric. MPRT: scope "head" (the state where the
-    classifier head is randomised) and "cascade" (the mean R over states), per metric. eMPRT: scope
-    "full", the last state (for a cascade, the fully randomised model), by the CI of the entropy rise;
-    uninformative when the method's MPRT is uninformative at that state on every metric.
+    classifier head is randomised) and "cascade" (the mean R over states), per metric. A test whose low
+    score passes is read by the CI of its retention R; one whose high score passes (eMPRT, scope "full":
+    the fully randomised model) by the CI of its value, and is uninformative when the test whose maps it
+    scores is uninformative at that state on every metric.
     """
     rows = summary.to_pylist()
-    n_states = {}
+    n_states: dict[tuple[str, str], int] = {}
     for r in rows:
-        if r["test"] in ("mprt", "emprt") and r["state_index"] >= 0:
+        if get_test(r["test"]).curve and r["state_index"] >= 0:
             key = (r["model"], r["test"])
             n_states[key] = max(n_states.get(key, 0), r["state_index"] + 1)
     gaps: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["test"] == "mprt":
-            gaps.setdefault((r["model"], r["method"], r["state_index"]), []).append(r["gap_mean"])
+        if get_test(r["test"]).normalised:
+            gaps.setdefault((r["model"], r["method"], r["test"], r["state_index"]), []).append(r["gap_mean"])
     columns: dict[str, list] = {name: [] for name in VERDICT_SCHEMA.names}
     for r in rows:
-        test, index = r["test"], r["state_index"]
-        if test == "class_sensitivity":
-            scope, (verdict, reason) = r["state"], _retention_verdict(r, rules)
-        elif test == "mprt" and index == CASCADE_INDEX:
-            scope, (verdict, reason) = CASCADE, _retention_verdict(r, rules)
-        elif test == "mprt" and index == head_state_index(order, n_states[(r["model"], "mprt")]):
-            scope, (verdict, reason) = "head", _retention_verdict(r, rules)
-        elif test == "emprt" and index == n_states[(r["model"], "emprt")] - 1:
-            scope = "full"
-            verdict, reason = _entropy_verdict(r, gaps.get((r["model"], r["method"], index), []), rules)
-        else:
+        test = get_test(r["test"])
+        scope = test.scope(r["state"], r["state_index"], n_states.get((r["model"], r["test"]), 0), order)
+        if scope is None:
             continue
+        if test.direction == "lower":
+            verdict, reason = _retention_verdict(r, rules)
+        else:
+            source_gaps = gaps.get((r["model"], r["method"], test.source, r["state_index"]), [])
+            verdict, reason = _entropy_verdict(r, source_gaps, rules)
         for name in VERDICT_SCHEMA.names:
             if name in r:
                 columns[name].append(r[name])
@@ -352,12 +342,12 @@ def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int =
     pairs = signed_pairs(methods)
     resampler = _Resampler(n_boot, seed)
     per_image: dict[tuple, dict[str, float]] = {}
-    n_states: dict[str, int] = {}
+    n_states: dict[tuple[str, str], int] = {}
     for (model, method, test, state, index, metric), group in _groups(table, GROUP_KEYS):
-        if test not in SIMILARITY_TESTS:
+        if not get_test(test).normalised:
             continue
-        if test == "mprt" and index >= 0:
-            n_states[model] = max(n_states.get(model, 0), index + 1)
+        if index >= 0:
+            n_states[(model, test)] = max(n_states.get((model, test), 0), index + 1)
         cube = _cube(group, ("retention",))[0]
         images = np.unique(group["image_id"].to_numpy(zero_copy_only=False))
         with warnings.catch_warnings():
@@ -366,7 +356,8 @@ def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int =
         per_image[(model, method, test, state, index, metric)] = dict(zip(images.tolist(), seed_mean.tolist()))
     rows = []
     for (model, method, test, state, index, metric), values in per_image.items():
-        if test == "mprt" and index not in (CASCADE_INDEX, head_state_index(order, n_states[model])):
+        scope = get_test(test).scope(state, index, n_states.get((model, test), 0), order)
+        if scope is None:
             continue
         for variant, signed in pairs:
             if method != variant or (model, signed, test, state, index, metric) not in per_image:
@@ -376,7 +367,6 @@ def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int =
             v = np.array([values[i] for i in common])
             s = np.array([other[i] for i in common])
             d = v - s
-            scope = state if test == "class_sensitivity" else (CASCADE if index == CASCADE_INDEX else "head")
             row = {"model": model, "variant": variant, "signed": signed, "test": test, "scope": scope,
                    "state": state, "metric": metric, "n": int(d.size)}
             if d.size:

@@ -13,16 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
+from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
 from tasks.config import Config, ConfigError
-from saliency.engine import explain
-from saliency.passes import forward_logits
-from saliency.randomize import parameter_layers, randomized_state
-from saliency.sanity import SCORE_SCHEMA, as_2d, class_sensitivity, class_targets, parameter_randomization
-from tasks.shards import Shard, load_data, state_names
+from tasks.shards import Shard, load_data
 from tasks.storage import FAILURE_SCHEMA, maps_schema, tensor_column
 
 
@@ -32,6 +28,7 @@ class ShardWorker:
     def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
                  model: nn.Module | None = None) -> None:
         self.cfg = Config.model_validate(config)
+        self.settings = self.cfg.sanity_settings()
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
         self.run_id = run_id
         self.device = torch.device(device)
@@ -62,10 +59,9 @@ class ShardWorker:
         scores, maps = [], []
         for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
             batch = self._finite(samples[first:last], failures)
-            scores += self._guarded(batch, self._scores, failures, "explain")
-            failed = {image_id for image_id, _, _ in failures}
-            keep = [item for item in batch if self._keeps_map(item[0]) and item[1].image_id not in failed]
-            maps += self._guarded(keep, self._maps, failures, "maps")
+            for score_table, map_table in self._guarded(batch, self._compute, failures, "explain"):
+                scores.append(score_table)
+                maps += [] if map_table is None else [map_table]
         return {
             "shard": shard.index,
             "scores": self._stamp(pa.concat_tables(scores) if scores else SCORE_SCHEMA.empty_table(), shard),
@@ -94,8 +90,7 @@ class ShardWorker:
                 failures.append((sample.image_id, "forward", "the model produced non-finite logits (NaN/inf)"))
         return [item for ok, item in zip(finite, batch) if ok]
 
-    def _guarded(self, batch: list, compute: Callable[[list], pa.Table], failures: list,
-                 stage: str) -> list[pa.Table]:
+    def _guarded(self, batch: list, compute: Callable[[list], Any], failures: list, stage: str) -> list[Any]:
         """Run a batch; if it fails, run its images one by one and record the ones that fail.
 
         If nothing has ever succeeded on this worker, a failure is not the images' fault (a bad layer
@@ -121,70 +116,36 @@ class ShardWorker:
         self.healthy = self.healthy or bool(tables)
         return tables
 
-    def _scores(self, batch: list) -> pa.Table:
+    def _compute(self, batch: list) -> tuple[pa.Table, pa.Table | None]:
+        """Scores of a batch and, from the very same explain calls, the maps the config stores."""
         ids, x, labels = self._tensors(batch)
-        cfg = self.cfg
-        common = {"image_ids": ids, "labels": labels, "model_name": cfg.model.name, "layer": cfg.model.layer,
-                  "explain_kwargs": cfg.methods.explain_kwargs()}
-        tables = []
-        if cfg.tests.class_sensitivity:
-            tables.append(class_sensitivity(self.model, x, cfg.methods.ids, others=cfg.tests.others,
-                                            metrics=cfg.metrics.names, seed=cfg.seed, **common))
-        if cfg.tests.mprt or cfg.tests.emprt:
-            r = cfg.randomisation
-            table = parameter_randomization(
-                self.model, x, cfg.methods.ids, order=r.order, granularity=r.granularity, init=r.init,
-                metrics=cfg.metrics.names, target=r.target, seed=cfg.seed, bn_stats=r.bn_stats,
-                sigma=r.sigma, emprt=cfg.tests.emprt, randomization_seeds=r.seeds, **common)
-            if not cfg.tests.mprt:
-                table = table.filter(pc.not_equal(table["test"], "mprt"))
-            tables.append(table)
-        return pa.concat_tables(tables) if tables else SCORE_SCHEMA.empty_table()
+        keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
+        run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
+                        model_name=self.cfg.model.name)
+        first_seed = self.cfg.randomization.seeds[0]
+        stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
+        return run.table(), self._map_table(ids, keep, stored) if stored else None
 
-    # ------------------------------------------------------------------------------------ maps
     def _keeps_map(self, index: int) -> bool:
         store = self.cfg.storage.store_maps
         return store == "all" or (store == "sample" and index < self.cfg.storage.sample_images)
 
-    def _maps(self, batch: list) -> pa.Table:
-        """The maps behind the scores: original (top class), the other classes, every MPRT state of the
-        first randomisation seed."""
-        ids, x, _ = self._tensors(batch)
-        cfg, r = self.cfg, self.cfg.randomisation
-        kwargs = {"layer": cfg.model.layer, "seed": cfg.seed, **cfg.methods.explain_kwargs()}
-        blocks: list[tuple[str, str, int, Tensor, dict[str, Tensor]]] = []  # test, state, index, targets, maps
-        names = cfg.tests.others if cfg.tests.class_sensitivity else []
-        targets = class_targets(forward_logits(self.model, x), names, cfg.seed, ids)
-        top = targets[:, 0]
-        maps = explain(self.model, x, cfg.methods.ids, targets, **kwargs)
-        blocks.append(("original", "original", -1, top, {m: v[:, 0] for m, v in maps.items()}))
-        for j, name in enumerate(names):
-            blocks.append(("class_sensitivity", name, j, targets[:, j + 1],
-                           {m: v[:, j + 1] for m, v in maps.items()}))
-        if cfg.tests.mprt or cfg.tests.emprt:
-            layers = parameter_layers(self.model, example_input=x[:1], granularity=r.granularity)
-            for k, state in enumerate(state_names(layers, r.order)):
-                model = randomized_state(self.model, layers, r.order, k, init=r.init, seed=r.seeds[0],
-                                         bn_stats=r.bn_stats, sigma=r.sigma)
-                state_targets = forward_logits(model, x).argmax(dim=1) if r.target == "recompute" else top
-                maps = explain(model, x, cfg.methods.ids, state_targets[:, None], **kwargs)
-                blocks.append(("mprt", state, k, state_targets, {m: v[:, 0] for m, v in maps.items()}))
-        return self._map_table(ids, blocks)
-
-    def _map_table(self, ids: list[str], blocks: list) -> pa.Table:
+    def _map_table(self, ids: list[str], keep: list[int], blocks: list[Block]) -> pa.Table:
+        """Map rows of the images at positions ``keep``: the original (top class), the other classes and
+        every MPRT state of the first randomisation seed."""
         columns: dict[str, list] = {name: [] for name in ("image_id", "method", "test", "state",
                                                           "state_index", "target_class")}
         arrays = []
-        for test, state, index, targets, maps in blocks:
+        for block in blocks:
             for method in self.cfg.methods.ids:
-                values = as_2d(maps[method])  # channel_reduction="none" maps summed, like the scores
-                for b, image_id in enumerate(ids):
-                    columns["image_id"].append(image_id)
+                values = block.maps[method]
+                for b in keep:
+                    columns["image_id"].append(ids[b])
                     columns["method"].append(method)
-                    columns["test"].append(test)
-                    columns["state"].append(state)
-                    columns["state_index"].append(index)
-                    columns["target_class"].append(int(targets[b]))
+                    columns["test"].append(block.test)
+                    columns["state"].append(block.state)
+                    columns["state_index"].append(block.state_index)
+                    columns["target_class"].append(int(block.targets[b]))
                     arrays.append(values[b].detach().cpu().numpy())
         stacked = np.stack(arrays)
         schema = maps_schema(*stacked.shape[1:])

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from saliency.data import DATASETS, SPLITS
 from saliency.engine import PROPAGATION_POLICIES
 from saliency.passes import CHANNEL_REDUCTIONS
 from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
-from saliency.sanity import OTHERS, TARGET_MODES
+from saliency.sanity import OTHERS, TARGET_MODES, Settings, sanity_tests
 from saliency.similarity import METRICS
 from saliency.statistics import VerdictRules
 
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def _split_commas(value: Any) -> Any:
-    """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set randomisation.seeds=0`` a
+    """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set randomization.seeds=0`` a
     number; lists accept comma-separated strings and single values."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -109,12 +109,11 @@ class MethodsConfig(Section):
         return self.model_dump(exclude={"ids"})
 
 
-class TestsConfig(Section):
-    class_sensitivity: bool = Field(True, description="run the class sensitivity test")
-    others: list[Literal[OTHERS]] = Field(["min", "random"], description="the other classes compared "
-                                          "with the top class")
-    mprt: bool = Field(True, description="run the model parameter randomisation test")
-    emprt: bool = Field(True, description="also score eMPRT (entropy rise) on the MPRT states")
+class _TestsBase(Section):
+    """One on/off field per registered sanity test (``saliency.sanity.sanity_tests()``), plus options."""
+
+    others: list[Literal[OTHERS]] = Field(["min", "random"], description="class sensitivity: the other "
+                                          "classes compared with the top class")
 
     _split = field_validator("others", mode="before")(_split_commas)
 
@@ -123,8 +122,19 @@ class TestsConfig(Section):
     def _distinct_others(cls, others: list[str]) -> list[str]:
         return _check_choices(others, OTHERS, "other classes")
 
+    def enabled(self) -> list[str]:
+        """The ids of the tests switched on, in registry order."""
+        return [test.id for test in sanity_tests() if getattr(self, test.id)]
 
-class RandomisationConfig(Section):
+
+TestsConfig = create_model(
+    "TestsConfig", __base__=_TestsBase,
+    **{test.id: (bool, Field(test.enabled_by_default, description=f"run {test.title}"
+                             + (f" (scored on the {test.maps_from} maps)" if test.maps_from else "")))
+       for test in sanity_tests()})
+
+
+class RandomizationConfig(Section):
     order: Literal[ORDERS] = Field("cascade_top_down", description="order of the randomised layers")
     granularity: Literal[GRANULARITIES] = Field("module", description="one state per module or per block")
     init: Literal[INITS] = Field("reset", description="reset_parameters() or normal(sigma)")
@@ -199,12 +209,12 @@ class TrackingConfig(Section):
 
 class Config(Section):
     seed: int = Field(0, ge=0, description="seed of the random classes, noise and bootstrap (randomised models: "
-                      "randomisation.seeds)")
+                      "randomization.seeds)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     methods: MethodsConfig = Field(default_factory=MethodsConfig)
     tests: TestsConfig = Field(default_factory=TestsConfig)
-    randomisation: RandomisationConfig = Field(default_factory=RandomisationConfig)
+    randomization: RandomizationConfig = Field(default_factory=RandomizationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     verdicts: VerdictConfig = Field(default_factory=VerdictConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
@@ -231,6 +241,15 @@ class Config(Section):
         """The run directory's name, e.g. ``reference-mnist-3fa2c1d94b07``."""
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model.name).strip("_")
         return f"{model}-{self.data.dataset}-{self.run_id()}"
+
+    def sanity_settings(self) -> Settings:
+        """The library call this config asks for, per batch (the one place that maps config to
+        ``saliency.sanity``: the actor and the benchmarks use it)."""
+        r = self.randomization
+        return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
+                        seed=self.seed, layer=self.model.layer, explain_kwargs=self.methods.explain_kwargs(),
+                        others=self.tests.others, order=r.order, granularity=r.granularity, init=r.init,
+                        target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds)
 
     def flat(self) -> dict[str, Any]:
         """``{"data.limit": 1000, ...}``: dotted keys, lists joined by commas (for MLflow params)."""
@@ -271,12 +290,18 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+#: Section names of earlier versions, still read: {old: new}.
+RENAMED_SECTIONS = {"randomisation": "randomization"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"data.limit=32"`` → (["data", "limit"], 32); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key.path=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    path = key.strip().split(".")
+    path[0] = RENAMED_SECTIONS.get(path[0], path[0])
+    return path, yaml.safe_load(value) if value.strip() else None
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -318,6 +343,12 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
                               f"allowed: {', '.join(Config.model_fields)}")
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"config has both `{old}` and `{new}`; `{old}` is the old name of `{new}`: "
+                                  "keep one")
+            data[new] = data.pop(old)
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:

@@ -15,9 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from tasks.config import Config, ConfigError
 from saliency.engine import cam_layer
 from saliency.randomize import parameter_layers
+from tasks.config import Config, ConfigError
+from tasks.manifest import Manifest, parse_manifest, write_manifest
 from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
@@ -29,7 +30,7 @@ LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "zennit",
 class Plan:
     run_dir: RunDir
     run_id: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     shards: list[Shard]
     pending: list[Shard]
     model: nn.Module = field(repr=False)
@@ -82,12 +83,12 @@ def _example_input(dataset):
     raise ConfigError(f"dataset {dataset.name!r} has no readable image")
 
 
-def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> dict[str, Any]:
+def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> Manifest:
     example = _example_input(dataset)
-    layers = parameter_layers(model, example_input=example, granularity=cfg.randomisation.granularity)
+    layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
-    r = cfg.randomisation
-    return {
+    r = cfg.randomization
+    return Manifest.model_validate({
         "run_id": cfg.run_id(),
         "run_name": cfg.run_name(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -99,12 +100,14 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "model": cfg.model.name,
         "dataset": dataset.name,
         "n_images": len(dataset),
+        "methods": cfg.methods.ids,
+        "tests": cfg.tests.enabled(),
         "image_ids_sha256": ids,
         "num_classes": dataset.num_classes,
         "seeds": {"seed": cfg.seed,
                   "randomised_layers": "seeded per (seed, module name), drawn on the CPU",
                   "random_other_class": "seeded per (seed, image id)"},
-        "randomisation": {"order": r.order, "granularity": r.granularity, "init": r.init,
+        "randomization": {"order": r.order, "granularity": r.granularity, "init": r.init,
                           "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target, "seeds": r.seeds},
         "cam_layer": run_cam_layer(cfg, model, example),
         "verdict_rules": cfg.verdicts.rules().as_dict(),
@@ -114,7 +117,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                     "first_image": dataset.image_ids[s.start], "last_image": dataset.image_ids[s.stop - 1]}
                    for s in shards],
         "dataset_failures": len(dataset.failures),
-    }
+    })
 
 
 def run_cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
@@ -170,13 +173,11 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     shards = shard_ranges(len(dataset), cfg.compute.images_per_shard)
     manifest = build_manifest(cfg, dataset, model, shards)
     if run_dir.exists("manifest.json"):
-        old = run_dir.read_json("manifest.json")
-        _same_plan(old, manifest)
-        manifest = {**_same_code(old, manifest, run_dir, allow_code_change),
-                    "verdict_rules": manifest["verdict_rules"]}
-        run_dir.write_json(manifest, "manifest.json")
-    else:
-        run_dir.write_json(manifest, "manifest.json")
+        old, new = run_dir.read_json("manifest.json"), manifest.to_json()
+        _same_plan(old, new)
+        merged = {**_same_code(old, new, run_dir, allow_code_change), "verdict_rules": new["verdict_rules"]}
+        manifest = parse_manifest(merged, run_dir.file("manifest.json"))
+    write_manifest(run_dir, manifest)
     run_dir.remove_temporaries()
     if dataset.failures and not run_dir.exists("failures", "part-dataset.parquet"):
         rows = [{"run_id": cfg.run_id(), "shard": -1, "image_id": _relative(path, cfg.data.root),

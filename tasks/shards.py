@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tasks.config import Config
 from saliency.data import ImageDataset, load_dataset
 from saliency.models import load_model
 from saliency.randomize import state_name
+from tasks.config import Config
 
 
 @dataclass(frozen=True)

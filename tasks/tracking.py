@@ -6,17 +6,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import Config
+from saliency.sanity import get_test
 from saliency.statistics import VERDICTS
+from tasks.config import Config
+from tasks.manifest import Manifest
 from tasks.storage import RunDir, local_path
 
-CURVE_TESTS = ("mprt", "emprt")
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -40,13 +40,14 @@ def ui_command(uri: str) -> str:
 def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
     """(name, value, step): ``class_sensitivity/min/gradcampp/ssim`` (mean similarity) and
     ``…/ssim/R`` (mean retention) for the class test; one curve per (method, metric) with step = state
-    index for MPRT (``mprt/gradcampp/ssim``, ``mprt/gradcampp/ssim/R``) and eMPRT; the MPRT cascade
-    mean as ``mprt_cascade/gradcampp/ssim/R``."""
+    index for curve tests (MPRT: ``mprt/gradcampp/ssim``, ``mprt/gradcampp/ssim/R``; eMPRT); the MPRT
+    cascade mean as ``mprt_cascade/gradcampp/ssim/R``."""
     rows = []
     for r in summary.to_pylist():
-        if r["test"] in CURVE_TESTS and r["state_index"] >= 0:
+        curve = get_test(r["test"]).curve
+        if curve and r["state_index"] >= 0:
             name, step = f"{r['test']}/{r['method']}/{r['metric']}", r["state_index"]
-        elif r["test"] in CURVE_TESTS:
+        elif curve:
             name, step = f"{r['test']}_{r['state']}/{r['method']}/{r['metric']}", 0
         else:
             name, step = f"{r['test']}/{r['state']}/{r['method']}/{r['metric']}", 0
@@ -87,7 +88,7 @@ def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
 
 
 @task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def track_mlflow(cfg: Config, run_dir: RunDir, manifest: dict[str, Any], summary: pa.Table,
+def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
                  stats: dict[str, float], verdicts: pa.Table | None = None,
                  report_dir: str | None = None, comparisons: pa.Table | None = None) -> str:
     """Log the run; returns the MLflow run id."""
@@ -98,13 +99,13 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: dict[str, Any], summary
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
-    tags = {"code_version": manifest["code_version"], "model": cfg.model.name, "dataset": manifest["dataset"],
-            "run_dir": str(run_dir), "saliency_run_id": manifest["run_id"]}
+    tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
+            "run_dir": str(run_dir), "saliency_run_id": manifest.run_id}
     run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
                             tags=tags)
     run_id = run.info.run_id
     try:
-        params = [Param(k, str(v)) for k, v in cfg.flat().items()] + [Param("cam_layer", str(manifest.get("cam_layer")))]
+        params = [Param(k, str(v)) for k, v in cfg.flat().items()] + [Param("cam_layer", str(manifest.cam_layer))]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start:start + 100])
         now = int(time.time() * 1000)

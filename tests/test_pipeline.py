@@ -29,7 +29,7 @@ N_IMAGES, PER_SHARD, N_SHARDS = 32, 4, 8
 SEEDS = [0, 1]
 # One experiment (same run id) computed in several ways; the compute section may differ between them.
 TINY = {"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS},
-        "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50}, "randomisation": {"seeds": SEEDS},
+        "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50}, "randomization": {"seeds": SEEDS},
         "compute": {"images_per_shard": PER_SHARD, "batch_size": 2, "actors": 1},
         "storage": {"store_maps": "sample", "sample_images": 2, "report": False},
         "tracking": {"enabled": False}}
@@ -137,7 +137,7 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     manifest = directory.read_json("manifest.json")
     assert len(manifest["layers"]) == states and len(manifest["shards"]) == N_SHARDS
     assert {"config", "code_version", "libraries", "seeds", "states"} <= manifest.keys()
-    assert manifest["cam_layer"] == "features" and manifest["randomisation"]["seeds"] == SEEDS
+    assert manifest["cam_layer"] == "features" and manifest["randomization"]["seeds"] == SEEDS
     assert manifest["verdict_rules"] == {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05}
     assert directory.exists("report", "index.html")
 
@@ -279,8 +279,8 @@ def test_a_client_without_the_ray_token_cannot_attach(ray_local):
 
 # ----------------------------------------------------------------------------------------------- bad input
 def test_config_errors_name_the_field_and_the_allowed_values(tmp_path):
-    with pytest.raises(ConfigError, match=r"`randomisation.order`.*'cascade_top_down'.*'independent'"):
-        load_config(overrides=["randomisation.order=sideways"])
+    with pytest.raises(ConfigError, match=r"`randomization.order`.*'cascade_top_down'.*'independent'"):
+        load_config(overrides=["randomization.order=sideways"])
     with pytest.raises(ConfigError, match=r"`methods.ids`: unknown method ids \['gradcamm'\]; allowed: .*gradcampp"):
         load_config({"methods": {"ids": ["gradcamm"]}})
     with pytest.raises(ConfigError, match=r"`data.limt`: unknown field; allowed at data: dataset, split, limit"):
@@ -304,9 +304,9 @@ def test_flow_rejects_a_bad_config_before_any_work(prefect_server, tmp_path):
 def test_config_defaults_overrides_and_identity():
     cfg = load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp", "compute.actors=3"])
     assert cfg.data.limit == 32 and cfg.methods.ids == ["gradient", "gradcampp"]
-    assert load_config(overrides=["randomisation.seeds=4"]).randomisation.seeds == [4]
-    assert load_config(overrides=["randomisation.seeds=4,5"]).randomisation.seeds == [4, 5]
-    for bad in ("randomisation.seeds=1,1", "randomisation.seeds=-1", "tests.others=min,min", "data.limit=true",
+    assert load_config(overrides=["randomization.seeds=4"]).randomization.seeds == [4]
+    assert load_config(overrides=["randomization.seeds=4,5"]).randomization.seeds == [4, 5]
+    for bad in ("randomization.seeds=1,1", "randomization.seeds=-1", "tests.others=min,min", "data.limit=true",
                 "model.weights=false"):
         with pytest.raises(ConfigError, match=bad.partition("=")[0]):
             load_config(overrides=[bad])
@@ -314,8 +314,8 @@ def test_config_defaults_overrides_and_identity():
     assert cfg.run_id() == load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp"]).run_id()
     assert cfg.run_id() != load_config(overrides=["data.limit=32", "methods.ids=gradient"]).run_id()
     default = Config()
-    assert default.data.limit == 1000 and default.randomisation.order == "cascade_top_down"
-    assert default.tests.others == ["min", "random"] and default.randomisation.granularity == "module"
+    assert default.data.limit == 1000 and default.randomization.order == "cascade_top_down"
+    assert default.tests.others == ["min", "random"] and default.randomization.granularity == "module"
     text = default_yaml()
     for section, field in (("compute", "images_per_shard"), ("storage", "store_maps"), ("tracking", "uri")):
         assert f"  {field}:" in text
@@ -350,7 +350,7 @@ def test_corrupt_image_is_recorded_and_the_run_completes(prefect_server, ray_loc
     config = {"model": {"name": "resnet18", "num_classes": 2},
               "data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
               "methods": {"ids": ["gradient"]}, "tests": {"others": ["min"]},
-              "randomisation": {"granularity": "block", "seeds": [0]}, "metrics": {"names": ["ssim"], "n_boot": 20},
+              "randomization": {"granularity": "block", "seeds": [0]}, "metrics": {"names": ["ssim"], "n_boot": 20},
               "compute": {"images_per_shard": 3, "batch_size": 3},
               "storage": {"store_maps": "none", "report": False}, "tracking": {"enabled": False}}
     outcome = sanity_check(config=config, out=str(tmp_path / "out"))
@@ -394,7 +394,7 @@ def test_worker_records_bad_images_and_keeps_the_rest(image_folder):
     config = {"data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
               "methods": {"ids": ["gradient", "gradcam"]}, "tests": {"others": ["min"]},
               "metrics": {"names": ["ssim"]}, "compute": {"batch_size": 6}, "storage": {"store_maps": "all"},
-              "randomisation": {"seeds": [0, 1]}}
+              "randomization": {"seeds": [0, 1]}}
     dataset = load_dataset("imagefolder", root=image_folder, image_size=32)
     ids = dataset.image_ids
     model = PoisonedModel(nan_image=dataset[4].image, broken_image=dataset[5].image)
@@ -452,3 +452,12 @@ def test_parts_are_atomic_and_temporaries_are_cleaned(tmp_path):
                                                                                "part-00003.parquet"]
     assert directory.read_parts("scores").num_rows == 6
     assert RunDir("file://" + str(tmp_path / "run")).done_shards() == {1, 3}
+
+
+def test_the_old_spelling_of_the_randomization_section_is_still_read(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("randomisation:\n  seeds: [3, 4]\n")
+    assert load_config(old).randomization.seeds == [3, 4]
+    assert load_config(overrides=["randomisation.order=independent"]).randomization.order == "independent"
+    with pytest.raises(ConfigError, match="both `randomisation` and `randomization`"):
+        load_config({"randomisation": {"seeds": [1]}, "randomization": {"seeds": [2]}})

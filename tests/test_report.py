@@ -11,9 +11,11 @@ import pytest
 import torch
 from matplotlib.container import BarContainer
 
-from saliency import report
+from saliency import plots as report
 from saliency.sanity import SCORE_SCHEMA
-from saliency.statistics import SUMMARY_SCHEMA, comparisons, summarize, verdicts
+from saliency.statistics import SUMMARY_SCHEMA, VerdictRules, comparisons, summarize, verdicts
+from tasks import report as page_report
+from tasks.manifest import Manifest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["fc", "layer4.1.conv2", "layer4.1.conv1", "conv1"]
@@ -211,13 +213,19 @@ def _assert_png(path):
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
 
-def manifest(methods=METHODS) -> dict:
-    """The manifest keys the report reads (tasks/plan.py writes more)."""
-    return {"model": "cnn", "dataset": "mnist", "n_images": 6, "cam_layer": "layer4",
-            "config": {"methods": {"ids": list(methods), "batch_size": 32}},
-            "randomisation": {"seeds": [0, 1], "order": "cascade_top_down"},
-            "verdict_rules": {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05},
-            "states": [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)], "code_version": "abc123"}
+def manifest(methods=METHODS) -> Manifest:
+    """A manifest as the planner types it (tasks.manifest.Manifest): every field, so a renamed field
+    fails here rather than in a page that guesses."""
+    states = [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)]
+    return Manifest(
+        run_id="abc", run_name="cnn-mnist-abc", created="2026-11-27T00:00:00+0000", code_version="abc123",
+        code_hash="0" * 16, libraries={"torch": "2"}, config={"methods": {"ids": list(methods), "batch_size": 32}},
+        identity={}, model="cnn", dataset="mnist", n_images=6, image_ids_sha256="0" * 64, num_classes=10,
+        methods=list(methods), tests=["class_sensitivity", "mprt", "emprt"], seeds={"seed": 0},
+        randomization={"order": "cascade_top_down", "granularity": "module", "init": "reset", "sigma": 0.01,
+                       "bn_stats": "keep", "target": "original", "seeds": [0, 1]},
+        cam_layer="layer4", verdict_rules=VerdictRules(retention=0.5, min_gap=0.2).as_dict(), layers=LAYERS[::-1],
+        states=states, shards=[], dataset_failures=0)
 
 
 def run_tables(**kwargs) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -231,10 +239,10 @@ def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
     summary = summary_table(methods=methods, tests=("mprt", "class_sensitivity", "emprt"),
                             metrics=("ssim", "spearman_abs"))
     grid = report.map_grid_figure({"gradient": [torch.randn(6, 6), torch.randn(6, 6)]}, ["original", "00:fc"])
-    index = report.write_report(summary, tmp_path / "report", verdicts=verdicts(summary),
+    index = page_report.write_report(summary, tmp_path / "report", verdicts=verdicts(summary),
                                 manifest=manifest(methods), map_grids={"image 0": grid})
     assert index == tmp_path / "report" / "index.html"
-    files = report.written_files(index)
+    files = page_report.written_files(index)
     names = sorted(path.name for path in files)
     assert names == sorted(["index.html", "mprt_ssim.png", "mprt_spearman_abs.png", "class_sensitivity_ssim.png",
                             "class_sensitivity_spearman_abs.png", "emprt_entropy_rise.png", "maps_image_0.png"])
@@ -249,7 +257,7 @@ def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
 
 def test_header_lists_method_ids_cam_layer_seeds_and_rules(tmp_path):
     summary, verdict, _ = run_tables()
-    page = report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
     header = page[:page.index("<h2>")]
     assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header
     assert "<dt>CAM layer</dt><dd>layer4</dd>" in header
@@ -258,7 +266,7 @@ def test_header_lists_method_ids_cam_layer_seeds_and_rules(tmp_path):
 
 def test_verdict_table_comes_first_with_coloured_words(tmp_path):
     summary, verdict, _ = run_tables()
-    page = report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
     table = re.search(r'<table class="verdicts">.*?</table>', page, re.S)
     assert table and table.end() < page.index("<figure") and table.start() < page.index("<details")
     rows = re.findall(r"<tr><th>([^<]+)</th><td", table.group())
@@ -280,7 +288,7 @@ def test_verdict_table_comes_first_with_coloured_words(tmp_path):
 
 def test_a_failing_control_is_shown_as_a_warning(tmp_path):
     summary, verdict, _ = run_tables(levels=LEVELS | {"edge_sobel": 0.1})
-    page = report.write_report(summary, tmp_path, verdicts=verdict).read_text(encoding="utf-8")
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict).read_text(encoding="utf-8")
     warning = re.search(r'<div class="controls warning">.*?</div>', page, re.S).group()
     assert "edge_sobel — class_sensitivity min (ssim): expected fail, got <strong>pass</strong>" in warning
     assert "<li>edge_sobel" in warning and "<li>random" not in warning and "Controls behave" not in page
@@ -289,13 +297,13 @@ def test_a_failing_control_is_shown_as_a_warning(tmp_path):
 
 def test_comparisons_table_is_rendered_when_given(tmp_path):
     summary, verdict, paired = run_tables()
-    page = report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired).read_text(encoding="utf-8")
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired).read_text(encoding="utf-8")
     assert page.index("<table class=\"verdicts\">") < page.index("vs signed</h2>") < page.index("<figure")
     row = re.search(r'<tr(?: class="significant")?><td>gradcampp vs gradcampp/signed</td><td>mprt</td>'
                     r"<td>head</td><td>ssim</td><td>6</td><td>0.900</td><td>0.500</td>"
                     r"<td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", page)
     assert row and "rank-biserial" in page
-    empty = report.write_report(summary, tmp_path / "none", verdicts=verdict).read_text(encoding="utf-8")
+    empty = page_report.write_report(summary, tmp_path / "none", verdicts=verdict).read_text(encoding="utf-8")
     assert "vs signed</h2>" not in empty
 
 
@@ -304,9 +312,9 @@ def test_write_report_survives_edge_cases(tmp_path):
     nan_row = pa.Table.from_pylist([dict(model="cnn", method="gradcampp/signed", test="class_sensitivity",
                                          state="min", state_index=0, metric="spearman_abs", n=0)],
                                    schema=SUMMARY_SCHEMA)
-    index = report.write_report(pa.concat_tables([summary, nan_row]), tmp_path)
-    names = sorted(path.name for path in report.written_files(index))
+    index = page_report.write_report(pa.concat_tables([summary, nan_row]), tmp_path)
+    names = sorted(path.name for path in page_report.written_files(index))
     assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html"]
     assert "gradcampp/signed" in index.read_text(encoding="utf-8")
-    empty = report.write_report(summary_table(tests=()), tmp_path / "empty")
-    assert report.written_files(empty) == [empty]
+    empty = page_report.write_report(summary_table(tests=()), tmp_path / "empty")
+    assert page_report.written_files(empty) == [empty]

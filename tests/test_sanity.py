@@ -245,7 +245,7 @@ def test_random_class_sensitivity_equals_quantus_random_logit(model, x, monkeypa
     - The random class: Quantus seeds numpy's global RNG once per batch and draws one offset per batch
       position, so an image's class depends on the batch it is in; we draw per image from
       (seed, image id). The test records the classes Quantus asked its explain_func for and patches
-      ``saliency.sanity.random_other_classes`` to return them (our own draw is tested separately).
+      ``saliency.sanity.classes.random_other_classes`` to return them (our own draw is tested separately).
     - Similarity: Quantus's default ``ssim`` runs skimage SSIM on the *flattened* 1-D maps (window 7,
       data range = max − min of the pair); ours is 2-D SSIM, window 5, data range 2 (max_abs maps lie
       in [−1, 1]). Quantus gets a similarity_func that is skimage's 2-D SSIM with those settings.
@@ -272,7 +272,7 @@ def test_random_class_sensitivity_equals_quantus_random_logit(model, x, monkeypa
                         explain_func=_gradient_explain_func(asked), device="cpu")
         their_classes = torch.as_tensor(asked[-1], dtype=torch.long)
         assert (their_classes != top).all()
-        monkeypatch.setattr(sanity, "random_other_classes", lambda *_: their_classes)
+        monkeypatch.setattr(sanity.classes, "random_other_classes", lambda *_: their_classes)
         ours = class_sensitivity(model, x, "gradient", others=("random",), metrics=(our_metric,))
         assert [r["target_class"] for r in ours.to_pylist()] == their_classes.tolist()
         np.testing.assert_allclose(ours.column("value").to_pylist(), theirs, atol=1e-4)

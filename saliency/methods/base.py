@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
+
+from saliency.choices import choice_error
 
 if TYPE_CHECKING:
     from saliency.engine import Context
@@ -23,7 +24,7 @@ def apply_policy(values: Tensor, policy: str) -> Tensor:
         return values.abs()
     if policy == "neg":
         return values.clamp_max(0)
-    raise ValueError(f"unknown gradient policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    raise choice_error("gradient policy", policy, POLICIES)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,3 @@ def max_abs(values: Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> Tensor
     """Divide by max|·| over ``dims``: sign-preserving rescaling where zero stays zero (all-zero stays 0)."""
     scale = values.abs().amax(dim=dims, keepdim=True)
     return values / scale.clamp_min(eps)
-
-
-def stable_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))

@@ -1,19 +1,16 @@
-"""Figures and the HTML report of a sanity run (SPEC.md §4).
+"""Figures of a sanity run (SPEC.md §4): one kind per sanity test (``SanityTest.figure``), and map grids.
 
-Inputs are the Arrow tables of saliency.statistics' summary, verdict and comparison schemas, the run's
-manifest, and maps as tensors.
+Inputs are the Arrow tables of saliency.statistics' summary schema and maps as tensors; the pipeline's
+HTML page (tasks/report.py) places them.
 Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so nothing is kept in a
 global figure registry and no display backend is needed. A summary holding several models gets one
 panel per model unless `model=` picks one.
 """
 from __future__ import annotations
 
-import html
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +21,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from saliency.statistics import VerdictRules, control_checks
+from saliency.sanity import get_test, sanity_tests
+from saliency.statistics import VerdictRules
 
 CONTROLS = ("edge_sobel", "random")
 """Model-independent reference methods: drawn grey/black and dashed so they read as references."""
@@ -131,7 +129,7 @@ def _shared_legend(fig: Figure, axes: Sequence) -> None:
 # ---------------------------------------------------------------- figures
 
 def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: str | None = None,
-                      rules: VerdictRules = VerdictRules()) -> Figure:
+                      rules: VerdictRules = VerdictRules(), test: str = "mprt") -> Figure:
     """MPRT curves versus randomised layer, one line per method (Adebayo et al. 2018, Fig. 2), per model
     two panels: the retention R = (s − c)/(r − c) and the raw similarity s to the original map.
 
@@ -139,7 +137,7 @@ def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: st
     (state_index −1, the mean over states) is no layer and is left out. Bands are 95% CIs; a NaN mean
     leaves a gap. R is not drawn where mean(r − c) < rules.min_gap: there it is undefined (uninformative).
     """
-    rows, models = _test_rows(summary, "mprt", metric, model)
+    rows, models = _test_rows(summary, test, metric, model)
     rows = [row for row in rows if row["state_index"] >= 0]
     styles = _method_styles(summary)
     n_states = max(len({row["state_index"] for row in rows if row["model"] == m}) for m in models)
@@ -217,7 +215,7 @@ def _limits(rows: list[dict], prefix: str,
 
 
 def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str | None = None,
-                             rules: VerdictRules = VerdictRules()) -> Figure:
+                             rules: VerdictRules = VerdictRules(), test: str = "class_sensitivity") -> Figure:
     """Retention R of the top-class map in each other-class map, grouped bars per method with 95% CIs.
 
     R = 0: the other class's map is as different as another image's; R = 1: unchanged (the map ignores
@@ -225,7 +223,7 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
     Control groups are shaded and hatched; a method with mean(r − c) < rules.min_gap has no bar
     ("uninformative").
     """
-    rows, models = _test_rows(summary, "class_sensitivity", metric, model)
+    rows, models = _test_rows(summary, test, metric, model)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(6.0 + 0.5 * n_methods, 16.0), 1.3 + 3.6 * len(models)), layout="constrained")
     axes = _panels(fig, len(models))
@@ -259,7 +257,7 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
         _bar_limits(ax, len(methods))
         ax.set_ylim(*_limits(model_rows, "retention_", bound=(-1.0, 2.0)))
         ax.set_ylabel(f"retention R, top vs other class ({metric})\nlower = more class-sensitive")
-        ax.set_title(f"Class sensitivity — {model_name}", fontsize=10)
+        ax.set_title(f"{get_test(test).title} — {model_name}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     _shared_legend(fig, axes)
     return fig
@@ -271,9 +269,10 @@ def _bar_limits(ax, n_groups: int) -> None:
     ax.set_xlim((n_groups - 1) / 2 - half, (n_groups - 1) / 2 + half)
 
 
-def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "entropy_rise") -> Figure:
+def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "entropy_rise",
+                   test: str = "emprt") -> Figure:
     """eMPRT (Hedström et al. 2023): mean relative entropy rise per method at its last (fully randomised) state."""
-    rows, models = _test_rows(summary, "emprt", metric, model)
+    rows, models = _test_rows(summary, test, metric, model)
     styles = _method_styles(summary)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
     fig = Figure(figsize=(min(5.0 + 0.45 * n_methods, 16.0), 1.3 + 3.4 * len(models)), layout="constrained")
@@ -297,7 +296,7 @@ def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "e
         states = sorted({layer_label(row["state"]) for row in last})
         at = states[0] if len(states) == 1 else "each method's last state"
         ax.set_ylabel("relative entropy rise\nhigher = more sensitive")
-        ax.set_title(f"eMPRT — {model_name}: original → {at}", fontsize=10)
+        ax.set_title(f"{get_test(test).title} — {model_name}: original → {at}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -388,294 +387,27 @@ def _display_image(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
     raise ValueError(f"image must be H×W, 1×H×W or 3×H×W (got shape {tuple(array.shape)})")
 
 
-# ---------------------------------------------------------------- report
-
-_CAPTIONS = {
-    "mprt": "Model parameter randomisation (Adebayo et al. 2018), per layer randomised (logits → input). Left: "
-            "retention R = (s − c)/(r − c) of the original map, 0 = as different as another image's map, "
-            "1 = unchanged; the red line is the verdict threshold, R is not drawn where the method is "
-            "uninformative (r ≈ c). Right: the raw similarity s. Mean and 95% bootstrap CI; edge_sobel (grey) "
-            "and random (black) are dashed controls.",
-    "class_sensitivity": "Class sensitivity: retention R of the top-class map in the map for another class; "
-                         "mean and 95% CI. High R means the map ignores the output: a CI above the red "
-                         "threshold fails, below it passes. Hatched groups are the controls.",
-    "emprt": "eMPRT (Hedström et al. 2023): relative rise of the 100-bin histogram entropy of the map from "
-             "the trained to the fully randomised model; mean and 95% CI. A CI above 0 passes.",
-    "maps": "Example maps: rows are methods, columns the original model then each randomisation state; "
-            "each cell scaled by its own max|S|, red positive, blue negative.",
-}
-_TEST_ORDER = ("class_sensitivity", "mprt", "emprt")
-_SCOPE_ORDER = ("min", "random", "second", "head", "cascade", "full")
+def test_figure(summary: pa.Table, test: str, metric: str, rules: VerdictRules = VerdictRules()) -> Figure:
+    """The figure a sanity test declares: curves of R over its states, bars of R per state, or bars of
+    its raw value (a test whose high score passes, as eMPRT)."""
+    declared = get_test(test)
+    if declared.figure == "value":
+        return entropy_figure(summary, metric=metric, test=test)
+    if declared.curve:
+        return mprt_curve_figure(summary, metric, rules=rules, test=test)
+    return class_sensitivity_figure(summary, metric, rules=rules, test=test)
 
 
 def report_figures(summary: pa.Table, rules: VerdictRules = VerdictRules()) -> dict[str, Figure]:
-    """Every summary figure that the rows support, by file stem: MPRT curves and class-sensitivity bars per
-    metric present, and the eMPRT bars when emprt rows exist. Useful for logging figures elsewhere."""
+    """Every summary figure the rows support, by file stem ("<test>_<metric>"), for each registered test
+    in registry order and each of its metrics present."""
     figures: dict[str, Figure] = {}
-    for metric in _distinct(summary, "metric", test="mprt"):
-        figures[f"mprt_{_slug(metric)}"] = mprt_curve_figure(summary, metric, rules=rules)
-    for metric in _distinct(summary, "metric", test="class_sensitivity"):
-        figures[f"class_sensitivity_{_slug(metric)}"] = class_sensitivity_figure(summary, metric, rules=rules)
-    for metric in _distinct(summary, "metric", test="emprt"):
-        figures[f"emprt_{_slug(metric)}"] = entropy_figure(summary, metric=metric)
+    for test in sanity_tests():
+        for metric in _distinct(summary, "metric", test=test.id):
+            figures[f"{test.id}_{slug(metric)}"] = test_figure(summary, test.id, metric, rules)
     return figures
 
 
-def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | None = None,
-                 manifest: dict | None = None, map_grids: Mapping[str, Figure] | None = None,
-                 verdicts: pa.Table | None = None, comparisons: pa.Table | None = None) -> Path:
-    """Write the PNG figures and a self-contained index.html (relative links) into `out_dir`.
-
-    The page reads top-down: the run (from the manifest), the verdict table (one row per method, one
-    column per test and scope, headline metric ssim), the other metrics' verdicts, the control checks,
-    the pos/abs-vs-signed comparison table, then the figures and the full summary. `verdicts`,
-    `comparisons` and `summary` are tables of saliency.statistics' schemas; `manifest` is the run's
-    manifest.json (model, dataset, n_images, cam_layer, config.methods.ids, randomisation.seeds,
-    verdict_rules, code_version); without one the header shows what the tables tell.
-
-    Returns the path of index.html. Every file written sits next to it: index.html, the figures of
-    `report_figures` as "<stem>.png" and each map grid as "maps_<name>.png"; their list is in
-    `written_files(index)`. The caller's map-grid figures are saved, not closed. Local paths only: to
-    publish to object storage, copy the folder (e.g. pyarrow.fs.copy_files).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rules = VerdictRules(**manifest["verdict_rules"]) if manifest else VerdictRules()
-    sections: list[tuple[str, str, str]] = []  # (file name, alt text, caption)
-    for stem, fig in report_figures(summary, rules).items():
-        fig.savefig(out / f"{stem}.png", dpi=110)
-        caption = next(text for test, text in _CAPTIONS.items() if stem.startswith(f"{test}_"))
-        sections.append((f"{stem}.png", stem, caption))
-    used: set[str] = set()
-    for name, fig in (map_grids or {}).items():
-        stem = _unique(f"maps_{_slug(name)}", used)
-        fig.savefig(out / f"{stem}.png", dpi=100)
-        sections.append((f"{stem}.png", f"maps {name}", f"{_CAPTIONS['maps']} ({name})"))
-    index = out / "index.html"
-    index.write_text(_html(summary, scores, manifest, verdicts, comparisons, sections), encoding="utf-8")
-    return index
-
-
-def written_files(index: str | Path) -> list[Path]:
-    """The files of a report: its index.html and the PNGs it links to (for logging as artifacts)."""
-    linked = re.findall(r'<img src="([^"]+)"', Path(index).read_text(encoding="utf-8"))
-    return [Path(index)] + [Path(index).parent / html.unescape(name) for name in linked]
-
-
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
-
-
-def _unique(stem: str, used: set[str]) -> str:
-    candidate, n = stem, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{stem}_{n}"
-    used.add(candidate)
-    return candidate
-
-
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: object) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _p(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{value:.1e}" if value < 0.001 else f"{value:.3f}"
-
-
-def _table(head: Sequence[str], rows: Iterable[str], css: str = "") -> str:
-    """An HTML table from escaped header cells and ready-made <tr> rows."""
-    cls = f' class="{css}"' if css else ""
-    return (f"<table{cls}><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
-
-
-def _header(summary: pa.Table, scores: pa.Table | None, manifest: dict | None) -> list[tuple[str, str]]:
-    """(label, text) facts of the run: from the manifest's keys, else what the tables tell."""
-    if not manifest:
-        facts = [("model", ", ".join(_distinct(summary, "model"))),
-                 ("methods", ", ".join(order_methods(_distinct(summary, "method"))))]
-        if scores is not None:
-            facts.append(("images", str(len(pc.unique(scores["image_id"])))))
-        return facts
-    rules = manifest["verdict_rules"]
-    randomisation = manifest["randomisation"]
-    return [
-        ("model", manifest["model"]), ("dataset", manifest["dataset"]), ("images", manifest["n_images"]),
-        ("CAM layer", manifest["cam_layer"] or "none (no CAM method)"),
-        ("methods", ", ".join(manifest["config"]["methods"]["ids"])),
-        ("randomisation", f"seeds {', '.join(map(str, randomisation['seeds']))}; order {randomisation['order']}; "
-                          f"{len(manifest['states'])} MPRT states"),
-        ("verdict rules", f"fail when CI_low(R) > {rules['retention']:g}, pass when CI_high(R) < "
-                          f"{rules['retention']:g}, uninformative when mean(r − c) < {rules['min_gap']:g}; "
-                          f"eMPRT passes when CI(entropy rise) > {rules['entropy_rise']:g}; comparisons "
-                          f"Holm-corrected at α = {rules['alpha']:g}"),
-        ("code version", manifest["code_version"]),
-    ]
-
-
-def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
-    return (order.index(value) if value in order else len(order), value)
-
-
-def _verdict_grid(rows: list[dict], css: str = "") -> str:
-    """One row per (model,) method, one column per (test, scope, metric); each cell a coloured verdict."""
-    columns = sorted({(r["test"], r["scope"], r["metric"]) for r in rows},
-                     key=lambda c: (_rank(c[0], _TEST_ORDER), _rank(c[1], _SCOPE_ORDER), c[2]))
-    models = sorted({r["model"] for r in rows})
-    rank = {m: i for i, m in enumerate(order_methods({r["method"] for r in rows}))}
-    keys = sorted({(r["model"], r["method"]) for r in rows}, key=lambda k: (k[0], rank[k[1]]))
-    cells = {(r["model"], r["method"], r["test"], r["scope"], r["metric"]): r for r in rows}
-    head = (["model"] if len(models) > 1 else []) + ["method"] + [
-        f"{_esc(test)}<br><small>{_esc(scope)} · {_esc(metric)}</small>" for test, scope, metric in columns]
-    body = []
-    for model, method in keys:
-        first = (f"<td>{_esc(model)}</td>" if len(models) > 1 else "") + f"<th>{_esc(method)}</th>"
-        body.append(f"<tr>{first}{''.join(_verdict_cell(cells.get((model, method, *c))) for c in columns)}</tr>")
-    return _table(head, body, css)
-
-
-def _verdict_cell(row: dict | None) -> str:
-    """The verdict word coloured by its class; small text: R (eMPRT: the entropy rise) with its CI, or
-    r − c for an uninformative one; the reason as tooltip."""
-    if row is None:
-        return "<td></td>"
-    verdict = row["verdict"]
-    if verdict == "uninformative":
-        detail = f"r − c {_fmt(row['gap_mean'])}" if row["gap_mean"] is not None else ""
-    elif row["test"] == "emprt":
-        detail = f"rise {_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
-    else:
-        detail = (f"R {_fmt(row['retention_mean'])} "
-                  f"[{_fmt(row['retention_ci_low'])}, {_fmt(row['retention_ci_high'])}]")
-    return (f'<td class="verdict {_esc(verdict)}" title="{_esc(row["reason"])}">{_esc(verdict)}'
-            f"<br><small>{_esc(detail)}</small></td>")
-
-
-def _verdict_sections(verdicts: pa.Table) -> list[str]:
-    """The headline verdict table (per test "ssim" if present, else its first metric), the other metrics'
-    verdicts in a collapsible block, and the control checks."""
-    rows = verdicts.to_pylist()
-    headline = {}
-    for test in {r["test"] for r in rows}:
-        metrics = sorted({r["metric"] for r in rows if r["test"] == test})
-        headline[test] = "ssim" if "ssim" in metrics else metrics[0]
-    main = [r for r in rows if r["metric"] == headline[r["test"]]]
-    other = [r for r in rows if r["metric"] != headline[r["test"]]]
-    parts = ["<h2>Verdicts</h2>",
-             "<p class=\"note\">R = (s − c)/(r − c): 0 = the map changed as much as another image's map, "
-             "1 = unchanged. Each cell: the verdict and mean R [95% CI] (eMPRT: the entropy rise); hover "
-             "for the reason.</p>", _verdict_grid(main, "verdicts")]
-    if other:
-        parts.append(f"<details><summary>Other metrics ({', '.join(sorted({r['metric'] for r in other}))})"
-                     f"</summary>{_verdict_grid(other, 'verdicts small')}</details>")
-    return parts + [_controls(verdicts)]
-
-
-def _controls(verdicts: pa.Table) -> str:
-    checks = control_checks(verdicts)
-    wrong = [c for c in checks if not c["ok"]]
-    if not checks:
-        return '<p class="controls">No control method (edge_sobel, random, gradient) in this run.</p>'
-    if not wrong:
-        return (f'<p class="controls ok">Controls behave ({len(checks)} checks): edge_sobel fails, random is '
-                "uninformative, gradient passes.</p>")
-    items = "".join(f"<li>{_esc(c['control'])} — {_esc(c['test'])} {_esc(c['scope'])} ({_esc(c['metric'])}): "
-                    f"expected {_esc(c['expected'])}, got <strong>{_esc(c['verdict'])}</strong></li>"
-                    for c in wrong)
-    return (f'<div class="controls warning"><strong>Warning: {len(wrong)} of {len(checks)} control checks do '
-            "not hold</strong> — the verdicts of this run are suspect (gradient is only expected to pass on a "
-            f"trained model).<ul>{items}</ul></div>")
-
-
-def _comparison_table(comparisons: pa.Table) -> str:
-    rows = comparisons.to_pylist()
-    several = len({r["model"] for r in rows}) > 1
-    head = (["model"] if several else []) + ["variant vs signed", "test", "scope", "metric", "n", "R variant",
-                                             "R signed", "mean ΔR [95% CI]", "p (Holm)", "rank-biserial",
-                                             "significant"]
-    body = []
-    for r in rows:
-        cells = ([r["model"]] if several else []) + [
-            f"{r['variant']} vs {r['signed']}", r["test"], r["scope"], r["metric"], r["n"],
-            _fmt(r["variant_retention"]), _fmt(r["signed_retention"]),
-            f"{_fmt(r['mean_difference'])} [{_fmt(r['difference_ci_low'])}, {_fmt(r['difference_ci_high'])}]",
-            _p(r["p_holm"]), _fmt(r["rank_biserial"]), "yes" if r["significant"] else "no"]
-        css = ' class="significant"' if r["significant"] else ""
-        body.append(f"<tr{css}>{''.join(f'<td>{_esc(c)}</td>' for c in cells)}</tr>")
-    return _table(head, body)
-
-
-def _summary_table(summary: pa.Table) -> str:
-    rank = {method: i for i, method in enumerate(order_methods(_distinct(summary, "method")))}
-    rows = sorted(_select(summary), key=lambda r: (r["model"] or "", r["test"] or "", r["metric"] or "",
-                                                   rank.get(r["method"], -1), r["state_index"]))
-    head = ("model", "method", "test", "state", "metric", "n", "mean ± std", "95% CI", "r − c", "R [95% CI]")
-    body = [f"<tr><td>{_esc(r['model'])}</td><td>{_esc(r['method'])}</td><td>{_esc(r['test'])}</td>"
-            f"<td>{_esc(r['state'])}</td><td>{_esc(r['metric'])}</td><td>{_esc(_fmt(r['n']))}</td>"
-            f"<td>{_fmt(r['mean'])} ± {_fmt(r['std'])}</td><td>[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]</td>"
-            f"<td>{_fmt(r['gap_mean'])}</td><td>{_fmt(r['retention_mean'])} "
-            f"[{_fmt(r['retention_ci_low'])}, {_fmt(r['retention_ci_high'])}]</td></tr>" for r in rows]
-    return _table(head, body)
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin-bottom: 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
-th { background: #f0f0f0; }
-table.verdicts td { text-align: center; font-weight: bold; }
-table.verdicts small { font-weight: normal; font-size: 0.8em; }
-table.small { font-size: 0.75em; }
-td.pass { background: #d8f0d8; color: #185c18; }
-td.fail { background: #f6d6d6; color: #8a1515; }
-td.inconclusive { background: #f7ebcc; color: #6b5000; }
-td.uninformative { background: #dde5ee; color: #3a4d63; }
-tr.significant td { font-weight: bold; }
-.controls { padding: 0.5em 1em; margin: 1em 0 2em 0; border-radius: 4px; }
-.controls.ok { background: #e8f4e8; border: 1px solid #9c9; }
-.controls.warning { background: #fde8d0; border: 2px solid #d9822b; }
-.note { font-size: 0.9em; color: #555; }
-figure { margin: 0 0 2.5em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: 0.9em; color: #555; max-width: 60em; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
-dt { font-weight: bold; }
-"""
-
-
-def _html(summary: pa.Table, scores: pa.Table | None, manifest: dict | None, verdicts: pa.Table | None,
-          comparisons: pa.Table | None, sections: list[tuple[str, str, str]]) -> str:
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>Saliency sanity report</title>", f"<style>{_STYLE}</style></head><body>",
-             "<h1>Saliency sanity report</h1>", "<dl>"]
-    parts += [f"<dt>{_esc(key)}</dt><dd>{_esc(value)}</dd>" for key, value in _header(summary, scores, manifest)]
-    parts.append("</dl>")
-    if verdicts is not None and verdicts.num_rows:
-        parts += _verdict_sections(verdicts)
-    if comparisons is not None and comparisons.num_rows:
-        parts += ["<h2>Positive/absolute variants vs signed</h2>",
-                  '<p class="note">Per image ΔR = R(variant) − R(signed) at the same layer; &gt; 0: the variant '
-                  "keeps more of its map, i.e. is less sensitive. Wilcoxon signed-rank, Holm-corrected over all "
-                  "rows; rank-biserial effect size.</p>", _comparison_table(comparisons)]
-    if sections:
-        parts.append("<h2>Figures</h2>")
-    for file_name, alt, caption in sections:
-        parts.append(f'<figure><img src="{_esc(file_name)}" alt="{_esc(alt)}">'
-                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
-    parts.append(f"<details><summary>All summary statistics</summary>{_summary_table(summary)}</details>")
-    if manifest:
-        parts.append("<details><summary>Manifest</summary><pre>"
-                     f"{_esc(json.dumps(manifest, indent=2, default=str))}</pre></details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)

@@ -1,0 +1,192 @@
+"""What a sanity test is (SPEC §2), the blocks of maps it scores, and the score rows it writes.
+
+A sanity run over one batch yields ``Block``s: the original maps (top class, trained model), then the
+maps of each state a test compares them with (another class, a randomised model, …). Each test scores
+the blocks of its map source against the original; the same blocks can be stored as maps, so scores
+and stored maps always come from one explain call.
+
+Every score depends only on its own image (per-image seeds, per-image normalisation) and, for the
+chance level, on its partner in the batch (image i with image i+1); so a table is the same whatever
+the number of workers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from saliency.seeds import stable_seed
+from saliency.similarity import similarity
+
+if TYPE_CHECKING:
+    from saliency.sanity.runner import SanityRun
+
+SCORE_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("label", pa.int64()),
+    ("model", pa.string()), ("method", pa.string()), ("test", pa.string()), ("state", pa.string()),
+    ("state_index", pa.int32()), ("seed", pa.int64()), ("target_class", pa.int64()), ("metric", pa.string()),
+    ("value", pa.float64()), ("chance", pa.float64()), ("retest", pa.float64()),
+])
+ORIGINAL = "original"  # the block of the trained model's maps for the top class
+DIRECTIONS = ("lower", "higher")
+
+
+@dataclass
+class Block:
+    """Maps of every method for one state of a test: {method id: B×H×W}, for ``targets`` (B).
+
+    ``test`` is the map source (a test id, or "original"); ``seed`` the randomisation seed, if any."""
+
+    test: str
+    state: str
+    state_index: int
+    targets: Tensor
+    maps: dict[str, Tensor]
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SanityTest:
+    """One sanity test: where its maps come from, how it scores them, and how it is read.
+
+    - ``direction``: "lower" — a low score passes (similarity to the original: the map changed);
+      "higher" — a high score passes (eMPRT's entropy rise).
+    - ``normalised``: rows carry chance and retest levels, so statistics report the retention R.
+    - ``curve``: the states form a sequence (layers randomised from the logits down), drawn as curves
+      and tracked in MLflow as steps; a summary over all states ("cascade") is added where normalised.
+    - ``figure``: the kind of figure ``saliency.plots`` draws for it ("retention" or "value").
+    - ``maps_from``: the test whose blocks it scores (itself, or another test's, as eMPRT scores MPRT's).
+    - ``scope(state, index, n_states, order)``: the name of the verdict drawn from a summary row, or None.
+
+    A test with its own maps overrides ``extra_targets`` (more classes explained with the top class
+    under the trained model, in the same explain call) and/or ``blocks`` (maps under other models or
+    inputs); every test overrides ``score``.
+    """
+
+    id: str
+    title: str
+    description: str
+    direction: str = "lower"
+    normalised: bool = True
+    curve: bool = False
+    figure: str = "retention"
+    maps_from: str | None = None  # None: its own blocks
+    enabled_by_default: bool = True
+
+    @property
+    def source(self) -> str:
+        return self.maps_from or self.id
+
+    def check(self, run: "SanityRun") -> None:
+        """Refuse bad settings (``run.settings``) before any work is done."""
+
+    def extra_targets(self, run: "SanityRun") -> list[tuple[str, Tensor]]:
+        """(state name, B targets) explained with the top class under the trained model."""
+        return []
+
+    def blocks(self, run: "SanityRun") -> Iterator[Block]:
+        """Blocks of maps computed elsewhere (randomised models, …)."""
+        return iter(())
+
+    def score(self, run: "SanityRun", block: Block) -> None:  # pragma: no cover - every test overrides it
+        raise NotImplementedError
+
+    def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
+        return state
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def as_2d(maps: Tensor) -> Tensor:
+    """B×H×W maps of one target: channel maps (channel_reduction="none") are summed, keeping the sign."""
+    return maps.sum(dim=1) if maps.dim() == 4 else maps
+
+
+def chance_partners(batch: int) -> Tensor | None:
+    """π(i) = (i + 1) mod B: the fixed other image each image is compared with for the chance level
+    (None for a single image, whose chance level is then NaN)."""
+    return None if batch < 2 else torch.arange(1, batch + 1) % batch
+
+
+def paired(a: Tensor, b: Tensor, metric: str, partners: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(similarity of a and b per image, chance: similarity of a and b's map of the partner image)."""
+    score = similarity(a, b, metric)
+    if partners is None:
+        return score, torch.full_like(score, math.nan)
+    return score, similarity(a, b[partners.to(b.device)], metric)
+
+
+def retest_seed(seed: int) -> int:
+    """The second draw's seed for the retest level of stochastic methods."""
+    return stable_seed(seed, "retest")
+
+
+def random_other_classes(top: Tensor, num_classes: int, seed: int, image_ids: Sequence[str]) -> Tensor:
+    """A uniform class ≠ top per image, drawn from a generator seeded by (seed, image id).
+
+    Seeding per image id (not per batch position) makes the draw independent of batch composition and
+    sharding. The draw picks an offset in [0, num_classes − 2] and skips the top class.
+    """
+    if num_classes < 2:
+        raise ValueError(f"a random other class needs at least 2 classes, the model has {num_classes}")
+    offsets = [int(np.random.default_rng([seed, stable_seed(image_id)]).integers(num_classes - 1))
+               for image_id in image_ids]
+    offsets_t = torch.tensor(offsets, dtype=torch.long, device=top.device)
+    return offsets_t + (offsets_t >= top).long()
+
+
+class Rows:
+    """Column buffers for score rows; one ``add`` per (method, state, metric) block of B images."""
+
+    def __init__(self, image_ids: list[str], labels: list[int | None], model_name: str):
+        self.image_ids, self.labels, self.model_name = image_ids, labels, model_name
+        self.columns: dict[str, list[Any]] = {name: [] for name in SCORE_SCHEMA.names}
+
+    def add(self, method: str, test: str, block: Block, metric: str, values: Tensor,
+            chance: Tensor | None = None, retest: Tensor | None = None) -> None:
+        batch = len(self.image_ids)
+        c = self.columns
+        c["run_id"] += [""] * batch
+        c["shard"] += [0] * batch
+        c["image_id"] += self.image_ids
+        c["label"] += self.labels
+        c["model"] += [self.model_name] * batch
+        c["method"] += [method] * batch
+        c["test"] += [test] * batch
+        c["state"] += [block.state] * batch
+        c["state_index"] += [block.state_index] * batch
+        c["seed"] += [block.seed] * batch
+        c["target_class"] += block.targets.tolist()
+        c["metric"] += [metric] * batch
+        c["value"] += values.double().cpu().tolist()
+        c["chance"] += [None] * batch if chance is None else chance.double().cpu().tolist()
+        c["retest"] += [None] * batch if retest is None else retest.double().cpu().tolist()
+
+    def table(self) -> pa.Table:
+        return pa.table(self.columns, schema=SCORE_SCHEMA)
+
+
+@dataclass
+class Settings:
+    """Everything a sanity run needs besides the model and the batch (SPEC §2); the pipeline builds
+    it from its config (``tasks.config.Config.sanity_settings``)."""
+
+    methods: Sequence[str]
+    tests: Sequence[str] = ("class_sensitivity", "mprt", "emprt")
+    metrics: Sequence[str] = ("ssim", "spearman_abs")
+    seed: int = 0
+    layer: str | None = None
+    explain_kwargs: dict[str, Any] = field(default_factory=dict)
+    others: Sequence[str] = ("min", "random", "second")
+    order: str = "cascade_top_down"
+    granularity: str = "module"
+    init: str = "reset"
+    target: str = "original"
+    bn_stats: str = "keep"
+    sigma: float = 0.01
+    randomization_seeds: Sequence[int] | None = None  # None: ``seed`` alone
+    states: Sequence[int] | None = None  # None: every randomisation state

@@ -1,0 +1,139 @@
+"""Run the chosen sanity tests over one batch: one explain call for the original maps and every extra
+class, then the other map sources' blocks, each scored by every test that reads it, in one pass."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from saliency.engine import cam_layer, explain
+from saliency.methods import get_method
+from saliency.passes import forward_logits
+from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, retest_seed
+from saliency.sanity.registry import get_test
+from saliency.similarity import METRICS, similarity
+
+
+class SanityRun:
+    """The sanity tests of ``settings`` on one batch. Iterate ``blocks()`` once (each block's maps are
+    scored as it is made, and can be kept by the caller), then read ``table()``.
+
+    Shared by every test: ``logits``, ``top`` (the top class), ``original`` (its maps, B×H×W per method),
+    ``retest`` per (method, metric) (1 for deterministic methods; two draws of a stochastic one),
+    ``partners`` (the chance-level pairing), ``layer`` (the resolved CAM layer) and ``rows``.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, settings: Settings, *,
+                 image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model") -> None:
+        self.model, self.x, self.settings = model, x, settings
+        self.methods = _distinct_list(settings.methods, "methods", "method ids",
+                                      "see saliency.available_methods()")
+        for method in self.methods:
+            get_method(method)
+        self.metrics = _distinct_list(settings.metrics, "metrics", "metrics", f"allowed: {', '.join(METRICS)}")
+        for name in self.metrics:
+            if name not in METRICS:  # let similarity() word the message, before any expensive work
+                similarity(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), name)
+        self.tests = [get_test(t) for t in _distinct_list(settings.tests, "tests", "tests",
+                                                          "see saliency.sanity.available_tests()")]
+        self.sources = [get_test(s) for s in dict.fromkeys(test.source for test in self.tests)]
+        for test in dict.fromkeys(self.sources + self.tests):
+            test.check(self)  # bad settings are refused before any work
+        self.image_ids = _image_ids(image_ids, x.shape[0])
+        self.rows = Rows(self.image_ids, _labels(labels, x.shape[0]), model_name)
+        self.partners = chance_partners(x.shape[0])
+        self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
+        self.layer = cam_layer(model, x, self.methods, settings.layer)
+        self.logits: Tensor | None = None
+        self.top: Tensor | None = None
+        self.original: dict[str, Tensor] = {}
+        self.retest: dict[tuple[str, str], Tensor] = {}
+        self.explain_calls = 0
+
+    def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
+        """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options."""
+        self.explain_calls += 1
+        return explain(model, self.x, self.methods, targets, layer=self.layer,
+                       **{**self.explain_kwargs, **overrides})
+
+    def blocks(self) -> Iterator[Block]:
+        """The original block, then every state's block, each already scored."""
+        self.logits = forward_logits(self.model, self.x)
+        self.top = self.logits.argmax(dim=1)
+        extra = [(source.id, index, state, targets) for source in self.sources
+                 for index, (state, targets) in enumerate(source.extra_targets(self))]
+        targets = torch.stack([self.top] + [t for *_, t in extra], dim=1)
+        maps = self.explain(self.model, targets)
+        self.original = {m: as_2d(maps[m][:, 0]) for m in self.methods}
+        self.retest = self._retest_levels()
+        yield Block(ORIGINAL, ORIGINAL, -1, self.top, self.original)
+        for column, (source, index, state, state_targets) in enumerate(extra, start=1):
+            yield self._scored(Block(source, state, index, state_targets,
+                                     {m: as_2d(maps[m][:, column]) for m in self.methods}))
+        del maps
+        for source in self.sources:
+            for block in source.blocks(self):
+                yield self._scored(block)
+
+    def _scored(self, block: Block) -> Block:
+        for test in self.tests:
+            if test.source == block.test:
+                test.score(self, block)
+        return block
+
+    def _retest_levels(self) -> dict[tuple[str, str], Tensor]:
+        """1 for deterministic methods; for stochastic ones the similarity of the original maps with a
+        second draw under another seed."""
+        stochastic = [m for m in self.methods if get_method(m).stochastic]
+        second = {}
+        if stochastic:
+            self.explain_calls += 1
+            redraw = explain(self.model, self.x, stochastic, self.top[:, None], layer=self.layer,
+                             **{**self.explain_kwargs, "seed": retest_seed(self.settings.seed)})
+            second = {m: as_2d(redraw[m][:, 0]) for m in stochastic}
+        ones = torch.ones(self.x.shape[0], dtype=torch.float64)
+        return {(m, metric): similarity(self.original[m], second[m], metric) if m in second else ones
+                for m in self.methods for metric in self.metrics}
+
+    def table(self) -> pa.Table:
+        return self.rows.table()
+
+
+def run_sanity(model: nn.Module, x: Tensor, settings: Settings, **identity) -> pa.Table:
+    """Score rows of the sanity tests of ``settings`` on one batch (keywords: image_ids, labels,
+    model_name). To keep the maps as well, iterate ``SanityRun(...).blocks()`` yourself."""
+    run = SanityRun(model, x, settings, **identity)
+    for _ in run.blocks():
+        pass
+    return run.table()
+
+
+def _distinct_list(values, name: str, what: str, hint: str) -> list[str]:
+    names = [values] if isinstance(values, str) else list(values)
+    if not names:
+        raise ValueError(f"{name} is empty; {hint}")
+    duplicates = sorted({v for v in names if names.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"{what} listed more than once (they would duplicate rows): {duplicates}")
+    return names
+
+
+def _image_ids(image_ids: Sequence[str] | None, batch: int) -> list[str]:
+    if image_ids is None:
+        return [str(i) for i in range(batch)]
+    ids = [str(i) for i in image_ids]
+    if len(ids) != batch:
+        raise ValueError(f"image_ids has {len(ids)} entries but x has {batch} images")
+    return ids
+
+
+def _labels(labels, batch: int) -> list[int | None]:
+    if labels is None:
+        return [None] * batch
+    values = labels.tolist() if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
+    if len(values) != batch:
+        raise ValueError(f"labels has {len(values)} entries but x has {batch} images")
+    return [None if v is None else int(v) for v in values]

@@ -1,0 +1,88 @@
+"""manifest.json as a typed model: what the planner decided for a run, read back by resume, the
+report and the tracking without guessing field names."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ShardInfo(_Strict):
+    index: int
+    start: int
+    stop: int
+    n_images: int
+    first_image: str
+    last_image: str
+
+
+class RandomizationInfo(_Strict):
+    order: str
+    granularity: str
+    init: str
+    sigma: float
+    bn_stats: str
+    target: str
+    seeds: list[int]
+
+
+class CodeChange(_Strict):
+    """A resume with other code or libraries, allowed with --allow-code-change."""
+
+    at: str
+    from_: dict[str, Any] = Field(alias="from")
+    to: dict[str, Any]
+
+
+class Manifest(_Strict):
+    run_id: str
+    run_name: str
+    created: str
+    code_version: str
+    code_hash: str
+    libraries: dict[str, str]
+    config: dict[str, Any]
+    identity: dict[str, Any]
+    model: str
+    dataset: str
+    n_images: int
+    image_ids_sha256: str
+    num_classes: int | None
+    methods: list[str]
+    tests: list[str]
+    seeds: dict[str, Any]
+    randomization: RandomizationInfo
+    cam_layer: str | None
+    verdict_rules: dict[str, float]
+    layers: list[str]
+    states: list[str]
+    shards: list[ShardInfo]
+    dataset_failures: int
+    code_changes: list[CodeChange] = Field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written as manifest.json."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
+    """A Manifest from manifest.json's object; a clear error naming the file otherwise."""
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in error.errors()[:5])
+        raise ValueError(f"{where} does not describe a run of this version (fields: {fields}); it was "
+                         "written by another version or edited: start the run afresh with another --out") from None
+
+
+def read_manifest(run_dir) -> Manifest:
+    """The manifest.json of a run directory (``tasks.storage.RunDir``)."""
+    return parse_manifest(run_dir.read_json("manifest.json"), run_dir.file("manifest.json"))
+
+
+def write_manifest(run_dir, manifest: Manifest) -> None:
+    run_dir.write_json(manifest.to_json(), "manifest.json")
