@@ -65,6 +65,11 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                   f"({stats['images_computed']} computed at {stats['images_per_second']:.1f} img/s, "
                   f"{stats['shards_skipped']} shards resumed), {stats['score_rows']} scores, "
                   f"{stats['failures']} failures")
+    for method, count in stats["non_finite_maps"].items():
+        hint = (" (LRP relevance can overflow float32 in deep residual nets: try a canonizer for the residual "
+                "sums, or a larger ε)" if method.startswith("lrp") else "")
+        console.print(f"[yellow]non-finite maps:[/yellow] {method} on {count} of {stats['images']} images; "
+                      f"those scores are left out, the failures table names each{hint}")
     console.print(f"results:   {outcome['run_dir']}")
     console.print(f"summary:   {outcome['summary']}")
     if outcome["report"]:

@@ -109,6 +109,15 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
     return results, seconds
 
 
+def non_finite_maps(failures) -> dict[str, int]:
+    """Per method, how many images had a non-finite map in some state (their scores are left out)."""
+    images: dict[str, set] = {}
+    for row in failures.to_pylist():
+        if row["stage"] == "map" and row.get("method"):
+            images.setdefault(row["method"], set()).add(row["image_id"])
+    return {method: len(ids) for method, ids in sorted(images.items())}
+
+
 @flow(name="sanity_check")
 def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = None,
                  overrides: list[str] | None = None, progress: bool = False,
@@ -137,7 +146,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
              "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
              "shards_skipped": len(plan.shards) - len(plan.pending), "shard_seconds": compute_seconds,
              "images_per_second": computed / compute_seconds if computed else 0.0,
-             "wall_seconds": time.perf_counter() - started}
+             "wall_seconds": time.perf_counter() - started,
+             "non_finite_maps": non_finite_maps(agg.failures)}
     mlflow_run_id = uri = None
     if cfg.tracking.enabled:
         uri = tracking_uri(cfg)

@@ -22,6 +22,10 @@ from tasks.shards import Shard, load_data
 from tasks.storage import FAILURE_SCHEMA, maps_schema, tensor_column
 
 
+class NonFiniteMap(ValueError):
+    """A method returned a NaN/Inf map for an image (e.g. LRP-ε relevance overflowing float32)."""
+
+
 class ShardWorker:
     """Computes one shard: its score records, its stored maps and its per-image failures."""
 
@@ -59,9 +63,10 @@ class ShardWorker:
         scores, maps = [], []
         for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
             batch = self._finite(samples[first:last], failures)
-            for score_table, map_table in self._guarded(batch, self._compute, failures, "explain"):
+            for score_table, map_table, map_failures in self._guarded(batch, self._compute, failures, "explain"):
                 scores.append(score_table)
                 maps += [] if map_table is None else [map_table]
+                failures += map_failures
         return {
             "shard": shard.index,
             "scores": self._stamp(pa.concat_tables(scores) if scores else SCORE_SCHEMA.empty_table(), shard),
@@ -116,15 +121,18 @@ class ShardWorker:
         self.healthy = self.healthy or bool(tables)
         return tables
 
-    def _compute(self, batch: list) -> tuple[pa.Table, pa.Table | None]:
-        """Scores of a batch and, from the very same explain calls, the maps the config stores."""
+    def _compute(self, batch: list) -> tuple[pa.Table, pa.Table | None, list]:
+        """Scores of a batch, the maps the config stores (from the very same explain calls), and a
+        failure per non-finite map (its scores are left out, every other score is kept)."""
         ids, x, labels = self._tensors(batch)
         keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
         run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
                         model_name=self.cfg.model.name)
         first_seed = self.cfg.randomization.seeds[0]
         stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
-        return run.table(), self._map_table(ids, keep, stored) if stored else None
+        map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
+                        for f in run.failures]
+        return run.table(), self._map_table(ids, keep, stored) if stored else None, map_failures
 
     def _keeps_map(self, index: int) -> bool:
         store = self.cfg.storage.store_maps
@@ -165,9 +173,15 @@ class ShardWorker:
     def _failure_table(self, failures: list, shard: Shard) -> pa.Table:
         rows = [{"run_id": self.run_id, "shard": shard.index, "image_id": image_id, "stage": stage,
                  "error_type": type(error).__name__ if isinstance(error, BaseException) else "NonFiniteLogits",
-                 "message": str(error)}
-                for image_id, stage, error in failures]
+                 "message": str(error), "method": where[0] if where else None, "state": where[1] if where else None}
+                for image_id, stage, error, *where in failures]
         return pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
+
+
+def _where(failure: dict) -> str:
+    """'lrp_epsilon mprt/03:conv1 seed 1' for a failure row's message."""
+    seed = "" if failure["seed"] is None else f" seed {failure['seed']}"
+    return f"{failure['method']} {failure['test']}/{failure['state']}{seed}"
 
 
 def batch_bounds(n: int, size: int) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ PART_KINDS = ("scores", "maps", "failures")
 
 FAILURE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("stage", pa.string()),
-    ("error_type", pa.string()), ("message", pa.string()),
+    ("error_type", pa.string()), ("message", pa.string()), ("method", pa.string()), ("state", pa.string()),
 ])
 
 

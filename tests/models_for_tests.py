@@ -93,3 +93,38 @@ def assert_model_untouched(model: nn.Module, snapshot: dict, training: bool = Fa
         assert not module._forward_hooks and not module._forward_pre_hooks, module
         assert not module._backward_hooks and not getattr(module, "_backward_pre_hooks", {}), module
         assert module.training == training
+
+
+class _CancellingBlock(nn.Module):
+    """relu(x + conv(x)) where the 1×1 conv computes [x0 − x1, x1 − x0]: zero whenever both channels
+    are equal, so LRP-ε divides its relevance by ε at every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).view(2, 2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv(x))
+
+
+class DeepResidual(nn.Module):
+    """A deep residual net whose forward and gradients are finite but whose LRP-ε relevance overflows
+    float32 (×2/ε per block, as on deep CIFAR ResNets whose residual sums no canonizer covers)."""
+
+    def __init__(self, depth: int = 12, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 2, 1, bias=False)
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0)  # both channels equal
+        self.blocks = nn.Sequential(*[_CancellingBlock() for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def deep_residual() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepResidual().eval()

@@ -166,6 +166,21 @@ class Rows:
         c["chance"] += [None] * batch if chance is None else chance.double().cpu().tolist()
         c["retest"] += [None] * batch if retest is None else retest.double().cpu().tolist()
 
+    def drop_invalid(self, start: int, invalid: dict[str, list[bool]], partners: Tensor | None) -> None:
+        """Of the rows added since ``start``: drop those of an invalid (method, image), and set the chance
+        level to NaN where the partner image's map is invalid."""
+        index = {image_id: b for b, image_id in enumerate(self.image_ids)}
+        partner = None if partners is None else partners.tolist()
+        keep = []
+        for i in range(start, len(self.columns["method"])):
+            flags = invalid[self.columns["method"][i]]
+            b = index[self.columns["image_id"][i]]
+            keep.append(not flags[b])
+            if partner is not None and flags[partner[b]] and self.columns["chance"][i] is not None:
+                self.columns["chance"][i] = math.nan
+        for name, values in self.columns.items():
+            values[start:] = [v for v, k in zip(values[start:], keep) if k]
+
     def table(self) -> pa.Table:
         return pa.table(self.columns, schema=SCORE_SCHEMA)
 

@@ -51,6 +51,8 @@ class SanityRun:
         self.top: Tensor | None = None
         self.original: dict[str, Tensor] = {}
         self.retest: dict[tuple[str, str], Tensor] = {}
+        self.invalid: dict[str, Tensor] = {}  # method → B bool: its original map is not finite
+        self.failures: list[dict] = []  # non-finite maps: image_id, method, test, state, seed, reason
         self.explain_calls = 0
 
     def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
@@ -68,8 +70,10 @@ class SanityRun:
         targets = torch.stack([self.top] + [t for *_, t in extra], dim=1)
         maps = self.explain(self.model, targets)
         self.original = {m: as_2d(maps[m][:, 0]) for m in self.methods}
+        original = Block(ORIGINAL, ORIGINAL, -1, self.top, self.original)
+        self.invalid = self._non_finite(original)
         self.retest = self._retest_levels()
-        yield Block(ORIGINAL, ORIGINAL, -1, self.top, self.original)
+        yield original
         for column, (source, index, state, state_targets) in enumerate(extra, start=1):
             yield self._scored(Block(source, state, index, state_targets,
                                      {m: as_2d(maps[m][:, column]) for m in self.methods}))
@@ -79,10 +83,33 @@ class SanityRun:
                 yield self._scored(block)
 
     def _scored(self, block: Block) -> Block:
+        """Score a block; rows of a (method, image) whose original or state map is not finite are left
+        out (failure rows say why) and a chance level against a non-finite partner map is NaN."""
+        bad = self._non_finite(block)
+        start = len(self.rows.columns["method"])
         for test in self.tests:
             if test.source == block.test:
                 test.score(self, block)
+        if any(mask.any() for mask in bad.values()) or any(mask.any() for mask in self.invalid.values()):
+            self.rows.drop_invalid(start, {m: (self.invalid[m] | bad[m]).tolist() for m in self.methods},
+                                   self.partners)
         return block
+
+    def _non_finite(self, block: Block) -> dict[str, Tensor]:
+        """Per method, which images' maps in ``block`` are not finite; those maps are zeroed in place
+        (so that no similarity or histogram sees NaN/Inf) and recorded as failures."""
+        bad = {}
+        for method in self.methods:
+            maps = block.maps[method]
+            finite = torch.isfinite(maps).flatten(1).all(dim=1).cpu()
+            bad[method] = ~finite
+            if not finite.all():
+                block.maps[method] = torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
+                for b in (~finite).nonzero().flatten().tolist():
+                    self.failures.append({"image_id": self.image_ids[b], "method": method, "test": block.test,
+                                          "state": block.state, "seed": block.seed,
+                                          "reason": "non-finite map (NaN/Inf)"})
+        return bad
 
     def _retest_levels(self) -> dict[tuple[str, str], Tensor]:
         """1 for deterministic methods; for stochastic ones the similarity of the original maps with a
@@ -93,7 +120,8 @@ class SanityRun:
             self.explain_calls += 1
             redraw = explain(self.model, self.x, stochastic, self.top[:, None], layer=self.layer,
                              **{**self.explain_kwargs, "seed": retest_seed(self.settings.seed)})
-            second = {m: as_2d(redraw[m][:, 0]) for m in stochastic}
+            second = {m: torch.nan_to_num(as_2d(redraw[m][:, 0]), nan=0.0, posinf=0.0, neginf=0.0)
+                      for m in stochastic}
         ones = torch.ones(self.x.shape[0], dtype=torch.float64)
         return {(m, metric): similarity(self.original[m], second[m], metric) if m in second else ones
                 for m in self.methods for metric in self.metrics}
