@@ -16,12 +16,13 @@ from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from tasks.config import load_config
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
+from tasks.config import load_config
 from tasks.explain import explain_shard
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
+from tasks.storage import RunDir, join
 from tasks.tracking import track_mlflow, tracking_uri, ui_command
 from tasks.write import write_parquet
 
@@ -134,32 +135,33 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
-    plan = plan_shards(cfg, allow_code_change)
-    logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
-                len(plan.shards), len(plan.pending), len(plan.manifest.layers))
-    results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
-    computed = sum(r["n_images"] for r in results)
-    agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                    cfg.randomization.order)
-    report_dir = render_report(plan.run_dir) if cfg.storage.report else None
-    stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
-             "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
-             "shards_skipped": len(plan.shards) - len(plan.pending), "shard_seconds": compute_seconds,
-             "images_per_second": computed / compute_seconds if computed else 0.0,
-             "wall_seconds": time.perf_counter() - started,
-             "non_finite_maps": non_finite_maps(agg.failures)}
-    mlflow_run_id = uri = None
-    if cfg.tracking.enabled:
-        uri = tracking_uri(cfg)
-        mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
-                                     report_dir, agg.comparisons)
-    outcome = {
-        "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
-        "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
-        "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-        "stats": stats,
-        "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
-                   for r in results},
-    }
-    logger.info("results in %s; MLflow run %s (%s)", outcome["run_dir"], mlflow_run_id, outcome["mlflow_ui"])
-    return outcome
+    with RunDir(join(cfg.storage.out, cfg.run_name())).lock():  # a second run on it is refused
+        plan = plan_shards(cfg, allow_code_change)
+        logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
+                    len(plan.shards), len(plan.pending), len(plan.manifest.layers))
+        results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
+        computed = sum(r["n_images"] for r in results)
+        agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
+                        cfg.randomization.order)
+        report_dir = render_report(plan.run_dir) if cfg.storage.report else None
+        stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
+                 "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
+                 "shards_skipped": len(plan.shards) - len(plan.pending), "shard_seconds": compute_seconds,
+                 "images_per_second": computed / compute_seconds if computed else 0.0,
+                 "wall_seconds": time.perf_counter() - started,
+                 "non_finite_maps": non_finite_maps(agg.failures)}
+        mlflow_run_id = uri = None
+        if cfg.tracking.enabled:
+            uri = tracking_uri(cfg)
+            mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
+                                         report_dir, agg.comparisons)
+        outcome = {
+            "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
+            "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
+            "stats": stats,
+            "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
+                       for r in results},
+        }
+        logger.info("results in %s; MLflow run %s (%s)", outcome["run_dir"], mlflow_run_id, outcome["mlflow_ui"])
+        return outcome

@@ -252,6 +252,20 @@ def _pil_to_tensor(picture: Any, image_size: int | None) -> Tensor:
 
 # --- datasets on disk (decoded lazily) -----------------------------------------------------------
 
+def _rgb_array(picture: Any) -> np.ndarray:
+    """A PIL image as H×W×3 (or H×W) values on the 0..255 scale. 16-bit grayscale (PIL modes "I;16*",
+    "I") is scaled by 255/65535 — ``convert("RGB")`` would clip it at 255 and saturate the image."""
+    if picture.mode.startswith("I;16") or picture.mode == "I":
+        values = np.asarray(picture, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{picture.mode} image with values outside 0..65535: only 8- and 16-bit images "
+                             "are supported")
+        return values * (255.0 / 65535.0)
+    if picture.mode == "F":
+        raise ValueError("floating-point (mode F) images are not supported: save it as 8- or 16-bit")
+    return np.asarray(picture.convert("RGB"))
+
+
 def _imagefolder(root: Path, limit: int | None, image_size: int) -> ImageDataset:
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -266,6 +280,11 @@ def _imagefolder(root: Path, limit: int | None, image_size: int) -> ImageDataset
         if limit is not None and len(paths) >= limit:
             break
         if not path.is_file() or path.suffix.lower() not in IMG_EXTENSIONS:
+            continue
+        if not path.resolve().is_relative_to(root.resolve()):  # a symlink leading out of the root
+            message = f"OutsideRoot: {path} links to {path.resolve()}, outside {root}"
+            failures.append((str(path), message))
+            warnings.warn(f"skipping {message}", stacklevel=3)
             continue
         try:
             with Image.open(path) as picture:
@@ -284,7 +303,7 @@ def _imagefolder(root: Path, limit: int | None, image_size: int) -> ImageDataset
     def load(i: int) -> Tensor:
         try:
             with Image.open(paths[i]) as picture:
-                return _pil_to_tensor(picture.convert("RGB"), image_size)
+                return _prepare_rgb(_rgb_array(picture), image_size)
         except Exception as error:  # report which file, whatever the decoder raised
             raise ValueError(f"cannot decode image {paths[i]}: {error}") from error
 

@@ -182,12 +182,12 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
             for module in model.modules():
                 if isinstance(module, kinds):
                     handles.append(module.register_forward_hook(capture_bias))
-        x = x.detach().requires_grad_(True)
+        x = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
         # plain input gradients need no routing: the model's own (in-place) ReLUs are faster
         plain = rule == GRADIENT and not positive and layer is None and not handles
         routing = contextlib.nullcontext() if plain else _ReLURouting(rule, positive)
         with torch.enable_grad(), routing:
-            logits = model(x)
+            logits = run_model(model, x)
             check_logits(logits)
             check_targets(targets, logits.shape[1], x.shape[0])
             selected = logits.gather(1, targets)
@@ -228,7 +228,7 @@ def _looped_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 def forward_logits(model: nn.Module, x: Tensor) -> Tensor:
     """Logits without gradients, in eval mode (for choosing targets)."""
     with torch.no_grad(), evaluation(model), _ReLURouting():
-        logits = model(x)
+        logits = run_model(model, x)
     check_logits(logits)
     return logits
 
@@ -259,7 +259,22 @@ def _input_channels(model: nn.Module) -> int | None:
     return None
 
 
+def run_model(model: nn.Module, x: Tensor) -> Tensor:
+    """model(x), with torch's shape errors turned into a message that names the input's shape."""
+    try:
+        return model(x)
+    except RuntimeError as error:
+        size = "×".join(map(str, x.shape[1:]))
+        raise ValueError(f"the model cannot run on images of size {size} (C×H×W) ({error}); is this the "
+                         "input size, channels and device the model expects?") from error
+
+
 def check_input(model: nn.Module, x: Tensor) -> None:
+    """Refuse what would reach torch's own errors or give meaningless maps: no autograd, wrong dtype,
+    rank or channels, non-finite pixels."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError("saliency maps need autograd, which torch.inference_mode() switches off: call "
+                         "explain outside it (torch.no_grad() is fine)")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor B×C×H×W, got {getattr(x, 'dtype', type(x).__name__)}")
     first = next(model.parameters(), None)
@@ -272,6 +287,10 @@ def check_input(model: nn.Module, x: Tensor) -> None:
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x has {x.shape[1]} channels but the model's first convolution expects "
                          f"{channels}")
+    bad = (~torch.isfinite(x)).flatten(1).any(dim=1)
+    if bad.any():
+        raise ValueError(f"x has NaN/Inf pixels in images {bad.nonzero().flatten().tolist()}; no maps were "
+                         "computed")
 
 
 def normalize_targets(targets, batch: int, device: torch.device) -> Tensor:
@@ -310,7 +329,7 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
     handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
     try:
         with torch.no_grad(), evaluation(model), _ReLURouting():
-            model(example_input[:1])
+            run_model(model, example_input[:1])
     finally:
         for handle in handles:
             handle.remove()

@@ -8,10 +8,13 @@ written first.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +67,10 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+class RunDirBusy(RuntimeError):
+    """Another run holds the run directory."""
+
+
 class RunDir:
     """A run directory given as a local path or a filesystem URI."""
 
@@ -77,6 +84,37 @@ class RunDir:
 
     def file(self, *parts: str) -> str:
         return join(self.path, *parts)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for one run: a second run on it (which could delete this one's
+        temporary files, or write the same parts) is refused with who holds it. An OS lock (flock) on
+        ``.lock``: released when the holder exits, even by SIGKILL. Local directories only; object
+        stores have no such lock (run one job per run directory there)."""
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        path = Path(self.path) / ".lock"
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunDirBusy(f"the run directory {self.location} is in use by {holder}; wait for that run "
+                                 "to finish (then re-run to resume it), or use another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def part_path(self, kind: str, shard: int | str) -> str:
         return self.file(kind, part_name(shard))

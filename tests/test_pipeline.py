@@ -461,3 +461,21 @@ def test_the_old_spelling_of_the_randomization_section_is_still_read(tmp_path):
     assert load_config(overrides=["randomisation.order=independent"]).randomization.order == "independent"
     with pytest.raises(ConfigError, match="both `randomisation` and `randomization`"):
         load_config({"randomisation": {"seeds": [1]}, "randomization": {"seeds": [2]}})
+
+
+def test_a_second_run_on_a_held_run_directory_is_refused(prefect_server, tmp_path):
+    """Issue 11, case 12: while a run holds its directory, a second run on it stops before any work
+    (it could delete the first's temporary files); once released, the directory is free again."""
+    from flows.sanity_check import sanity_check
+    from tasks.storage import RunDirBusy
+
+    run_dir = RunDir(str(tmp_path / "out" / load_config(tiny()).run_name()))
+    with run_dir.lock():
+        with pytest.raises(RunDirBusy, match=rf"in use by pid {os.getpid()} since .*; wait for that run"):
+            sanity_check(config=tiny(), out=str(tmp_path / "out"))
+        assert sorted(p.name for p in Path(run_dir.path).iterdir()) == [".lock"]  # nothing planned or written
+        with pytest.raises(RunDirBusy):
+            with RunDir(run_dir.location).lock():
+                pass
+    with RunDir(run_dir.location).lock():
+        pass

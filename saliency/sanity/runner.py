@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from saliency.engine import cam_layer, explain
 from saliency.methods import get_method
-from saliency.passes import forward_logits
+from saliency.passes import check_input, forward_logits
 from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, retest_seed
 from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, similarity
@@ -46,6 +46,7 @@ class SanityRun:
         self.rows = Rows(self.image_ids, _labels(labels, x.shape[0]), model_name)
         self.partners = chance_partners(x.shape[0])
         self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
+        check_input(model, x)
         self.layer = cam_layer(model, x, self.methods, settings.layer)
         self.logits: Tensor | None = None
         self.top: Tensor | None = None
