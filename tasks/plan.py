@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from saliency.engine import cam_layer
+from saliency.passes import check_input, forward_logits
 from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, parse_manifest, write_manifest
@@ -85,6 +86,7 @@ def _example_input(dataset):
 
 def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> Manifest:
     example = _example_input(dataset)
+    check_model_on_data(cfg, model, example)
     layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
     r = cfg.randomization
@@ -118,6 +120,20 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                    for s in shards],
         "dataset_failures": len(dataset.failures),
     })
+
+
+def check_model_on_data(cfg: Config, model: nn.Module, example) -> None:
+    """Run the model once on the first image, before Ray starts: a model that cannot take the dataset's
+    images (resnet18 on 1-channel MNIST, a wrong image size) is one clear error, not one per shard."""
+    try:
+        check_input(model, example)
+        logits = forward_logits(model, example)
+    except ValueError as error:
+        raise ConfigError(f"config fields `model.name` / `data`: {cfg.model.name} on {cfg.data.dataset} images: "
+                          f"{error}") from None
+    if logits.shape[1] < 2:
+        raise ConfigError(f"config field `model.name`: {cfg.model.name} has {logits.shape[1]} output; the sanity "
+                          "tests need a classifier with at least 2 classes")
 
 
 def run_cam_layer(cfg: Config, model: nn.Module, example) -> str | None:

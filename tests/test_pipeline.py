@@ -479,3 +479,13 @@ def test_a_second_run_on_a_held_run_directory_is_refused(prefect_server, tmp_pat
                 pass
     with RunDir(run_dir.location).lock():
         pass
+
+
+def test_a_model_that_cannot_take_the_images_is_one_error_before_ray(prefect_server, tmp_path):
+    """Issue 11, case 11: resnet18 (3 channels) on MNIST (1 channel) stops at planning, in one line."""
+    from flows.sanity_check import sanity_check
+
+    with pytest.raises(ConfigError, match=r"`model.name` / `data`: resnet18 on mnist images: x has 1 channels "
+                                          r"but the model's first convolution expects 3"):
+        sanity_check(config=tiny(model={"name": "resnet18"}), out=str(tmp_path))
+    assert not any(tmp_path.rglob("*.parquet"))
