@@ -20,6 +20,7 @@ Train/test orders interleave the classes (0, 1, ..., 9, 0, 1, ...) so that ``lim
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ class ImageDataset(Dataset):
 
     def __init__(self, name: str, image_ids: Sequence[str], labels: Sequence[int],
                  load_image: Callable[[int], Tensor], *, num_classes: int | None, channels: int,
-                 image_size: int, failures: list[tuple[str, str]] | None = None) -> None:
+                 image_size: int, failures: list[tuple[str, str]] | None = None,
+                 content_key: Callable[[int], bytes] | None = None) -> None:
         self.name = name
         self.image_ids = list(image_ids)
         self.labels = [int(label) for label in labels]
@@ -76,6 +78,7 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.failures = failures if failures is not None else []
+        self._content_key = content_key
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -88,6 +91,18 @@ class ImageDataset(Dataset):
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+    def content_digest(self, index: int) -> str:
+        """sha256 of an image's content (its file's bytes where it has one, else the decoded pixels), so
+        a run can tell that an image changed under the same id."""
+        if self._content_key is not None:
+            data = self._content_key(index)
+        else:
+            try:
+                data = self._load_image(index).numpy().tobytes()
+            except Exception as error:  # an unreadable image: its failure is recorded when it is loaded
+                data = f"unreadable: {type(error).__name__}".encode()
+        return hashlib.sha256(data).hexdigest()
 
     def __repr__(self) -> str:
         return (f"ImageDataset({self.name!r}, n={len(self)}, channels={self.channels}, "
@@ -309,7 +324,7 @@ def _imagefolder(root: Path, limit: int | None, image_size: int) -> ImageDataset
 
     ids = [p.relative_to(root).as_posix() for p in paths]
     return ImageDataset("imagefolder", ids, labels, load, num_classes=len(classes), channels=3,
-                        image_size=image_size, failures=failures)
+                        image_size=image_size, failures=failures, content_key=lambda i: paths[i].read_bytes())
 
 
 def _torchvision(root: Path, split: str, limit: int | None, image_size: int | None,

@@ -51,6 +51,7 @@ class Manifest(_Strict):
     dataset: str
     n_images: int
     image_ids_sha256: str
+    shard_content: list[str]  # sha256 over each shard's image contents, in shard order
     num_classes: int | None
     methods: list[str]
     tests: list[str]

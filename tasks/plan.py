@@ -105,6 +105,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "methods": cfg.methods.ids,
         "tests": cfg.tests.enabled(),
         "image_ids_sha256": ids,
+        "shard_content": [_content_digest(dataset, s) for s in shards],
         "num_classes": dataset.num_classes,
         "seeds": {"seed": cfg.seed,
                   "randomised_layers": "seeded per (seed, module name), drawn on the CPU",
@@ -152,7 +153,22 @@ def _relative(path: str, root: str | None) -> str:
         return path
 
 
+def _content_digest(dataset, shard: Shard) -> str:
+    """sha256 over the content digests of a shard's images."""
+    digest = hashlib.sha256()
+    for i in range(shard.start, shard.stop):
+        digest.update(dataset.content_digest(i).encode())
+    return digest.hexdigest()
+
+
 def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> None:
+    changed = [i for i, (a, b) in enumerate(zip(old.get("shard_content", []), new["shard_content"])) if a != b]
+    if changed:
+        first = new["shards"][changed[0]]
+        raise ConfigError(f"the images of shard(s) {changed} changed since the run directory's parts were "
+                          f"computed (same ids, other content; first shard: {first['first_image']} … "
+                          f"{first['last_image']}); resuming would keep their stale scores. Start afresh with "
+                          "another --out")
     for key in ("identity", "image_ids_sha256", "shards", "layers"):
         if old.get(key) != new.get(key):
             raise ConfigError(f"the run directory holds a run whose {key} differs from this one "

@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from prefect import task
@@ -89,7 +90,7 @@ def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
 
 @task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
-                 stats: dict[str, float], verdicts: pa.Table | None = None,
+                 stats: dict[str, Any], verdicts: pa.Table | None = None,
                  report_dir: str | None = None, comparisons: pa.Table | None = None) -> str:
     """Log the run; returns the MLflow run id."""
     from mlflow.entities import Metric, Param
@@ -109,7 +110,10 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.T
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start:start + 100])
         now = int(time.time() * 1000)
-        values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()]
+        values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()
+                                         if isinstance(v, (int, float))]
+        values += [(f"run/non_finite_maps/{method}", float(n), 0)
+                   for method, n in stats.get("non_finite_maps", {}).items()]
         if verdicts is not None:
             values += verdict_rows(verdicts, comparisons)
         metrics = [Metric(name, value if value is not None else math.nan, now, step)

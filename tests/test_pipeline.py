@@ -489,3 +489,25 @@ def test_a_model_that_cannot_take_the_images_is_one_error_before_ray(prefect_ser
                                           r"but the model's first convolution expects 3"):
         sanity_check(config=tiny(model={"name": "resnet18"}), out=str(tmp_path))
     assert not any(tmp_path.rglob("*.parquet"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:skipping corrupt image")
+def test_resume_refuses_images_rewritten_under_the_same_name(prefect_server, ray_local, image_folder, tmp_path):
+    """Issue 11, case 2: an imagefolder image rewritten under its name would keep its stale scores."""
+    from flows.sanity_check import sanity_check
+
+    config = {"model": {"name": "resnet18", "num_classes": 2},
+              "data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
+              "methods": {"ids": ["gradient"]}, "tests": {"others": ["min"], "mprt": False, "emprt": False},
+              "randomization": {"seeds": [0]}, "metrics": {"names": ["ssim"], "n_boot": 20},
+              "compute": {"images_per_shard": 3, "batch_size": 3},
+              "storage": {"store_maps": "none", "report": False}, "tracking": {"enabled": False}}
+    first = sanity_check(config=config, out=str(tmp_path / "out"))
+    scores = RunDir(first["run_dir"]).read_parts("scores")
+    again = sanity_check(config=config, out=str(tmp_path / "out"))  # unchanged images: resumes
+    assert again["stats"]["shards_skipped"] == again["stats"]["shards"]
+    _write_png(image_folder / "b" / "1.png", seed=999)
+    with pytest.raises(ConfigError, match=r"the images of shard\(s\) \[1\] changed .*b/0.png … b/2.png"):
+        sanity_check(config=config, out=str(tmp_path / "out"))
+    assert RunDir(first["run_dir"]).read_parts("scores").equals(scores)  # nothing lost or mixed

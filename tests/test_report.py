@@ -220,7 +220,7 @@ def manifest(methods=METHODS) -> Manifest:
     return Manifest(
         run_id="abc", run_name="cnn-mnist-abc", created="2026-11-27T00:00:00+0000", code_version="abc123",
         code_hash="0" * 16, libraries={"torch": "2"}, config={"methods": {"ids": list(methods), "batch_size": 32}},
-        identity={}, model="cnn", dataset="mnist", n_images=6, image_ids_sha256="0" * 64, num_classes=10,
+        identity={}, model="cnn", dataset="mnist", n_images=6, image_ids_sha256="0" * 64, shard_content=[], num_classes=10,
         methods=list(methods), tests=["class_sensitivity", "mprt", "emprt"], seeds={"seed": 0},
         randomization={"order": "cascade_top_down", "granularity": "module", "init": "reset", "sigma": 0.01,
                        "bn_stats": "keep", "target": "original", "seeds": [0, 1]},
