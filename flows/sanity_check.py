@@ -6,19 +6,20 @@ uninterrupted run's.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from itertools import islice
 from typing import Any, Iterator
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
-from tasks.config import load_config
+from tasks.config import ConfigError, load_config
 from tasks.explain import explain_shard
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
@@ -110,6 +111,24 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
     return results, seconds
 
 
+#: The environment variable of a deployment's own config (prefect.yaml job_variables.env, or the
+#: environment of `saliency-sanity serve`) listing the model factories its runs may import.
+ALLOWED_FACTORIES_ENV = "SALIENCY_SANITY_ALLOWED_FACTORIES"
+
+
+def check_factory_allowed(cfg, deployed: bool) -> None:
+    """``model.name=pkg.module:function`` imports and runs code. Configs given to the CLI or the library
+    are trusted input; a deployment's runs take parameters from whoever triggers them, so there a factory
+    must be on the deployment's allow-list ($SALIENCY_SANITY_ALLOWED_FACTORIES, comma-separated)."""
+    if not deployed or ":" not in cfg.model.name:
+        return
+    allowed = {name.strip() for name in os.environ.get(ALLOWED_FACTORIES_ENV, "").split(",") if name.strip()}
+    if cfg.model.name not in allowed:
+        raise ConfigError(f"config field `model.name`: the factory {cfg.model.name!r} is not on this "
+                          f"deployment's allow-list (${ALLOWED_FACTORIES_ENV} = {sorted(allowed) or 'empty'}); "
+                          "deployments run only the factories their own configuration allows")
+
+
 def non_finite_maps(failures) -> dict[str, int]:
     """Per method, how many images had a non-finite map in some state (their scores are left out)."""
     images: dict[str, set] = {}
@@ -135,6 +154,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
+    check_factory_allowed(cfg, deployed=runtime.deployment.id is not None)
     with RunDir(join(cfg.storage.out, cfg.run_name())).lock():  # a second run on it is refused
         plan = plan_shards(cfg, allow_code_change)
         logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,

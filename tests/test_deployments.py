@@ -108,3 +108,45 @@ def test_ray_cluster_example_is_valid():
     assert any("pip install" in command and "-e ." in command for command in config["setup_commands"])
     assert config["available_node_types"][config["head_node_type"]]
 
+
+
+def test_a_deployment_runs_only_the_model_factories_it_allows(monkeypatch):
+    """Issue 11, case 7: config is trusted from the CLI, not from whoever triggers a deployment run."""
+    from flows.sanity_check import ALLOWED_FACTORIES_ENV, check_factory_allowed
+    from tasks.config import ConfigError, load_config
+
+    factory = load_config(overrides=["model.name=models_for_tests:deep_residual"])
+    check_factory_allowed(factory, deployed=False)  # the CLI and the library: trusted
+    check_factory_allowed(load_config(), deployed=True)  # a named model is no code
+    monkeypatch.delenv(ALLOWED_FACTORIES_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"'models_for_tests:deep_residual' is not on this deployment's "
+                                          r"allow-list \(\$SALIENCY_SANITY_ALLOWED_FACTORIES = empty\)"):
+        check_factory_allowed(factory, deployed=True)
+    monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "a.b:c, models_for_tests:deep_residual")
+    check_factory_allowed(factory, deployed=True)
+
+
+def test_a_deployment_run_with_a_factory_off_the_list_fails_before_any_work(prefect_server, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.sanity_check import ALLOWED_FACTORIES_ENV, DEFAULT_CRON, sanity_check
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "")
+    out = tmp_path / "out"
+    deployment = sanity_check.to_deployment(name="factory-run", cron=DEFAULT_CRON, parameters={
+        "out": str(out), "overrides": TINY_OVERRIDES + ["model.name=os:getcwd"]})
+
+    async def serve_one_run():
+        runner = Runner(name="test-runner-factory", query_seconds=1)
+        deployment_id = await runner.aadd_deployment(deployment)
+        flow_run = await run_deployment(deployment_id, timeout=0)
+        await runner.start(run_once=True)
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run.id)
+
+    flow_run = asyncio.run(serve_one_run())
+    assert flow_run.state.is_failed() and "allow-list" in flow_run.state.message
+    assert not out.exists()
