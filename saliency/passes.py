@@ -259,13 +259,23 @@ def _input_channels(model: nn.Module) -> int | None:
     return None
 
 
+class InputShapeError(ValueError, RuntimeError):
+    """The model cannot take inputs of this shape (a ValueError, and still the RuntimeError torch raised)."""
+
+
+_SHAPE_WORDS = ("shape", "size", "channels")
+
+
 def run_model(model: nn.Module, x: Tensor) -> Tensor:
-    """model(x), with torch's shape errors turned into a message that names the input's shape."""
+    """model(x), with torch's shape errors turned into a message that names the input's size (the
+    model's other errors pass unchanged)."""
     try:
         return model(x)
     except RuntimeError as error:
+        if not any(word in str(error) for word in _SHAPE_WORDS):
+            raise
         size = "×".join(map(str, x.shape[1:]))
-        raise ValueError(f"the model cannot run on images of size {size} (C×H×W) ({error}); is this the "
+        raise InputShapeError(f"the model cannot run on images of size {size} (C×H×W) ({error}); is this the "
                          "input size, channels and device the model expects?") from error
 
 
