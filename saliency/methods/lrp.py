@@ -33,11 +33,16 @@ def composite(name: str, canonizers: list):
 
 
 def canonizers_for(model: nn.Module) -> list:
-    """zennit's canonizer for torchvision ResNets and VGGs, generic BatchNorm merging otherwise."""
+    """zennit's canonizer for torchvision ResNets and VGGs, ours for the CIFAR ResNet (option-A
+    shortcuts, which zennit does not know), generic BatchNorm merging otherwise."""
     from torchvision.models import VGG, ResNet
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
+    from saliency.cifar import CifarResNet, CifarResNetCanonizer
+
+    if isinstance(model, CifarResNet):
+        return [CifarResNetCanonizer()]
     if isinstance(model, ResNet):
         return [ResNetCanonizer()]
     if isinstance(model, VGG):
