@@ -105,11 +105,25 @@ def load_cifar_resnet20(weights: str | Path | None = None) -> CifarResNet:
     except Exception as error:  # pickle errors, truncated files, disallowed objects
         raise ValueError(f"cannot read {source} as a state_dict (torch.load weights_only=True): "
                          f"{error}") from error
-    try:
-        model.load_state_dict(_state_dict(checkpoint, source), strict=True)
-    except RuntimeError as error:  # missing/unexpected keys or shape mismatches
-        raise ValueError(f"{source} does not match {CIFAR_RESNET20}: {error}") from error
+    state = _state_dict(checkpoint, source)
+    _check_keys(model, state, source)
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _check_keys(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """A short ValueError for missing or unexpected keys and shape mismatches (load_state_dict's own
+    message lists all 97 keys)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches (file vs model)", mismatched)) if items]
+    if problems:
+        raise ValueError(f"{source} does not match {CIFAR_RESNET20}: " + "; ".join(problems))
 
 
 def _state_dict(checkpoint: object, source: str) -> dict[str, Tensor]:
