@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from saliency.assets import read_asset
+from saliency.cifar import CIFAR_MEAN, CIFAR_STD
 
 DATASETS = ("mnist", "digits", "skimage", "cifar10_sample", "imagefolder", "torchvision")
 SPLITS = ("train", "test")
@@ -221,11 +225,6 @@ def _skimage(limit: int | None, image_size: int) -> ImageDataset:
 
 
 def _cifar10_sample(split: str, limit: int | None, image_size: int | None) -> ImageDataset:
-    import io
-
-    from saliency.assets import read_asset
-    from saliency.cifar import CIFAR_MEAN, CIFAR_STD
-
     if split != "test":
         raise ValueError(f"dataset 'cifar10_sample' holds 100 CIFAR-10 test images only; split must be "
                          f"'test', got {split!r}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saliency.cifar import CifarResNet, CifarResNetCanonizer
 from saliency.methods.base import Method
 
 EPSILON = 1e-6
@@ -38,8 +39,6 @@ def canonizers_for(model: nn.Module) -> list:
     from torchvision.models import VGG, ResNet
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-
-    from saliency.cifar import CifarResNet, CifarResNetCanonizer
 
     if isinstance(model, CifarResNet):
         return [CifarResNetCanonizer()]
