@@ -195,10 +195,11 @@ def test_lrp_conserves_relevance_through_residual_sums(model, data):
     of the relevance (ε) or of the denominator (z⁺ keeps positive biases). Merging BatchNorm gives every
     conv a bias, so the property is tested on a copy whose merged biases are zero (``_bias_free``); the
     network is then positively homogeneous and
-    - ε (1e-6) is LRP-0, which on a bias-free ReLU network equals gradient × input elementwise, and the
-      sum is y_c (Euler). Both need the residual sum to split relevance in proportion to the branches
-      (our canonizer's Sum) and the average pool to share it in proportion to the activations: the
-      plain gradient of ``+`` copies the relevance to both branches, which this test detects (below);
+    - ε (1e-6) is LRP-0, which on a ReLU network equals gradient × input elementwise (with biases
+      too), and without biases the sum is y_c (Euler). Both need the residual sum to split relevance in
+      proportion to the branches (our canonizer's Sum) and the average pool to share it in proportion
+      to the activations: the plain gradient of ``+`` copies the relevance to both branches, which
+      this test detects (below);
     - z⁺ conserves at every layer except where a neuron with relevance has no positive contribution;
       in a ResNet that happens at a residual branch whose value is ≤ 0 with negative relevance, a small
       leak (measured: at most 0.25% of y_c on the 100 images), hence the 1% tolerance.
