@@ -9,6 +9,10 @@ them. All images come out as float32 C×H×W tensors, already normalised for the
 - ``digits``: scikit-learn's 8×8 digits (0..16), split 80/20 per class (seeded), scaled to [0, 1] and
   normalised with the dataset's own statistics (mean 0.3053, std 0.3760). Id: ``digits-<index>``.
 - ``skimage``: colour photographs shipped inside scikit-image (no download). Labels are unknown: -1.
+- ``cifar10_sample``: 100 CIFAR-10 test images shipped with this package (``saliency/assets``, from
+  eth-sri/eran), for the ``cifar_resnet20`` model: scaled to [0, 1] and normalised as that model was
+  trained (per-channel mean 0.485, 0.456, 0.406, std 0.229, 0.224, 0.225). 3×32×32. Test images only:
+  ``split`` must be "test". Id: ``cifar10-<index in the shipped file>``.
 - ``imagefolder``: ``root/<class>/<image>`` (torchvision ImageFolder semantics: class index = sorted
   folder order). Always RGB. Id: the path relative to root. Corrupt files are skipped and recorded.
 - ``torchvision``: a torchvision dataset class read from a local root, never downloaded.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from saliency.assets import read_asset
 from saliency.choices import check_choice
+from saliency.cifar import CIFAR_MEAN, CIFAR_STD
 
-DATASETS = ("mnist", "digits", "skimage", "imagefolder", "torchvision")
+DATASETS = ("mnist", "digits", "skimage", "cifar10_sample", "imagefolder", "torchvision")
 SPLITS = ("train", "test")
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -130,6 +137,8 @@ def load_dataset(name: str, *, split: str = "test", limit: int | None = None,
         return _digits(split, limit, image_size)
     if name == "skimage":
         return _skimage(limit, image_size or 224)
+    if name == "cifar10_sample":
+        return _cifar10_sample(split, limit, image_size)
     if root is None:
         raise ValueError(f"dataset {name!r} needs root= (a local directory)")
     if name == "imagefolder":
@@ -227,6 +236,28 @@ def _skimage(limit: int | None, image_size: int) -> ImageDataset:
     stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
     return ImageDataset("skimage", [f"skimage-{n}" for n in names], [-1] * len(names),
                         lambda i: stacked[i].clone(), num_classes=None, channels=3, image_size=image_size)
+
+
+def _cifar10_sample(split: str, limit: int | None, image_size: int | None) -> ImageDataset:
+    if split != "test":
+        raise ValueError(f"dataset 'cifar10_sample' holds 100 CIFAR-10 test images only; split must be "
+                         f"'test', got {split!r}")
+    with np.load(io.BytesIO(read_asset("cifar10_test100.npz"))) as arrays:
+        pixels, labels = arrays["images"], arrays["labels"]
+    order = _interleaved_classes(labels)
+    images = torch.from_numpy(pixels[order]).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(CIFAR_MEAN).view(3, 1, 1), torch.tensor(CIFAR_STD).view(3, 1, 1)
+    images = (_resize_square(images, image_size) - mean) / std
+    ids = [f"cifar10-{i:03d}" for i in order]
+    return _in_memory("cifar10_sample", ids, images, labels[order], limit, 10)
+
+
+def _interleaved_classes(labels: np.ndarray) -> np.ndarray:
+    """All indices, classes alternating (0, 1, ..., 9, 0, ...) in file order within a class, so that any
+    prefix stays balanced as long as every class has images left."""
+    per_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    return np.asarray([int(m[rank]) for rank in range(max(len(m) for m in per_class))
+                       for m in per_class if rank < len(m)], dtype=np.int64)
 
 
 # --- image conversion ----------------------------------------------------------------------------

@@ -10,6 +10,9 @@
 - "reference_resnet": the same for a small torchvision-style ResNet (``ReferenceResNet``, a
   ``torchvision.models.ResNet`` with BasicBlocks, so ResNet-specific tooling such as zennit's
   ResNetCanonizer applies to it);
+- "cifar_resnet20": the CIFAR-10 ResNet-20 of akamaster/pytorch_resnet_cifar10 (``saliency.cifar``) with
+  its trained weights, shipped with the package (sha256 checked), or with a ``weights`` file; it suits
+  the ``cifar10_sample`` dataset;
 - "package.module:function": a factory called with the extra keywords; it must return an nn.Module.
 Every model comes back in eval mode.
 
@@ -34,6 +37,8 @@ import torch
 import torchvision.models
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from saliency.cifar import CIFAR_RESNET20, load_cifar_resnet20
 
 REFERENCE = "reference"
 REFERENCE_RESNET = "reference_resnet"
@@ -160,6 +165,13 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
         model = reference_spec(name).factory()
         _load_weights_file(model, Path(weights))
         return model.eval()
+    if name == CIFAR_RESNET20:
+        if num_classes not in (None, 10):
+            raise ValueError(f"the {name} model classifies the 10 CIFAR-10 classes; num_classes must be "
+                             f"None or 10, got num_classes={num_classes}")
+        if kw:
+            raise ValueError(f"the {name} model takes no extra options, got {sorted(kw)}")
+        return load_cifar_resnet20(weights)
     if ":" in name:
         model = _from_factory(name, num_classes, kw)
         if weights is not None:
@@ -168,7 +180,7 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
     if name not in torchvision.models.list_models():
         raise ValueError(f"unknown model {name!r}; allowed: a torchvision.models name (e.g. resnet18, "
                          f"resnet50, vgg16, vgg16_bn, alexnet), {REFERENCE!r}, {REFERENCE_RESNET!r}, "
-                         "or 'package.module:function'")
+                         f"{CIFAR_RESNET20!r} or 'package.module:function'")
     return _torchvision_model(name, weights, num_classes, kw).eval()
 
 

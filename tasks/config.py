@@ -66,7 +66,9 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("reference", description='a torchvision.models name (e.g. "resnet18"), "reference" '
-                      '(the small CNN trained on the bundled MNIST digits) or "package.module:function"')
+                      '(the small CNN trained on the bundled MNIST digits), "reference_resnet", '
+                      '"cifar_resnet20" (the shipped CIFAR-10 ResNet-20, for data.dataset=cifar10_sample) '
+                      'or "package.module:function"')
     weights: str | None = Field(None, description="a state_dict file (read with weights_only=True) or a "
                                 "torchvision weights name; null = the model's default (trained reference "
                                 "CNN, random torchvision weights)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saliency.cifar import CifarResNet, CifarResNetCanonizer
 from saliency.methods.base import Method
 
 EPSILON = 1e-6
@@ -33,11 +34,14 @@ def composite(name: str, canonizers: list):
 
 
 def canonizers_for(model: nn.Module) -> list:
-    """zennit's canonizer for torchvision ResNets and VGGs, generic BatchNorm merging otherwise."""
+    """zennit's canonizer for torchvision ResNets and VGGs, ours for the CIFAR ResNet (option-A
+    shortcuts, which zennit does not know), generic BatchNorm merging otherwise."""
     from torchvision.models import VGG, ResNet
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
+    if isinstance(model, CifarResNet):
+        return [CifarResNetCanonizer()]
     if isinstance(model, ResNet):
         return [ResNetCanonizer()]
     if isinstance(model, VGG):
