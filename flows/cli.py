@@ -65,6 +65,9 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                   f"({stats['images_computed']} computed at {stats['images_per_second']:.1f} img/s, "
                   f"{stats['shards_skipped']} shards resumed), {stats['score_rows']} scores, "
                   f"{stats['failures']} failures")
+    if stats["shards_rejected"]:
+        console.print(f"[yellow]{stats['shards_rejected']} stored shard(s) did not match the plan[/yellow] and were "
+                      "recomputed (see the log for why)")
     for method, count in stats["non_finite_maps"].items():
         hint = (" (LRP relevance can overflow float32 in deep residual nets: try a canonizer for the residual "
                 "sums, or a larger ε)" if method.startswith("lrp") else "")

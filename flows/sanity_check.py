@@ -159,14 +159,21 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
         plan = plan_shards(cfg, allow_code_change)
         logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
                     len(plan.shards), len(plan.pending), len(plan.manifest.layers))
+        for index, reason in plan.rejected.items():
+            logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
         results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
+        untrusted = plan.untrusted(cfg, plan.pending)
+        if untrusted:
+            raise RuntimeError("parts written by this run do not match the plan: " + "; ".join(
+                f"shard {index}: {reason}" for index, reason in sorted(untrusted.items())))
         computed = sum(r["n_images"] for r in results)
         agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
                         cfg.randomization.order)
         report_dir = render_report(plan.run_dir) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
                  "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
-                 "shards_skipped": len(plan.shards) - len(plan.pending), "shard_seconds": compute_seconds,
+                 "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
+                 "shard_seconds": compute_seconds,
                  "images_per_second": computed / compute_seconds if computed else 0.0,
                  "wall_seconds": time.perf_counter() - started,
                  "non_finite_maps": non_finite_maps(agg.failures)}

@@ -20,6 +20,7 @@ from saliency.passes import check_input, forward_logits
 from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, parse_manifest, write_manifest
+from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
 from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
@@ -35,6 +36,15 @@ class Plan:
     shards: list[Shard]
     pending: list[Shard]
     model: nn.Module = field(repr=False)
+    rejected: dict[int, str] = field(default_factory=dict)  # shard → why its stored parts were recomputed
+    image_ids: list[str] = field(default_factory=list, repr=False)
+
+    def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
+        """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
+        per_method = rows_per_image_and_method(cfg.sanity_settings(), len(self.manifest.states))
+        reasons = {s.index: check_shard(self.run_dir, s, self.image_ids[s.start:s.stop], cfg.methods.ids,
+                                        per_method) for s in shards}
+        return {index: reason for index, reason in reasons.items() if reason is not None}
 
     @property
     def n_images(self) -> int:
@@ -216,5 +226,24 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
                  "stage": "load", "error_type": message.partition(":")[0], "message": message}
                 for path, message in dataset.failures]
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
-    done = run_dir.done_shards()
-    return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model)
+    done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
+    return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
+                rejected, list(dataset.image_ids))
+
+
+def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],
+                   n_states: int) -> tuple[set[int], dict[int, str]]:
+    """The finished shards whose parts match the plan; the others' parts are deleted (so they are
+    recomputed), with the reason (issue: a part overwritten by another, emptied or truncated)."""
+    per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states)
+    done, rejected = set(), {}
+    for index in sorted(run_dir.done_shards()):
+        shard = shards[index] if index < len(shards) else None
+        reason = "it is not a shard of this plan" if shard is None else check_shard(
+            run_dir, shard, dataset.image_ids[shard.start:shard.stop], cfg.methods.ids, per_method)
+        if reason is None:
+            done.add(index)
+        else:
+            delete_shard(run_dir, index)
+            rejected[index] = reason
+    return done, rejected

@@ -511,3 +511,47 @@ def test_resume_refuses_images_rewritten_under_the_same_name(prefect_server, ray
     with pytest.raises(ConfigError, match=r"the images of shard\(s\) \[1\] changed .*b/0.png … b/2.png"):
         sanity_check(config=config, out=str(tmp_path / "out"))
     assert RunDir(first["run_dir"]).read_parts("scores").equals(scores)  # nothing lost or mixed
+
+
+@pytest.mark.slow
+def test_parts_that_do_not_match_the_plan_are_recomputed_not_read(reference_run, ray_local, tmp_path):
+    """Issue 11, case 3: a part overwritten by another shard's, an empty but valid part, a zero-byte
+    part, a truncated part and a part missing rows are each deleted and their shard recomputed: the
+    tables equal the uninterrupted run's, never n = 300 with duplicated rows or 10 images short."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from flows.sanity_check import sanity_check
+    from tasks.parts import check_shard, rows_per_image_and_method
+    from tasks.shards import load_data, shard_ranges
+
+    source = Path(reference_run[0]["run_dir"])
+    copy = tmp_path / "out" / source.name
+    shutil.copytree(source, copy)
+    run_dir = RunDir(str(copy))
+    part = {i: Path(run_dir.part_path("scores", i)) for i in range(N_SHARDS)}
+    shutil.copyfile(part[0], part[1])                                    # another shard's rows
+    pq.write_table(SCORE_SCHEMA.empty_table(), part[2])                  # valid, empty
+    part[3].write_bytes(b"")                                             # zero bytes
+    part[4].write_bytes(part[4].read_bytes()[:200])                      # truncated
+    table = pq.read_table(part[5])
+    pq.write_table(table.slice(0, table.num_rows - 1), part[5])          # one row short
+
+    cfg = load_config(tiny())
+    ids = load_data(cfg).image_ids
+    per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states())
+    reasons = {s.index: check_shard(run_dir, s, ids[s.start:s.stop], METHODS, per_method)
+               for s in shard_ranges(N_IMAGES, PER_SHARD)}
+    assert "rows of shard(s) [0]" in reasons[1]
+    assert reasons[2] == f"{PER_SHARD} of its images have neither scores nor a recorded failure (e.g. {min(ids[8:12])})"
+    assert reasons[3].startswith("a part is unreadable") and reasons[4].startswith("a part is unreadable")
+    assert reasons[5].endswith(f"score rows, expected {per_method}")
+    assert all(reasons[i] is None for i in (0, 6, 7))
+
+    outcome = sanity_check(config=tiny(), out=str(tmp_path / "out"))
+    assert outcome["stats"]["shards_rejected"] == 5 and outcome["stats"]["shards_skipped"] == N_SHARDS - 5
+    assert set(outcome["shards"]) == {1, 2, 3, 4, 5}
+    tables = run_tables(outcome["run_dir"])
+    for name, expected in reference_run[1].items():
+        assert_same_table(tables[name], expected, name)

@@ -99,6 +99,11 @@ class SanityTest:
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
         return state
 
+    def rows_per_image(self, settings: Settings, n_states: int) -> int | None:
+        """Score rows this test writes per image and method (None: not known in advance), so stored
+        parts can be checked before they are trusted."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------- helpers
 def as_2d(maps: Tensor) -> Tensor:

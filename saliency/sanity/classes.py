@@ -48,6 +48,10 @@ class ClassSensitivity(SanityTest):
         targets = class_targets(run.logits, others, run.settings.seed, run.image_ids)
         return [(name, targets[:, j + 1]) for j, name in enumerate(others)]
 
+    def rows_per_image(self, settings, n_states: int) -> int:
+        others = [settings.others] if isinstance(settings.others, str) else list(settings.others)
+        return len(others) * len(list(settings.metrics))
+
     def score(self, run, block: Block) -> None:
         for method in run.methods:
             for metric in run.metrics:

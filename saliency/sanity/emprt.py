@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from saliency.sanity.base import Block, SanityTest
+from saliency.sanity.mprt import randomization_seeds
 
 ENTROPY_BINS = 100
 ENTROPY_METRIC = "entropy_rise"
@@ -46,6 +47,10 @@ class EntropyRise(SanityTest):
     def score(self, run, block: Block) -> None:
         for method in run.methods:
             run.rows.add(method, self.id, block, ENTROPY_METRIC, entropy_rise(run.original[method], block.maps[method]))
+
+    def rows_per_image(self, settings, n_states: int) -> int:
+        states = n_states if settings.states is None else len(set(settings.states))
+        return len(randomization_seeds(settings)) * states
 
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
         return "full" if state_index == n_states - 1 else None

@@ -61,6 +61,10 @@ class ParameterRandomization(SanityTest):
                 yield Block(self.id, state_name(k, state_layer(layers, s.order, k)), k, targets,
                             {m: v[:, 0] for m, v in maps.items()}, seed=seed)
 
+    def rows_per_image(self, settings, n_states: int) -> int:
+        states = n_states if settings.states is None else len(set(settings.states))
+        return len(randomization_seeds(settings)) * states * len(list(settings.metrics))
+
     def score(self, run, block: Block) -> None:
         for method in run.methods:
             for metric in run.metrics:
