@@ -128,3 +128,18 @@ class DeepResidual(nn.Module):
 def deep_residual() -> nn.Module:
     torch.manual_seed(0)
     return DeepResidual().eval()
+
+
+def count_explain_calls(monkeypatch) -> list[int]:
+    """Count the explain calls of saliency.sanity's runner: a one-item list, incremented per call."""
+    import saliency.sanity.runner as runner
+
+    calls = [0]
+    real = runner.explain
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain", counted)
+    return calls

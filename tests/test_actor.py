@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-import saliency.sanity.runner as runner
+from models_for_tests import count_explain_calls
 from tasks.actor import ShardWorker
 from tasks.config import load_config
 from tasks.shards import Shard, load_configured_model
@@ -23,16 +23,9 @@ def worker(store_maps: str) -> ShardWorker:
 
 
 def counted_run(monkeypatch, store_maps: str) -> tuple[dict, int]:
-    calls = [0]
-    real = runner.explain
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "explain", counted)
-    result = worker(store_maps).run(Shard(0, 0, N_IMAGES))
-    monkeypatch.setattr(runner, "explain", real)
+    with monkeypatch.context() as patch:
+        calls = count_explain_calls(patch)
+        result = worker(store_maps).run(Shard(0, 0, N_IMAGES))
     return result, calls[0]
 
 

@@ -71,12 +71,26 @@ def test_deployment_applied_to_the_api_keeps_schedule_and_work_pool(prefect_serv
 
 
 @pytest.mark.slow
-def test_deployment_run_started_through_the_api_completes(prefect_server, ray_local, tmp_path, monkeypatch):
-    """Served like `saliency-sanity serve`: a runner picks up a run created by the API and finishes it."""
+def serve_one_run(deployment):
+    """Serve a deployment like `saliency-sanity serve`: a runner picks up one run created through the API;
+    returns that flow run as the API sees it afterwards."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runner import Runner
 
+    async def run():
+        runner = Runner(name=f"test-runner-{deployment.name}", query_seconds=1)
+        deployment_id = await runner.aadd_deployment(deployment)
+        flow_run = await run_deployment(deployment_id, timeout=0)
+        await runner.start(run_once=True)
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run.id)
+
+    return asyncio.run(run())
+
+
+def test_deployment_run_started_through_the_api_completes(prefect_server, ray_local, tmp_path, monkeypatch):
+    """Served like `saliency-sanity serve`: a runner picks up a run created by the API and finishes it."""
     from flows.sanity_check import DEFAULT_CRON, sanity_check
     from tasks.storage import RunDir
 
@@ -86,15 +100,7 @@ def test_deployment_run_started_through_the_api_completes(prefect_server, ray_lo
     deployment = sanity_check.to_deployment(name="api-run", cron=DEFAULT_CRON,
                                             parameters={"out": out, "overrides": TINY_OVERRIDES})
 
-    async def serve_one_run():
-        runner = Runner(name="test-runner", query_seconds=1)
-        deployment_id = await runner.aadd_deployment(deployment)
-        flow_run = await run_deployment(deployment_id, timeout=0)
-        await runner.start(run_once=True)
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run.id)
-
-    flow_run = asyncio.run(serve_one_run())
+    flow_run = serve_one_run(deployment)
     assert flow_run.state.is_completed(), flow_run.state
     run_dir = next(Path(out).iterdir())
     assert RunDir(str(run_dir)).done_shards() == {0, 1} and (run_dir / "summary.parquet").is_file()
@@ -127,10 +133,6 @@ def test_a_deployment_runs_only_the_model_factories_it_allows(monkeypatch):
 
 
 def test_a_deployment_run_with_a_factory_off_the_list_fails_before_any_work(prefect_server, tmp_path, monkeypatch):
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-    from prefect.runner import Runner
-
     from flows.sanity_check import ALLOWED_FACTORIES_ENV, DEFAULT_CRON, sanity_check
 
     monkeypatch.chdir(ROOT)
@@ -139,14 +141,6 @@ def test_a_deployment_run_with_a_factory_off_the_list_fails_before_any_work(pref
     deployment = sanity_check.to_deployment(name="factory-run", cron=DEFAULT_CRON, parameters={
         "out": str(out), "overrides": TINY_OVERRIDES + ["model.name=os:getcwd"]})
 
-    async def serve_one_run():
-        runner = Runner(name="test-runner-factory", query_seconds=1)
-        deployment_id = await runner.aadd_deployment(deployment)
-        flow_run = await run_deployment(deployment_id, timeout=0)
-        await runner.start(run_once=True)
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run.id)
-
-    flow_run = asyncio.run(serve_one_run())
+    flow_run = serve_one_run(deployment)
     assert flow_run.state.is_failed() and "allow-list" in flow_run.state.message
     assert not out.exists()

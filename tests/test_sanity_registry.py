@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import saliency.sanity.runner as runner
 from saliency import plots
 from saliency.sanity import (Block, SanityRun, SanityTest, Settings, available_tests, get_test, register,
                              run_sanity)
 from saliency.sanity import registry as sanity_registry
 from saliency.sanity.base import paired
 from saliency.statistics import summarize, verdicts
-from models_for_tests import small_cnn
+from models_for_tests import count_explain_calls, small_cnn
 from tasks.tracking import metric_rows
 
 METHODS = ["gradient", "gradcam", "random"]
@@ -68,18 +67,6 @@ def test_a_new_test_is_scored_summarised_judged_drawn_and_tracked(batch, toy_tes
     assert set(judged["scope"].to_pylist()) == {"second"}
     assert list(plots.report_figures(summary)) == ["toy_second_ssim"]
     assert {name for name, *_ in metric_rows(summary)} >= {"toy_second/second/gradient/ssim"}
-
-
-def count_explain_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    real = runner.explain
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "explain", counted)
-    return calls
 
 
 def test_one_explain_call_per_state_and_every_map_comes_out_once(batch, monkeypatch):
