@@ -65,7 +65,8 @@ class SanityTest:
 
     A test with its own maps overrides ``extra_targets`` (more classes explained with the top class
     under the trained model, in the same explain call) and/or ``blocks`` (maps under other models or
-    inputs); every test overrides ``score``.
+    inputs). ``score`` defaults to the similarity of each original map with the block's map, per metric,
+    with its chance and retest levels (class sensitivity, MPRT); eMPRT overrides it.
     """
 
     id: str
@@ -93,8 +94,11 @@ class SanityTest:
         """Blocks of maps computed elsewhere (randomised models, …)."""
         return iter(())
 
-    def score(self, run: "SanityRun", block: Block) -> None:  # pragma: no cover - every test overrides it
-        raise NotImplementedError
+    def score(self, run: "SanityRun", block: Block) -> None:
+        for method in run.methods:
+            for metric in run.metrics:
+                value, chance = paired(run.original[method], block.maps[method], metric, run.partners)
+                run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
 
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
         return state

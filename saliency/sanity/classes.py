@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from saliency.choices import check_choice
-from saliency.sanity.base import Block, SanityTest, paired, random_other_classes
+from saliency.sanity.base import SanityTest, random_other_classes
 
 OTHERS = ("min", "random", "second")
 
@@ -30,10 +30,14 @@ def class_targets(logits: Tensor, others, seed: int, image_ids) -> Tensor:
     return torch.stack([top] + [choices[name]() for name in others], dim=1)
 
 
+def _others(settings) -> list[str]:
+    return [settings.others] if isinstance(settings.others, str) else list(settings.others)
+
+
 @dataclass(frozen=True)
 class ClassSensitivity(SanityTest):
     def check(self, run) -> None:
-        others = [run.settings.others] if isinstance(run.settings.others, str) else list(run.settings.others)
+        others = _others(run.settings)
         if not others:
             raise ValueError(f"others is empty; allowed: {', '.join(OTHERS)}")
         for name in others:
@@ -44,19 +48,12 @@ class ClassSensitivity(SanityTest):
     def extra_targets(self, run) -> list[tuple[str, Tensor]]:
         if run.logits.shape[1] < 2:
             raise ValueError(f"class sensitivity needs at least 2 classes, the model has {run.logits.shape[1]}")
-        others = [run.settings.others] if isinstance(run.settings.others, str) else list(run.settings.others)
+        others = _others(run.settings)
         targets = class_targets(run.logits, others, run.settings.seed, run.image_ids)
         return [(name, targets[:, j + 1]) for j, name in enumerate(others)]
 
     def rows_per_image(self, settings, n_states: int) -> int:
-        others = [settings.others] if isinstance(settings.others, str) else list(settings.others)
-        return len(others) * len(list(settings.metrics))
-
-    def score(self, run, block: Block) -> None:
-        for method in run.methods:
-            for metric in run.metrics:
-                value, chance = paired(run.original[method], block.maps[method], metric, run.partners)
-                run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
+        return len(_others(settings)) * len(list(settings.metrics))
 
 
 CLASS_SENSITIVITY = ClassSensitivity(

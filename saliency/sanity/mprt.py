@@ -15,7 +15,7 @@ from typing import Iterator
 from saliency.choices import check_choice
 from saliency.passes import forward_logits
 from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
-from saliency.sanity.base import Block, SanityTest, paired
+from saliency.sanity.base import Block, SanityTest
 
 TARGET_MODES = ("original", "recompute")
 CASCADE = "cascade"  # the verdict scope over all states (statistics adds a summary row, state_index −1)
@@ -64,12 +64,6 @@ class ParameterRandomization(SanityTest):
     def rows_per_image(self, settings, n_states: int) -> int:
         states = n_states if settings.states is None else len(set(settings.states))
         return len(randomization_seeds(settings)) * states * len(list(settings.metrics))
-
-    def score(self, run, block: Block) -> None:
-        for method in run.methods:
-            for metric in run.metrics:
-                value, chance = paired(run.original[method], block.maps[method], metric, run.partners)
-                run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
 
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
         if state_index == CASCADE_INDEX:

@@ -4,7 +4,7 @@ the tracking iterate this registry."""
 from __future__ import annotations
 
 from saliency.choices import check_choice
-from saliency.sanity.base import SanityTest
+from saliency.sanity.base import DIRECTIONS, SanityTest
 from saliency.sanity.classes import CLASS_SENSITIVITY
 from saliency.sanity.emprt import EMPRT
 from saliency.sanity.mprt import MPRT
@@ -17,7 +17,7 @@ def register(test: SanityTest) -> SanityTest:
         raise ValueError(f"sanity test id {test.id!r} is registered twice")
     if test.maps_from is not None and test.maps_from not in _REGISTRY:
         raise ValueError(f"sanity test {test.id!r} reads the maps of {test.maps_from!r}: register that first")
-    if test.direction not in ("lower", "higher"):
+    if test.direction not in DIRECTIONS:
         raise ValueError(f"sanity test {test.id!r}: direction must be 'lower' or 'higher', got {test.direction!r}")
     _REGISTRY[test.id] = test
     return test
