@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +33,15 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{base / 'mlflow.db'}"
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this tracking store."""
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The command that opens the MLflow UI on this tracking store, runnable as printed: the ``mlflow``
+    executable beside this Python (``python -m mlflow`` where there is none), so it works without the
+    virtual environment being active."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    beside = Path(sys.executable).parent / "mlflow"
+    program = [str(beside)] if beside.is_file() else [sys.executable, "-m", "mlflow"]
+    return shlex.join([*program, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
 
 
 def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
