@@ -150,7 +150,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     counts.
     """
     logger = get_run_logger()
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
@@ -181,7 +181,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
         if cfg.tracking.enabled:
             uri = tracking_uri(cfg)
             mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
-                                         report_dir, agg.comparisons)
+                                         report_dir, agg.comparisons, started_at=started_at)
         outcome = {
             "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),

@@ -97,8 +97,10 @@ def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
 @task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
                  stats: dict[str, Any], verdicts: pa.Table | None = None,
-                 report_dir: str | None = None, comparisons: pa.Table | None = None) -> str:
-    """Log the run; returns the MLflow run id."""
+                 report_dir: str | None = None, comparisons: pa.Table | None = None,
+                 started_at: float | None = None) -> str:
+    """Log the run; returns the MLflow run id. ``started_at`` (epoch seconds, default now) is when the
+    flow started: the MLflow run is logged at the end but spans the whole run, so its duration is real."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -109,7 +111,7 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.T
     tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
             "run_dir": str(run_dir), "saliency_run_id": manifest.run_id}
     run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
-                            tags=tags)
+                            tags=tags, start_time=None if started_at is None else int(started_at * 1000))
     run_id = run.info.run_id
     try:
         params = [Param(k, str(v)) for k, v in cfg.flat().items()] + [Param("cam_layer", str(manifest.cam_layer))]
