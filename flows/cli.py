@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 import flows  # noqa: F401  (sets the environment defaults before Ray or Prefect are imported)
 
@@ -102,11 +101,10 @@ def methods() -> None:
     it is in the default run, and the signed method it is compared with in comparisons.parquet."""
     from saliency.methods import PAPER_METHODS, method_table
 
-    table = Table("id", "family", "policy", "default", "in default run", "compared with")
-    for row in method_table():
-        table.add_row(row["id"], row["family"], str(row["policy"] or "–"), "yes" if row["default"] else "",
-                      "yes" if row["id"] in PAPER_METHODS else "", row["signed_counterpart"] or "")
-    console.print(table)
+    rows = [[row["id"], row["family"], str(row["policy"] or "–"), "yes" if row["default"] else "",
+             "yes" if row["id"] in PAPER_METHODS else "", row["signed_counterpart"] or ""]
+            for row in method_table()]
+    print(plain_table(["id", "family", "policy", "default", "in default run", "compared with"], rows), end="")
 
 
 @app.command()
@@ -142,12 +140,20 @@ def runs(out: OutOption = None,
     columns = {"images": "metrics.run/images", "failures": "metrics.run/failures",
                "img/s": "metrics.run/images_per_second", "wall s": "metrics.run/wall_seconds",
                "verdicts fail": "metrics.verdicts/fail", "verdicts pass": "metrics.verdicts/pass"}
-    table = Table("MLflow run id", "name", "status", "start", *columns, title=f"{experiment} in {uri}")
-    for _, row in frame.iterrows():
-        values = [_format(row.get(column)) for column in columns.values()]
-        table.add_row(row["run_id"], str(row.get("tags.mlflow.runName", "")), str(row["status"]),
-                      str(row["start_time"])[:19], *values)
-    console.print(table)
+    rows = [[row["run_id"], str(row.get("tags.mlflow.runName", "")), str(row["status"]),
+             str(row["start_time"])[:19], *[_format(row.get(column)) for column in columns.values()],
+             str(row.get("tags.run_dir") or "–")] for _, row in frame.iterrows()]
+    print(f"{experiment} in {uri}")
+    print(plain_table(["MLflow run id", "name", "status", "start", *columns, "run directory"], rows), end="")
+
+
+def plain_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their longest cell, never wrapped or cut: whatever the terminal's width (and
+    $COLUMNS), every run id and path is printed whole (a long line wraps in the terminal, unbroken)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = [header, ["-" * width for width in widths], *rows]
+    return "".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n"
+                   for line in lines)
 
 
 def _format(value) -> str:

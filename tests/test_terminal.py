@@ -7,6 +7,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -14,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from saliency.methods import available_methods
 from tasks.tracking import ui_command
 
 
@@ -90,3 +92,32 @@ def test_the_mlflow_run_spans_the_whole_run(tiny_run):
     recorded = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db").get_run(run_id).data.metrics
     assert logged / 1000 >= recorded["run/wall_seconds"] >= wall - 1  # "done in" rounds to whole seconds
     assert logged / 1000 < recorded["run/wall_seconds"] + 60  # and not more than the tracking itself took
+
+
+def _cli(*args: str, columns: int) -> str:
+    """The CLI in its own process with $COLUMNS exported, as a terminal would have it."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                            env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                                 "COLUMNS": str(columns)}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_methods_prints_every_id_whole_at_any_width():
+    narrow, wide = _cli("methods", columns=60), _cli("methods", columns=200)
+    assert narrow == wide
+    for method_id in available_methods():
+        assert re.search(rf"^{re.escape(method_id)} ", narrow, re.MULTILINE), method_id
+
+
+@pytest.mark.slow
+def test_runs_shows_whole_run_ids_and_run_directories_at_any_width(tiny_run):
+    """`runs` cut run ids at 130 columns and never showed the run directory."""
+    output, out = tiny_run
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", output).group(1)
+    run_dir = next(out.glob("reference-mnist-*"))
+    narrow, wide = _cli("runs", "--out", str(out), columns=60), _cli("runs", "--out", str(out), columns=200)
+    assert narrow == wide
+    line = next(line for line in narrow.splitlines() if line.startswith(run_id))
+    assert line.endswith(str(run_dir)) and "FINISHED" in line
+
