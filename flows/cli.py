@@ -51,8 +51,8 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     _quiet_prefect(verbose)
     from flows.sanity_check import sanity_check
 
-    console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.limit or 'all'} "
-                  f"{cfg.data.dataset} images, {len(cfg.methods.ids)} methods")
+    console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
+                  f"{len(cfg.methods.ids)} methods")
     try:
         outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
                                overrides=overrides, progress=progress, allow_code_change=allow_code_change)
@@ -72,6 +72,8 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                 "sums, or a larger ε)" if method.startswith("lrp") else "")
         console.print(f"[yellow]non-finite maps:[/yellow] {method} on {count} of {stats['images']} images; "
                       f"those scores are left out, the failures table names each{hint}")
+    if not progress:  # shown in the first lines otherwise
+        console.print(outcome["model_origin"])
     console.print(f"results:   {outcome['run_dir']}")
     console.print(f"summary:   {outcome['summary']}")
     if outcome["report"]:

@@ -129,6 +129,12 @@ def check_factory_allowed(cfg, deployed: bool) -> None:
                           "deployments run only the factories their own configuration allows")
 
 
+def plan_line(plan: Plan) -> str:
+    """'6 imagefolder images in 2 shards (2 to compute); reference model loaded from the cache …'."""
+    return (f"{plan.n_images} {plan.manifest.dataset} images in {len(plan.shards)} shards "
+            f"({len(plan.pending)} to compute); {plan.model_origin}")
+
+
 def non_finite_maps(failures) -> dict[str, int]:
     """Per method, how many images had a non-finite map in some state (their scores are left out)."""
     images: dict[str, set] = {}
@@ -159,6 +165,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
         plan = plan_shards(cfg, allow_code_change)
         logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
                     len(plan.shards), len(plan.pending), len(plan.manifest.layers))
+        if progress:  # the terminal's first lines: what is about to run, counted from the plan
+            print(plan_line(plan), flush=True)
         for index, reason in plan.rejected.items():
             logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
         results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
@@ -186,7 +194,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
             "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-            "stats": stats,
+            "stats": stats, "model_origin": plan.model_origin,
             "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
                        for r in results},
         }

@@ -21,7 +21,7 @@ from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
-from tasks.shards import Shard, load_configured_model, load_data, shard_ranges, state_names
+from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "zennit", "pyarrow", "pydantic",
@@ -38,6 +38,7 @@ class Plan:
     model: nn.Module = field(repr=False)
     rejected: dict[int, str] = field(default_factory=dict)  # shard → why its stored parts were recomputed
     image_ids: list[str] = field(default_factory=list, repr=False)
+    model_origin: str = ""  # e.g. "reference model loaded from the cache …" (tasks.shards.load_model_saying_how)
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
@@ -211,7 +212,7 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     dataset = load_data(cfg)
     if len(dataset) == 0:
         raise ConfigError(f"config field `data`: dataset {cfg.data.dataset!r} has no images")
-    model = load_configured_model(cfg)
+    model, origin = load_model_saying_how(cfg)
     shards = shard_ranges(len(dataset), cfg.compute.images_per_shard)
     manifest = build_manifest(cfg, dataset, model, shards)
     if run_dir.exists("manifest.json"):
@@ -228,7 +229,7 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
     return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
-                rejected, list(dataset.image_ids))
+                rejected, list(dataset.image_ids), origin)
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],

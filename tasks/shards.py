@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from saliency.data import ImageDataset, load_dataset
-from saliency.models import load_model
+from saliency.models import REFERENCE_MODELS, load_model, train_reference
 from saliency.randomize import state_name
 from tasks.config import Config
 
@@ -36,6 +36,19 @@ def load_data(cfg: Config) -> ImageDataset:
 
 def load_configured_model(cfg: Config) -> nn.Module:
     return load_model(cfg.model.name, weights=cfg.model.weights, num_classes=cfg.model.num_classes)
+
+
+def load_model_saying_how(cfg: Config) -> tuple[nn.Module, str]:
+    """The configured model and a line saying where it came from: a reference model without weights
+    says whether it was loaded from the cache or trained now (a minute on a fresh machine)."""
+    m = cfg.model
+    if m.name in REFERENCE_MODELS and m.weights is None and m.num_classes in (None, 10):
+        model, info = train_reference(architecture=m.name)
+        how = (f"loaded from the cache {info['cache_path']}" if info["cached"] else
+               f"not cached: trained now in {info['seconds']:.0f} s, accuracy {info['accuracy']:.4f} "
+               f"(cached at {info['cache_path']})")
+        return model, f"{m.name} model {how}"
+    return load_configured_model(cfg), f"{m.name} model" + ("" if m.weights is None else f", weights {m.weights}")
 
 
 def state_names(layers: list[str], order: str) -> list[str]:

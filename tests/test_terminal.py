@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -70,7 +72,7 @@ def tiny_run(prefect_server, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("terminal") / "results"
     sets = [arg for s in TINY_SETS for arg in ("--set", s)]
     try:
-        result = CliRunner().invoke(app, ["run", "--out", str(out), *sets, "--no-progress"])
+        result = CliRunner().invoke(app, ["run", "--out", str(out), *sets])
     finally:
         if previous is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous
@@ -121,3 +123,46 @@ def test_runs_shows_whole_run_ids_and_run_directories_at_any_width(tiny_run):
     line = next(line for line in narrow.splitlines() if line.startswith(run_id))
     assert line.endswith(str(run_dir)) and "FINISHED" in line
 
+
+def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
+    """The header said "1000 imagefolder images" for a folder of 6 (it printed data.limit)."""
+    from PIL import Image
+
+    from flows.sanity_check import plan_line
+    from tasks.config import load_config
+    from tasks.plan import plan_shards
+
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    cfg = load_config(None, ["model.name=resnet18", "model.num_classes=2", "data.dataset=imagefolder",
+                             f"data.root={tmp_path / 'images'}", "data.image_size=32", "methods.ids=gradient",
+                             "compute.images_per_shard=4", f"storage.out={tmp_path / 'out'}"])
+    assert cfg.data.limit == 1000
+    line = plan_line(plan_shards.fn(cfg))
+    assert line == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", line
+
+
+@pytest.mark.slow
+def test_the_first_lines_say_what_runs_and_where_the_model_came_from(tiny_run):
+    output, _ = tiny_run
+    lines = output.splitlines()
+    assert re.fullmatch(r"run reference-mnist-\w+: reference on mnist, 2 methods", lines[0]), lines[0]
+    assert re.fullmatch(r"6 mnist images in 2 shards \(2 to compute\); reference model (loaded from the cache "
+                        r"\S+/reference-\w+\.pt|not cached: trained now in \d+ s, accuracy 0\.\d{4} \(cached at "
+                        r"\S+/reference-\w+\.pt\))", lines[1]), lines[1]
+
+
+@pytest.mark.slow
+def test_a_cached_reference_model_says_so():
+    from saliency.models import load_reference
+    from tasks.config import load_config
+    from tasks.shards import load_model_saying_how
+
+    load_reference()  # cached by now in any session that ran the pipeline; trains it otherwise
+    model, origin = load_model_saying_how(load_config())
+    assert origin.startswith("reference model loaded from the cache ") and origin.endswith(".pt")
+    assert Path(origin.removeprefix("reference model loaded from the cache ")).is_file()
+    assert not model.training
