@@ -7,8 +7,9 @@ uninterrupted run's.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Iterator
 
@@ -47,17 +48,50 @@ def ray_connection() -> Iterator[None]:
 
 
 class ImagesPerSecond(ProgressColumn):
+    """Images per second, or seconds per image below 0.1 img/s (a large model on a CPU)."""
+
     def render(self, task) -> Text:
         elapsed = task.finished_time if task.finished else task.elapsed
         speed = task.completed / elapsed if elapsed else None
-        return Text("– img/s" if not speed else f"{speed:.1f} img/s", style="cyan")
+        if not speed:
+            return Text("– img/s", style="cyan")
+        return Text(f"{speed:.1f} img/s" if speed >= 0.1 else f"{1 / speed:.0f} s/img", style="cyan")
 
 
-def shard_progress(enabled: bool) -> Progress | nullcontext:
+PROGRESS_SECONDS = 0.5  # how often the bar reads the actors' per-batch counts
+
+
+@contextmanager
+def shard_progress(enabled: bool, pool: ActorPool, images: int, shards: str,
+                   seconds: float = PROGRESS_SECONDS) -> Iterator[tuple[Progress | None, Any]]:
+    """(bar, task) of the run's progress bar, or (None, None). A thread moves the bar to the images the
+    actors have explained, which they count after every batch: a shard of a large model takes minutes,
+    and a bar that waited for whole shards sat at 0 meanwhile."""
     if not enabled:
-        return nullcontext()
-    return Progress(TextColumn("shards {task.fields[shards]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("images"), ImagesPerSecond(), TimeElapsedColumn())
+        yield None, None
+        return
+    stop = threading.Event()
+    with Progress(TextColumn("shards {task.fields[shards]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("images"), ImagesPerSecond(), TimeElapsedColumn()) as bar:
+        job = bar.add_task("shards", total=images, shards=shards)
+
+        def move() -> None:
+            done = pool.images_done()
+            if done is not None:
+                bar.update(job, completed=done)
+
+        def follow() -> None:
+            while not stop.wait(seconds):
+                move()
+
+        thread = threading.Thread(target=follow, name="progress-bar", daemon=True)
+        thread.start()
+        try:
+            yield bar, job
+        finally:
+            stop.set()
+            thread.join()
+            move()
 
 
 def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any]], float]:
@@ -80,10 +114,8 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
         waiting = iter(plan.pending)
         running = {explain.submit(shard, pool) for shard in islice(waiting, n_actors)}
         try:
-            with shard_progress(show_progress) as bar:
-                if bar is not None:
-                    job = bar.add_task("shards", total=sum(s.n_images for s in plan.pending),
-                                       shards=f"{done_before}/{len(plan.shards)}")
+            with shard_progress(show_progress, pool, sum(s.n_images for s in plan.pending),
+                                f"{done_before}/{len(plan.shards)}") as (bar, job):
                 while running:
                     future = next(as_completed(list(running)))
                     running.remove(future)
@@ -100,8 +132,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                                 result["shard"], result["n_images"], result["rows"], result["failures"],
                                 result["seconds"], result["node"][:12])
                     if bar is not None:
-                        bar.update(job, advance=result["n_images"],
-                                   shards=f"{done_before + len(results)}/{len(plan.shards)}")
+                        bar.update(job, shards=f"{done_before + len(results)}/{len(plan.shards)}")
             seconds = time.perf_counter() - ready
         finally:
             pool.shutdown()

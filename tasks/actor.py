@@ -30,7 +30,7 @@ class ShardWorker:
     """Computes one shard: its score records, its stored maps and its per-image failures."""
 
     def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, progress: Any = None) -> None:
         self.cfg = Config.model_validate(config)
         self.settings = self.cfg.sanity_settings()
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
@@ -39,6 +39,7 @@ class ShardWorker:
         self.dataset = load_data(self.cfg)
         self.model: nn.Module | None = None
         self.healthy = False  # True once a batch has succeeded here
+        self.progress = progress  # a ProgressBoard actor told after every batch, or None
         if model is not None:
             self.set_model(model)
 
@@ -67,6 +68,8 @@ class ShardWorker:
                 scores.append(score_table)
                 maps += [] if map_table is None else [map_table]
                 failures += map_failures
+            self._report(shard, samples[last - 1][0] + 1 - shard.start)
+        self._report(shard, shard.n_images)
         return {
             "shard": shard.index,
             "scores": self._stamp(pa.concat_tables(scores) if scores else SCORE_SCHEMA.empty_table(), shard),
@@ -76,6 +79,14 @@ class ShardWorker:
             "seconds": time.perf_counter() - start,
             **self.ready(),
         }
+
+    def _report(self, shard: Shard, images: int) -> None:
+        """Tell the progress board how far this shard is (fire and forget: never waits, never fails the run)."""
+        if self.progress is not None:
+            try:
+                self.progress.report.remote(shard.index, images)
+            except Exception:  # the board is gone: progress is only for show
+                self.progress = None
 
     # ------------------------------------------------------------------------------------ batches
     def _tensors(self, batch: list) -> tuple[list[str], Tensor, list[int]]:
@@ -200,6 +211,28 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+class ProgressBoard:
+    """How many images of each shard the actors have explained, told after every batch (a Ray actor).
+
+    The driver reads the total whenever it likes: a report is a number, not a message to consume, so a slow
+    driver misses nothing and the actors never wait. A shard's count only grows (a retried shard
+    recomputes images it had already counted)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, int] = {}
+        self.reports: list[tuple[int, int]] = []  # (shard, images), in arrival order
+
+    def report(self, shard: int, images: int) -> None:
+        self.reports.append((shard, images))
+        self.done[shard] = max(images, self.done.get(shard, 0))
+
+    def images(self) -> int:
+        return sum(self.done.values())
+
+    def history(self) -> list[tuple[int, int]]:
+        return list(self.reports)
+
+
 class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
@@ -208,7 +241,8 @@ class ActorPool:
 
         self._remote = ray.remote(ShardWorker).options(num_cpus=cfg.compute.threads_per_actor,
                                                        num_gpus=1 if use_gpu else 0)
-        self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu")
+        self.progress = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu", None, self.progress)
         self._model = ray.put(model.cpu())
         self._free: queue.Queue = queue.Queue()
         self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
@@ -240,10 +274,19 @@ class ActorPool:
         finally:
             self._free.put(actor)
 
+    def images_done(self) -> int | None:
+        """Images explained so far by the pool's actors (None if the board cannot be read now)."""
+        import ray
+
+        try:
+            return ray.get(self.progress.images.remote(), timeout=10)
+        except Exception:  # progress is only for show: never fail the run over it
+            return None
+
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in [*self.actors, self.progress]:
             ray.kill(actor)
 
 

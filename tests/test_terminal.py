@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from saliency.methods import available_methods
+from tasks.config import load_config
 from tasks.tracking import ui_command
 
 
@@ -129,7 +130,6 @@ def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
     from PIL import Image
 
     from flows.sanity_check import plan_line
-    from tasks.config import load_config
     from tasks.plan import plan_shards
 
     for label in ("cat", "dog"):
@@ -158,7 +158,6 @@ def test_the_first_lines_say_what_runs_and_where_the_model_came_from(tiny_run):
 @pytest.mark.slow
 def test_a_cached_reference_model_says_so():
     from saliency.models import load_reference
-    from tasks.config import load_config
     from tasks.shards import load_model_saying_how
 
     load_reference()  # cached by now in any session that ran the pipeline; trains it otherwise
@@ -166,3 +165,66 @@ def test_a_cached_reference_model_says_so():
     assert origin.startswith("reference model loaded from the cache ") and origin.endswith(".pt")
     assert Path(origin.removeprefix("reference model loaded from the cache ")).is_file()
     assert not model.training
+
+
+def test_the_speed_column_says_seconds_per_image_below_a_tenth_of_an_image_per_second():
+    from rich.progress import Progress
+
+    from flows.sanity_check import ImagesPerSecond
+
+    now = [0.0]
+    progress = Progress(get_time=lambda: now[0])
+    job = progress.add_task("shards", total=100)
+    column = ImagesPerSecond()
+    now[0] = 10.0
+    assert column.render(progress.tasks[job]).plain == "– img/s"
+    progress.update(job, completed=25)
+    assert column.render(progress.tasks[job]).plain == "2.5 img/s"
+    now[0] = 250.0
+    assert column.render(progress.tasks[job]).plain == "0.1 img/s"
+    now[0] = 400.0
+    assert column.render(progress.tasks[job]).plain == "16 s/img"
+
+
+def test_the_progress_board_keeps_each_shards_furthest_count_whatever_the_order():
+    """Reports are counts, not messages to consume: a driver that reads late sees the latest total, and a
+    retried shard (counting from 0 again) does not move the bar back."""
+    from tasks.actor import ProgressBoard
+
+    board = ProgressBoard()
+    for shard, images in [(1, 50), (0, 50), (1, 100), (0, 100), (2, 50), (2, 20), (3, 0)]:
+        board.report(shard, images)
+    assert board.images() == 250
+    assert board.history()[-1] == (3, 0) and len(board.history()) == 7
+
+
+@pytest.mark.slow
+def test_the_bar_moves_after_every_batch_not_every_shard(ray_local):
+    """The bar sat at 0 until a whole 100-image shard was done: now the actors count every batch and the
+    bar follows their count while the shard runs."""
+    import threading
+
+    from flows.sanity_check import shard_progress
+    from tasks.actor import ActorPool
+    from tasks.shards import Shard, load_configured_model
+
+    cfg = load_config(None, ["data.limit=8", "methods.ids=gradient", "compute.batch_size=2",
+                             "randomization.seeds=0", "metrics.names=ssim", "tests.others=min"])
+    pool = ActorPool(cfg, load_configured_model(cfg), "test", 1, False)
+    try:
+        seen, outcome = [], {}
+        with shard_progress(True, pool, 8, "0/1", seconds=0.02) as (bar, job):
+            worker = threading.Thread(target=lambda: outcome.update(pool.run(Shard(0, 0, 8))))
+            worker.start()
+            while worker.is_alive():
+                seen.append(bar.tasks[job].completed)
+                time.sleep(0.01)
+            worker.join()
+        final = bar.tasks[job].completed
+        reports = ray_local.get(pool.progress.history.remote())
+    finally:
+        pool.shutdown()
+    assert outcome["n_images"] == 8
+    assert reports == [(0, 2), (0, 4), (0, 6), (0, 8), (0, 8)]  # one per batch, then the shard's end
+    assert final == 8 and pool.images_done() is None  # the board went with the pool
+    assert any(0 < value < 8 for value in seen), sorted(set(seen))  # the bar moved within the shard
