@@ -162,8 +162,9 @@ def check_factory_allowed(cfg, deployed: bool) -> None:
 
 def plan_line(plan: Plan) -> str:
     """'6 imagefolder images in 2 shards (2 to compute); reference model loaded from the cache …'."""
-    return (f"{plan.n_images} {plan.manifest.dataset} images in {len(plan.shards)} shards "
-            f"({len(plan.pending)} to compute); {plan.model_origin}")
+    shards = f"{len(plan.shards)} shard" + ("s" if len(plan.shards) != 1 else "")
+    return (f"{plan.n_images} {plan.manifest.dataset} images in {shards} ({len(plan.pending)} to compute); "
+            f"{plan.model_origin}")
 
 
 def non_finite_maps(failures) -> dict[str, int]:

@@ -143,6 +143,8 @@ def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
     assert cfg.data.limit == 1000
     line = plan_line(plan_shards.fn(cfg))
     assert line == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", line
+    cfg.compute.images_per_shard = 8
+    assert plan_line(plan_shards.fn(cfg)).startswith("6 imagefolder images in 1 shard (1 to compute); ")
 
 
 @pytest.mark.slow
