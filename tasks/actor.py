@@ -279,7 +279,7 @@ class ActorPool:
         import ray
 
         try:
-            return ray.get(self.progress.images.remote(), timeout=10)
+            return ray.get(self.progress.images.remote(), timeout=5)
         except Exception:  # progress is only for show: never fail the run over it
             return None
 
