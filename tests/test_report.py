@@ -1,6 +1,8 @@
 """Report figures and HTML (SPEC.md §4) on synthetic scores run through saliency.statistics."""
 from __future__ import annotations
 
+import base64
+import html
 import math
 import re
 
@@ -239,51 +241,86 @@ def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
     summary = summary_table(methods=methods, tests=("mprt", "class_sensitivity", "emprt"),
                             metrics=("ssim", "spearman_abs"))
     grid = report.map_grid_figure({"gradient": [torch.randn(6, 6), torch.randn(6, 6)]}, ["original", "00:fc"])
-    index = page_report.write_report(summary, tmp_path / "report", verdicts=verdicts(summary),
-                                manifest=manifest(methods), map_grids={"image 0": grid})
+    judged = verdicts(summary)
+    index = page_report.write_report(summary, tmp_path / "report", verdicts=judged,
+                                     manifest=manifest(methods), map_grids={"image 0": grid})
     assert index == tmp_path / "report" / "index.html"
     files = page_report.written_files(index)
     names = sorted(path.name for path in files)
     assert names == sorted(["index.html", "mprt_ssim.png", "mprt_spearman_abs.png", "class_sensitivity_ssim.png",
-                            "class_sensitivity_spearman_abs.png", "emprt_entropy_rise.png", "maps_image_0.png"])
+                            "class_sensitivity_spearman_abs.png", "emprt_entropy_rise.png", "maps_image_0.png",
+                            "summary.csv", "verdicts.csv"])
     for path in files[1:]:
-        _assert_png(path)
+        if path.suffix == ".png":
+            _assert_png(path)
     page = index.read_text(encoding="utf-8")
     assert "a&lt;b&amp;c" in page and "a<b&c" not in page
     assert "<dd>mnist</dd>" in page and "<dd>6</dd>" in page and "<dd>cnn</dd>" in page
     assert "0.280 ± 0.000" in page and "0.100 [0.100, 0.100]" in page  # gradient's s and R at the head state
     assert str(tmp_path) not in page  # links are relative
+    # every figure is embedded, so the page is one file (MLflow's artifact view shows it as it is)
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == 6 and all(base64.b64decode(data).startswith(PNG_SIGNATURE) for data in embedded)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing external
+    csv = (tmp_path / "report" / "verdicts.csv").read_text().splitlines()
+    assert len(csv) == judged.num_rows + 1 and csv[0].startswith('"model","method","test","scope"')
 
 
-def test_header_lists_method_ids_cam_layer_seeds_and_rules(tmp_path):
+def test_run_line_and_details_read_the_manifest(tmp_path):
     summary, verdict, _ = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
-    header = page[:page.index("<h2>")]
-    assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header
+    header = page[page.index("<body>"):page.index("<h2>")]
+    line = re.search(r'<p class="runline">([^<]+)</p>', header).group(1)
+    assert line == "cnn on mnist · 6 images · CAM layer layer4 · randomisation seeds 0, 1 · 2026-11-27 · code abc123"
+    assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header and "{" not in header
     assert "<dt>CAM layer</dt><dd>layer4</dd>" in header
     assert "seeds 0, 1" in header and "CI_low(R) &gt; 0.5" in header and "&lt; 0.2" in header
 
 
-def test_verdict_table_comes_first_with_coloured_words(tmp_path):
+def matrix_cells(page: str) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]], list[str]]:
+    """The verdict matrix of a page: its (test, scope) columns, per method the (verdict, text) of each
+    cell, and the family labels in order."""
+    table = re.search(r'<table class="matrix" id="verdict-matrix">.*?</table>', page, re.S).group()
+    columns = re.findall(r'<th data-test="([^"]+)" data-scope="([^"]+)">', table)
+    rows = {}
+    for method, cells in re.findall(r'<th class="method">([^<]+)</th>(.*?)</tr>', table, re.S):
+        rows[html.unescape(method)] = [(verdict, re.sub(r"<[^>]+>", "", text).strip())
+                                       for verdict, text in re.findall(r'<td class="(\w+)"[^>]*>(.*?)</td>', cells)]
+    families = re.findall(r'<th class="family" rowspan="\d+">([^<]+)</th>', table)
+    return columns, rows, families
+
+
+def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
     summary, verdict, _ = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
-    table = re.search(r'<table class="verdicts">.*?</table>', page, re.S)
-    assert table and table.end() < page.index("<figure") and table.start() < page.index("<details")
-    rows = re.findall(r"<tr><th>([^<]+)</th><td", table.group())
-    assert rows == ["gradcampp", "gradcampp/signed", "gradient", "edge_sobel", "random"]  # one per method
-    headers = re.findall(r"<th>(\w+)<br><small>([^<]+)</small>", table.group())
-    assert [(test, scope.split(" · ")[0]) for test, scope in headers] == [
-        ("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
-        ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
-    assert all(scope.endswith("ssim") for test, scope in headers if test != "emprt")
-    cells = dict(re.findall(r"<tr><th>([^<]+)</th>(<td.*?</td>)", table.group()))
-    for method, word in (("gradient", "pass"), ("gradcampp", "fail"), ("gradcampp/signed", "inconclusive"),
-                         ("random", "uninformative")):
-        assert re.match(rf'<td class="verdict {word}" title="[^"]+">{word}<br><small>', cells[method])
-    assert "R 0.100 [0.100, 0.100]" in cells["gradient"]
-    assert re.search(r'<details><summary>Other metrics \(spearman_abs\)</summary><table class="verdicts small">',
-                     page)
+    assert page.index('id="verdict-matrix"') < page.index("<figure") and page.index("verdict-matrix") < page.index("<details><summary>All")
+    columns, rows, families = matrix_cells(page)
+    assert columns == [("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
+                       ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
+    assert families == ["plain gradient", "aggregation", "controls"]
+    assert list(rows) == ["gradient", "gradcampp/signed", "gradcampp", "edge_sobel", "random"]  # signed first
+    assert rows["gradient"][3] == ("pass", "pass R 0.10 [0.10, 0.10]")
+    assert rows["gradcampp"][0] == ("fail", "fail R 0.90 [0.90, 0.90]")
+    assert rows["gradcampp/signed"][0][0] == "inconclusive"
+    assert rows["random"][0] == ("uninformative", "uninfo r − c 0.05")
+    assert rows["gradient"][5][0] == "pass" and rows["gradient"][5][1].startswith("pass rise 0.27")
     assert "Controls behave" in page and "Warning" not in page
+    # every cell agrees with verdicts.parquet's row at the headline metric (ssim)
+    for r in verdict.to_pylist():
+        if r["metric"] in ("ssim", "entropy_rise"):
+            assert rows[r["method"]][columns.index((r["test"], r["scope"]))][0] == r["verdict"]
+
+
+def test_reading_counts_the_failures_it_names(tmp_path):
+    summary, verdict, paired = run_tables()
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired,
+                                    manifest=manifest()).read_text(encoding="utf-8")
+    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
+    assert ("1 of 3 methods fail Class sensitivity (least likely class, ssim): gradcampp; 1 pass, 1 inconclusive."
+            in reading)
+    assert "1 of 3 methods fail Model parameter randomisation (MPRT) (head randomised, ssim): gradcampp;" in reading
+    assert "Controls: " in reading and "checks hold." in reading
+    assert re.search(r"In \d+ of \d+ paired comparisons", reading)
 
 
 def test_a_failing_control_is_shown_as_a_warning(tmp_path):
@@ -293,18 +330,30 @@ def test_a_failing_control_is_shown_as_a_warning(tmp_path):
     assert "edge_sobel — class_sensitivity min (ssim): expected fail, got <strong>pass</strong>" in warning
     assert "<li>edge_sobel" in warning and "<li>random" not in warning and "Controls behave" not in page
     assert page.index("controls warning") < page.index("<figure")
+    assert "the verdicts are suspect" in page
 
 
-def test_comparisons_table_is_rendered_when_given(tmp_path):
+def test_paired_table_puts_variants_under_their_signed_method(tmp_path):
     summary, verdict, paired = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired).read_text(encoding="utf-8")
-    assert page.index("<table class=\"verdicts\">") < page.index("vs signed</h2>") < page.index("<figure")
-    row = re.search(r'<tr(?: class="significant")?><td>gradcampp vs gradcampp/signed</td><td>mprt</td>'
-                    r"<td>head</td><td>ssim</td><td>6</td><td>0.900</td><td>0.500</td>"
-                    r"<td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", page)
-    assert row and "rank-biserial" in page
+    assert page.index('id="verdict-matrix"') < page.index('<table class="paired">') < page.index("<figure")
+    table = re.search(r'<table class="paired">.*?</table>', page, re.S).group()
+    rows = re.findall(r'<tr class="(signed|variant)"><th>([^<]+)</th>(.*?)</tr>', table, re.S)
+    assert [(role, method) for role, method, _ in rows] == [("signed", "gradcampp/signed"), ("variant", "gradcampp")]
+    heads = re.findall(r"<th>([^<]+)<br><small>([^<(]+)", table)
+    assert [(t, s.strip()) for t, s in heads] == [("Class sensitivity", "min"), ("Class sensitivity", "random"),
+                                                 ("Class sensitivity", "second"),
+                                                 ("Model parameter randomisation (MPRT)", "head"),
+                                                 ("Model parameter randomisation (MPRT)", "cascade")]
+    row = next(r for r in paired.to_pylist() if (r["test"], r["scope"], r["metric"]) == ("mprt", "head", "ssim"))
+    variant_cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1][2])
+    assert variant_cells[3].startswith("0.90 [0.90, 0.90]<br><small>ΔR +0.40, p ")
+    assert f"r {row['rank_biserial']:+.2f}" in variant_cells[3]
+    full = re.search(r"<summary>All paired comparisons.*?</details>", page, re.S).group()
+    assert re.search(r"<td>gradcampp vs gradcampp/signed</td><td>mprt</td><td>head</td><td>ssim</td><td>6</td>"
+                     r"<td>0.900</td><td>0.500</td><td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", full)
     empty = page_report.write_report(summary, tmp_path / "none", verdicts=verdict).read_text(encoding="utf-8")
-    assert "vs signed</h2>" not in empty
+    assert '<table class="paired">' not in empty
 
 
 def test_write_report_survives_edge_cases(tmp_path):
@@ -314,7 +363,7 @@ def test_write_report_survives_edge_cases(tmp_path):
                                    schema=SUMMARY_SCHEMA)
     index = page_report.write_report(pa.concat_tables([summary, nan_row]), tmp_path)
     names = sorted(path.name for path in page_report.written_files(index))
-    assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html"]
+    assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html", "summary.csv"]
     assert "gradcampp/signed" in index.read_text(encoding="utf-8")
     empty = page_report.write_report(summary_table(tests=()), tmp_path / "empty")
-    assert page_report.written_files(empty) == [empty]
+    assert [p.name for p in page_report.written_files(empty)] == ["index.html", "summary.csv"]
