@@ -200,24 +200,27 @@ def _column_heads(columns: list[tuple[str, str]], headline: dict[str, str]) -> l
             continue
         declared = get_test(test)
         heads.append({"test": test, "title": declared.title, "metric": headline[test],
+                      "quantity": "R" if declared.normalised else "value",
                       "description": declared.description,
                       "scopes": [{"scope": scope, "words": SCOPE_WORDS.get(scope, "")}]})
     return heads
 
 
 def _cell(row: dict | None) -> dict | None:
-    """The verdict; the number: R [CI] (a test whose high value passes: the value), or r − c for an
-    uninformative one; the reason as tooltip."""
+    """The verdict; the number: R [CI] (a test whose high value passes: the value [CI]), or r − c for
+    an uninformative one (labelled, as the column header names the other quantities); the reason as
+    tooltip."""
     if row is None:
         return None
     verdict = row["verdict"]
     if verdict == "uninformative":
-        label, value = "r − c", _fmt(row["gap_mean"], 2)
+        gap = row["gap_mean"]
+        label, value = ("r − c", _fmt(gap, 2)) if gap is not None and math.isfinite(gap) else ("", "")
     elif not get_test(row["test"]).normalised:
-        label, value = "rise", f"{_fmt(row['mean'], 2)} [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]"
+        label, value = "", f"{_fmt(row['mean'], 2)} [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]"
     else:
-        label, value = "R", (f"{_fmt(row['retention_mean'], 2)} [{_fmt(row['retention_ci_low'], 2)}, "
-                             f"{_fmt(row['retention_ci_high'], 2)}]")
+        label, value = "", (f"{_fmt(row['retention_mean'], 2)} [{_fmt(row['retention_ci_low'], 2)}, "
+                            f"{_fmt(row['retention_ci_high'], 2)}]")
     return {"verdict": verdict, "label": label, "value": value, "reason": f"{verdict}: {row['reason']}"}
 
 

@@ -299,11 +299,11 @@ def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
                        ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
     assert families == ["plain gradient", "aggregation", "controls"]
     assert list(rows) == ["gradient", "gradcampp/signed", "gradcampp", "edge_sobel", "random"]  # signed first
-    assert rows["gradient"][3] == ("pass", "pass R 0.10 [0.10, 0.10]")
-    assert rows["gradcampp"][0] == ("fail", "fail R 0.90 [0.90, 0.90]")
+    assert rows["gradient"][3] == ("pass", "pass 0.10 [0.10, 0.10]")
+    assert rows["gradcampp"][0] == ("fail", "fail 0.90 [0.90, 0.90]")
     assert rows["gradcampp/signed"][0][0] == "inconclusive"
     assert rows["random"][0] == ("uninformative", "uninfo r − c 0.05")
-    assert rows["gradient"][5][0] == "pass" and rows["gradient"][5][1].startswith("pass rise 0.27")
+    assert rows["gradient"][5][0] == "pass" and rows["gradient"][5][1].startswith("pass 0.27 [")
     assert "Controls behave" in page and "Warning" not in page
     # every cell agrees with verdicts.parquet's row at the headline metric (ssim)
     for r in verdict.to_pylist():
