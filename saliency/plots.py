@@ -281,6 +281,65 @@ def mprt_small_multiples(summary: pa.Table, metric: str = "ssim", model: str | N
     return fig
 
 
+def mprt_overlay_figure(summaries: Mapping[str, pa.Table], metric: str = "ssim", test: str = "mprt",
+                        rules: VerdictRules = VerdictRules(), columns: int = 6) -> Figure:
+    """The MPRT curves of the same method in several runs overlaid: one panel per method present in
+    any run (``method_groups`` order), one line per run (label → summary) with its 95% CI band, R on y.
+
+    x is the state position from the logits (0) to the input (1), so runs of models with different
+    numbers of layers share an axis; tick labels name the layers when every run has the same states."""
+    per_run = {}
+    for label, summary in summaries.items():
+        rows = [r for r in _select(summary, test=test, metric=metric) if r["state_index"] >= 0]
+        per_run[label] = _informative(rows, rules)
+    methods = [m for _, ms in method_groups({r["method"] for rows in per_run.values() for r in rows}) for m in ms]
+    if not methods:
+        raise ValueError(f"no run has {test} rows with metric {metric!r}")
+    n_cols = min(columns, len(methods))
+    n_rows = math.ceil(len(methods) / n_cols)
+    fig = Figure(figsize=(2.9 * n_cols + 0.8, 2.3 * n_rows + 1.2), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+    state_sets = {label: sorted({(r["state_index"], layer_label(r["state"])) for r in rows})
+                  for label, rows in per_run.items()}
+    same_states = len({tuple(states) for states in state_sets.values()}) == 1
+    colours = colormaps["tab10"].colors
+    for ax, method in zip(axes.flat, methods):
+        ax.axhline(rules.retention, color="tab:red", linestyle=(0, (4, 2)), linewidth=0.8)
+        ax.axhline(0.0, color="0.4", linestyle=(0, (1, 2)), linewidth=0.8)
+        for i, (label, rows) in enumerate(per_run.items()):
+            points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["state_index"])
+            if not points:
+                continue
+            last = max(len(state_sets[label]) - 1, 1)
+            x = np.array([r["state_index"] / last for r in points])
+            mean, low, high = (_column(points, f"retention_{k}") for k in ("mean", "ci_low", "ci_high"))
+            ax.plot(x, mean, color=colours[i % 10], marker=_MARKERS[i % len(_MARKERS)], markersize=2.5,
+                    linewidth=1.3, linestyle="-" if i < 10 else "--", label=label)
+            band = np.isfinite(low) & np.isfinite(high)
+            ax.fill_between(x, np.where(band, low, 0.0), np.where(band, high, 0.0), where=band,
+                            color=colours[i % 10], alpha=0.15, linewidth=0)
+        ax.set_title(method, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    if same_states:
+        states = next(iter(state_sets.values()))
+        last = max(len(states) - 1, 1)
+        shown = _thinned(len(states), 8)
+        for ax in axes[-1]:
+            ax.set_xticks([states[k][0] / last for k in shown], labels=[_short(states[k][1], 14) for k in shown],
+                          rotation=60, ha="right", rotation_mode="anchor", fontsize=6.5)
+    fig.supxlabel("randomised layer, from the logits (left) to the input (right)", fontsize=9)
+    fig.supylabel(f"retention R ({metric}); dashed red: verdict threshold", fontsize=9)
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside upper center", ncols=min(len(legend), 4),
+               fontsize=8, frameon=False)
+    return fig
+
+
 def _informative(rows: list[dict], rules: VerdictRules) -> list[dict]:
     """The rows with R set to NaN where mean(r − c) < rules.min_gap (or unknown): R means nothing there."""
     nan = {"retention_mean": math.nan, "retention_ci_low": math.nan, "retention_ci_high": math.nan}
