@@ -20,6 +20,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from saliency.methods import available_methods, get_method
 from saliency.methods.base import POLICIES
@@ -628,6 +629,46 @@ def paper_figure(images: Mapping[str, torch.Tensor | None], maps: Mapping[tuple[
                     ax.set_title(f"{method}\n{_STATE_WORDS.get(state, state)}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+VERDICT_COLOURS = {"pass": ("#cfeccf", "#124d12"), "fail": ("#f5cccc", "#7d1010"),
+                   "inconclusive": ("#f7e8bf", "#5e4700"), "uninformative": ("#dde4ec", "#3a4d63")}
+"""(background, text) colour per verdict, as on the report page."""
+
+
+def verdict_matrix_figure(rows: Sequence[tuple[str, str, Sequence[tuple[str, str] | None]]],
+                          columns: Sequence[str], title: str | None = None) -> Figure:
+    """The report's verdict matrix as a picture (for a README): ``rows`` = (family, method, cells),
+    each cell (verdict, text) or None; ``columns`` = the column headings. Each cell is coloured by
+    its verdict (VERDICT_COLOURS) and shows its text."""
+    n_rows, n_cols = len(rows), len(columns)
+    fig = Figure(figsize=(2.3 + 1.55 * n_cols, 0.2 * (n_rows + 3.2)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, 2.3 + 1.55 * n_cols)
+    ax.set_ylim(n_rows + 1.6, -0.6)
+    ax.axis("off")
+    x0 = 2.3
+    for j, heading in enumerate(columns):
+        ax.text(x0 + 1.55 * (j + 0.5), 0.95, heading, ha="center", va="center", fontsize=6.5, weight="bold")
+    previous = None
+    for i, (family, method, cells) in enumerate(rows):
+        y = i + 2
+        if family != previous:
+            ax.text(0.05, y, family, ha="left", va="center", fontsize=6, color="0.35", style="italic")
+            if previous is not None:
+                ax.plot([0, x0 + 1.55 * n_cols], [y - 0.5, y - 0.5], color="0.5", linewidth=0.8)
+            previous = family
+        ax.text(x0 - 0.05, y, method, ha="right", va="center", fontsize=6.5)
+        for j, cell in enumerate(cells):
+            if cell is None:
+                continue
+            verdict, text = cell
+            face, ink = VERDICT_COLOURS.get(verdict, ("white", "black"))
+            ax.add_patch(Rectangle((x0 + 1.55 * j + 0.02, y - 0.46), 1.51, 0.92, facecolor=face, edgecolor="none"))
+            ax.text(x0 + 1.55 * (j + 0.5), y, text, ha="center", va="center", fontsize=5.8, color=ink)
+    if title:
+        ax.text(0.05, -0.15, title, ha="left", va="center", fontsize=7, color="0.2")
     return fig
 
 

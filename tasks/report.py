@@ -95,7 +95,7 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     judged = verdicts is not None and verdicts.num_rows > 0
     page = _TEMPLATES.get_template("report.html").render(
         run_line=_run_line(summary, scores, manifest), facts=_facts(summary, scores, manifest),
-        matrices=_matrices(verdicts) if judged else [],
+        matrices=verdict_matrices(verdicts) if judged else [],
         reading=_reading(verdicts, comparisons) if judged else None,
         controls=_controls(verdicts) if verdicts is not None else None,
         paired=_paired(verdicts, comparisons) if judged and comparisons is not None and comparisons.num_rows else None,
@@ -175,7 +175,7 @@ def matrix_columns(rows: list[dict]) -> list[tuple[str, str]]:
     return sorted(first, key=lambda c: (_rank(c[0], tests), first[c], c[1]))
 
 
-def _matrices(verdicts: pa.Table) -> list[dict]:
+def verdict_matrices(verdicts: pa.Table) -> list[dict]:
     """One verdict matrix per model: rows = methods grouped by family, columns = (test, scope) at the
     test's headline metric."""
     headline = headline_metrics(verdicts)

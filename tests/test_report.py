@@ -367,3 +367,15 @@ def test_write_report_survives_edge_cases(tmp_path):
     assert "gradcampp/signed" in index.read_text(encoding="utf-8")
     empty = page_report.write_report(summary_table(tests=()), tmp_path / "empty")
     assert [p.name for p in page_report.written_files(empty)] == ["index.html", "summary.csv"]
+
+
+def test_verdict_matrix_figure_colours_each_cell_by_its_verdict():
+    rows = [("plain gradient", "gradient", [("pass", "pass 0.10 [0.05, 0.15]"), None]),
+            ("aggregation", "gradcampp", [("fail", "fail 0.90 [0.85, 0.95]"), ("uninformative", "uninformative")])]
+    fig = report.verdict_matrix_figure(rows, ["Class sensitivity\nmin", "MPRT\nhead"], title="a run")
+    (ax,) = fig.axes
+    faces = [mcolors.to_hex(patch.get_facecolor()) for patch in ax.patches]
+    assert faces == [report.VERDICT_COLOURS[v][0] for v in ("pass", "fail", "uninformative")]  # None: no cell
+    texts = [t.get_text() for t in ax.texts]
+    assert {"pass 0.10 [0.05, 0.15]", "fail 0.90 [0.85, 0.95]", "gradient", "gradcampp", "a run",
+            "plain gradient", "aggregation", "MPRT\nhead"} <= set(texts)
