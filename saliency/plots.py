@@ -542,7 +542,7 @@ def is_signed(cells: Iterable[np.ndarray]) -> bool:
 
 def draw_map(ax, cell: np.ndarray, signed: bool) -> None:
     """One map in ``ax``, scaled by its own max|S|: diverging and centred on 0 if ``signed``, else
-    sequential from 0 (a constant or empty map stays white instead of a saturated square)."""
+    sequential from 0 (an all-zero or all-NaN map stays white instead of a saturated square)."""
     finite = cell[np.isfinite(cell)]
     vmax = float(np.abs(finite).max()) if finite.size else 0.0
     vmax = vmax if vmax > 0 else 1.0

@@ -379,3 +379,37 @@ def test_verdict_matrix_figure_colours_each_cell_by_its_verdict():
     texts = [t.get_text() for t in ax.texts]
     assert {"pass 0.10 [0.05, 0.15]", "fail 0.90 [0.85, 0.95]", "gradient", "gradcampp", "a run",
             "plain gradient", "aggregation", "MPRT\nhead"} <= set(texts)
+
+
+def test_map_cells_are_diverging_for_signed_rows_and_sequential_for_non_negative_ones():
+    signed = [torch.tensor([[-1.0, 2.0], [0.0, 0.5]]), torch.tensor([[0.0, 1.0], [3.0, 0.0]])]
+    positive = [torch.tensor([[1.0, 4.0], [2.0, 0.0]]), torch.zeros(2, 2)]
+    fig = report.map_grid_figure({"gradcam": signed, "gradcampp": positive}, ["original", "00:fc"],
+                                 image=torch.rand(3, 2, 2))
+    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.images[0].get_cmap().name for ax in grid] == ["viridis", report.MAP_CMAP, report.MAP_CMAP,
+                                                           "viridis", report.SEQUENTIAL_CMAP, report.SEQUENTIAL_CMAP]
+    assert grid[1].images[0].get_clim() == (-2.0, 2.0) and grid[2].images[0].get_clim() == (-3.0, 3.0)
+    assert grid[4].images[0].get_clim() == (0.0, 4.0)
+    assert grid[5].images[0].get_clim() == (0.0, 1.0)  # an all-zero map: white, not a saturated square
+    assert "(signed)" in grid[0].get_ylabel() and "(≥ 0)" in grid[3].get_ylabel()
+    assert "white at 0" in report.MAP_NORMALISATION and "own maximum" in report.MAP_NORMALISATION
+
+
+def test_paper_figure_shows_the_complete_pairs_per_image_and_names_what_is_missing():
+    ids = ["img0", "img1"]
+    pairs = {(i, m, s): np.full((4, 4), 1.0) for i in ids for m in ("gradcampp", "gradcampp/signed")
+             for s in ("original", "min")}
+    pairs[("img0", "gradcampp/signed", "min")] = -np.ones((4, 4))
+    fig = report.paper_figure({"img0": torch.rand(1, 4, 4), "img1": None}, pairs)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == ["input", "gradcampp\ntop class", "gradcampp\nmin class", "gradcampp/signed\ntop class",
+                      "gradcampp/signed\nmin class"]  # only the complete GradCAM++ group
+    inputs = [ax for ax in fig.axes if ax.get_ylabel() in ids]
+    assert [len(ax.images) for ax in inputs] == [1, 0]  # img1's input is not available: an empty cell
+    maps = [ax for ax in fig.axes if ax.images and ax not in inputs]
+    assert len(maps) == 2 * 4
+    cmaps = [ax.images[0].get_cmap().name for ax in maps]  # row-major: img0's four maps, then img1's
+    assert cmaps[:4] == [report.SEQUENTIAL_CMAP] * 2 + [report.MAP_CMAP] * 2  # signed: one map has negatives
+    with pytest.raises(ValueError, match="none is complete"):
+        report.paper_figure({"img0": None}, {("img0", "gradient", "original"): np.zeros((4, 4))})
