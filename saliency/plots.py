@@ -501,8 +501,12 @@ def map_grid_figure(maps: Mapping[str, Sequence[torch.Tensor]], columns: Sequenc
     keep = _subsample(len(columns), max_columns)
     offset = 0 if image is None else 1
     n_cols = len(keep) + offset
-    fig = Figure(figsize=(1.8 + 1.1 * n_cols, 0.9 + 1.1 * len(methods)), layout="constrained")
-    axes = fig.subplots(len(methods), n_cols, squeeze=False)
+    # a fixed layout (inches), not "constrained": solving it for hundreds of cells took most of a report
+    width, height = 1.9 + 1.0 * n_cols, 1.35 + 1.0 * len(methods)
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(len(methods), n_cols, squeeze=False, gridspec_kw={
+        "left": 1.75 / width, "right": 1 - 0.15 / width, "top": 1 - 0.6 / height, "bottom": 0.75 / height,
+        "wspace": 0.08, "hspace": 0.12})
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -525,7 +529,7 @@ def map_grid_figure(maps: Mapping[str, Sequence[torch.Tensor]], columns: Sequenc
     if len(keep) < len(columns):
         heading = f"{heading} (showing {len(keep)} of {len(columns)} states)".strip()
     if heading:
-        fig.suptitle(heading, fontsize=10)
+        fig.suptitle(heading, fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
     return fig
 
 
@@ -557,10 +561,10 @@ def _map_colorbars(fig: Figure, axes) -> None:
     bars = [(MAP_CMAP, Normalize(-1.0, 1.0), "signed: S / max|S| (per cell)"),
             (SEQUENTIAL_CMAP, Normalize(0.0, 1.0), "≥ 0: S / max S (per cell)")]
     shown = [bar for bar in bars if bar[0] in kinds]
-    height = fig.get_figheight()
-    for cmap, norm, label in shown:
-        bar = fig.colorbar(ScalarMappable(norm, cmap=cmap), ax=axes, location="bottom", shrink=0.35,
-                           fraction=min(0.4 / height, 0.08), aspect=30, pad=0.01)
+    width, height = fig.get_size_inches()
+    for k, (cmap, norm, label) in enumerate(shown):  # side by side under the grid, 0.12 inch high
+        ax = fig.add_axes((0.1 + 0.45 * k, 0.42 / height, 0.35, 0.12 / height), label="<colorbar>")
+        bar = fig.colorbar(ScalarMappable(norm, cmap=cmap), cax=ax, orientation="horizontal")
         bar.set_label(label, fontsize=8)
         bar.ax.tick_params(labelsize=7)
 
