@@ -724,10 +724,11 @@ def test_figure(summary: pa.Table, test: str, metric: str, rules: VerdictRules =
 
 def report_figures(summary: pa.Table, rules: VerdictRules = VerdictRules()) -> dict[str, Figure]:
     """Every summary figure the rows support, by file stem ("<test>_<metric>", curves of several models
-    "<test>_<metric>_<model>"), for each registered test in registry order and each of its metrics."""
+    "<test>_<metric>_<model>"), for each registered test in registry order and each of its metrics
+    (ssim, the headline metric, first)."""
     figures: dict[str, Figure] = {}
     for test in sanity_tests():
-        for metric in _distinct(summary, "metric", test=test.id):
+        for metric in sorted(_distinct(summary, "metric", test=test.id), key=lambda m: (m != "ssim", m)):
             models = _distinct(summary, "model", test=test.id, metric=metric)
             if test.curve and test.figure != "value" and len(models) > 1:
                 for model in models:

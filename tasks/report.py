@@ -272,7 +272,8 @@ def _paired(verdicts: pa.Table, comparisons: pa.Table) -> dict:
     blocks = []
     for model in sorted({r["model"] for r in pairs}):
         mine = [r for r in pairs if r["model"] == model]
-        for signed in dict.fromkeys(r["signed"] for r in mine):
+        order = {m: i for i, m in enumerate(m for _, ms in method_groups({r["signed"] for r in mine}) for m in ms)}
+        for signed in sorted({r["signed"] for r in mine}, key=order.get):
             variants = list(dict.fromkeys(r["variant"] for r in mine if r["signed"] == signed))
             rows = []
             for method in [signed] + variants:
