@@ -1,13 +1,12 @@
 """Make the README's opening figures from a real run: docs/verdict_matrix.png (the report's verdict
-matrix) and docs/paper_figure.png (the paper's comparison), plus docs/figures.md with the run they
-came from.
+matrix) and docs/paper_figure.png (the paper's comparison, from the run's stored maps).
 
     python docs/make_figures.py               # runs the natural-image reference first (see RUN below)
     python docs/make_figures.py RUN_DIR       # draws from a finished run directory
 
 RUN is the CIFAR-10 ResNet-20 config (deployments/configs/cifar_resnet20.yaml) cut to one randomisation
-seed and the first 50 of its 100 images, so that it finishes in about ten minutes on a laptop CPU (the
-full three-seed run takes about half an hour); the captions say so.
+seed and the first 50 of its 100 images: a sixth of the full three-seed run's work (about 30 min on a
+2-core machine); the README's caption says so. Maps of the first 6 images are stored for the figure.
 """
 from __future__ import annotations
 
