@@ -293,7 +293,8 @@ def matrix_cells(page: str) -> tuple[list[tuple[str, str]], dict[str, list[tuple
 def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
     summary, verdict, _ = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
-    assert page.index('id="verdict-matrix"') < page.index("<figure") and page.index("verdict-matrix") < page.index("<details><summary>All")
+    matrix = page.index('id="verdict-matrix"')
+    assert matrix < page.index("<figure") and matrix < page.index("<details><summary>All")
     columns, rows, families = matrix_cells(page)
     assert columns == [("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
                        ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
@@ -413,3 +414,34 @@ def test_paper_figure_shows_the_complete_pairs_per_image_and_names_what_is_missi
     assert cmaps[:4] == [report.SEQUENTIAL_CMAP] * 2 + [report.MAP_CMAP] * 2  # signed: one map has negatives
     with pytest.raises(ValueError, match="none is complete"):
         report.paper_figure({"img0": None}, {("img0", "gradient", "original"): np.zeros((4, 4))})
+
+
+def test_mprt_small_multiples_one_panel_per_family_with_the_controls_dashed_in_each():
+    from saliency.methods import PAPER_METHODS
+
+    panels = report.mprt_panels(PAPER_METHODS)
+    assert [title for title, _ in panels] == ["plain gradient", "aggregation: gradcam", "aggregation: gradcampp",
+                                              "aggregation: fullgrad", "propagation", "LRP"]
+    assert all(len(members) <= report.MAX_PANEL_LINES and members[-2:] == ["edge_sobel", "random"]
+               for _, members in panels)
+    assert sorted(m for _, members in panels for m in members[:-2]) == sorted(set(PAPER_METHODS) - {"edge_sobel", "random"})
+    methods = ["gradient", "smoothgrad", "gradcam", "gradcam/pos", "edge_sobel", "random"]
+    fig = report.mprt_small_multiples(summary_table(methods=methods, levels=LEVELS | {"gradcam/pos": 0.9}), "ssim")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 * 2  # two families, R above the raw similarity
+    r_gradient, r_cam = axes[0], axes[1]
+    assert r_gradient.get_legend().get_title().get_text() == "plain gradient"
+    for ax in axes:
+        lines = labelled_lines(ax)
+        assert lines["edge_sobel"].get_linestyle() == "--" and lines["random"].get_linestyle() == "--"
+        assert len([name for name in lines if name in methods]) <= report.MAX_PANEL_LINES
+        assert len(ax.collections) == len([name for name in lines if name in methods])  # a CI band per line
+    assert set(labelled_lines(r_cam)) >= {"gradcam", "gradcam/pos"} and "gradient" not in labelled_lines(r_cam)
+    cam_lines = labelled_lines(r_cam)
+    assert cam_lines["gradcam/pos"].get_linestyle() == "-." and cam_lines["gradcam"].get_linestyle() == "-"
+    bottom = axes[2]
+    assert [t.get_text() for t in bottom.get_xticklabels()] == LAYERS  # state 0 (logits side) first
+    np.testing.assert_allclose(labelled_lines(r_cam)["gradcam/pos"].get_ydata(),
+                               [retention_at("gradcam/pos", k, LEVELS | {"gradcam/pos": 0.9}) for k in range(len(LAYERS))])
+    with pytest.raises(ValueError, match="several models"):
+        report.mprt_small_multiples(pa.concat_tables([summary_table(model="a"), summary_table(model="b")]), "ssim")

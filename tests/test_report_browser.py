@@ -119,7 +119,8 @@ def test_the_headline_of_a_two_method_run_shows_summary_parquet(two_method_run):
         for column, (verdict, text) in zip(columns, rows[method]):
             test, state = where[column]
             metric = "entropy_rise" if test == "emprt" else "ssim"
-            (row,) = [r for r in summary if (r["method"], r["test"], r["state"], r["metric"]) == (method, test, state, metric)]
+            (row,) = [r for r in summary
+                      if (r["method"], r["test"], r["state"], r["metric"]) == (method, test, state, metric)]
             prefix = "" if test == "emprt" else "retention_"
             if verdict == "uninformative":
                 continue
