@@ -15,7 +15,7 @@ import pyarrow as pa
 from saliency.plots import method_groups, mprt_overlay_figure
 from saliency.sanity import get_test, sanity_tests
 from tasks.manifest import Manifest, read_manifest
-from tasks.report import SCOPE_WORDS, _cell, _run_line, headline_metrics, matrix_columns
+from tasks.report import SCOPE_WORDS, headline_metrics, matrix_cell, matrix_columns, run_line
 from tasks.storage import RunDir
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
@@ -76,7 +76,7 @@ def comparison_rows(runs: list[Run]) -> tuple[list[tuple[str, str]], list[dict]]
     for family, methods in method_groups({key[1] for key in cells}):
         for method in methods:
             rows.append({"family": family, "method": method,
-                         "cells": [[_cell(cells.get((i, method, *c))) for i in range(len(runs))] for c in columns]})
+                         "cells": [[matrix_cell(cells.get((i, method, *c))) for i in range(len(runs))] for c in columns]})
     return columns, rows
 
 
@@ -125,7 +125,7 @@ def write_comparison(runs: list[Run], out_dir: str | Path) -> Path:
                             "data": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()})
     heads = [{"test": get_test(t).title, "scope": s, "words": SCOPE_WORDS.get(s, "")} for t, s in columns]
     page = _TEMPLATES.get_template("compare.html").render(
-        runs=[{"label": r.label, "location": r.location, "line": _run_line(r.summary, None, r.manifest)} for r in runs],
+        runs=[{"label": r.label, "location": r.location, "line": run_line(r.summary, None, r.manifest)} for r in runs],
         heads=heads, groups=[(family, [r for r in rows if r["family"] == family])
                              for family in dict.fromkeys(r["family"] for r in rows)], figures=figures)
     index = out / "index.html"

@@ -94,7 +94,7 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
                             "parquet": f"../{name}.parquet" if parquet_links else None})
     judged = verdicts is not None and verdicts.num_rows > 0
     page = _TEMPLATES.get_template("report.html").render(
-        run_line=_run_line(summary, scores, manifest), facts=_facts(summary, scores, manifest),
+        run_line=run_line(summary, scores, manifest), facts=_facts(summary, scores, manifest),
         matrices=verdict_matrices(verdicts) if judged else [],
         reading=_reading(verdicts, comparisons) if judged else None,
         controls=_controls(verdicts) if verdicts is not None else None,
@@ -141,7 +141,7 @@ def _facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None
     ]
 
 
-def _run_line(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None) -> str:
+def run_line(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None) -> str:
     """The run in one line: model, dataset, images, CAM layer, seeds, date, code version."""
     if manifest is None:
         parts = [", ".join(_distinct(summary, "model")) or "no model"]
@@ -187,7 +187,7 @@ def verdict_matrices(verdicts: pa.Table) -> list[dict]:
         groups = []
         for label, methods in method_groups({method for method, *_ in cells}):
             groups.append({"label": label, "rows": [
-                {"method": method, "cells": [_cell(cells.get((method, *c))) for c in columns]} for method in methods]})
+                {"method": method, "cells": [matrix_cell(cells.get((method, *c))) for c in columns]} for method in methods]})
         matrices.append({"model": model, "groups": groups, "columns": _column_heads(columns, headline)})
     return matrices
 
@@ -206,7 +206,7 @@ def _column_heads(columns: list[tuple[str, str]], headline: dict[str, str]) -> l
     return heads
 
 
-def _cell(row: dict | None) -> dict | None:
+def matrix_cell(row: dict | None) -> dict | None:
     """The verdict; the number: R [CI] (a test whose high value passes: the value [CI]), or r − c for
     an uninformative one (labelled, as the column header names the other quantities); the reason as
     tooltip."""
@@ -282,7 +282,7 @@ def _paired(verdicts: pa.Table, comparisons: pa.Table) -> dict:
                     verdict = judged.get((model, method, test, scope))
                     pair = next((r for r in mine if (r["variant"], r["signed"], r["test"], r["scope"])
                                  == (method, signed, test, scope)), None)
-                    cells.append({"verdict": verdict["verdict"] if verdict else "", "r": _cell(verdict)["value"]
+                    cells.append({"verdict": verdict["verdict"] if verdict else "", "r": matrix_cell(verdict)["value"]
                                   if verdict else "–", "pair": None if pair is None else
                                   f"ΔR {_signed(pair['mean_difference'])}, p {_p(pair['p_holm'])}, "
                                   f"r {_signed(pair['rank_biserial'])}"})
