@@ -98,6 +98,22 @@ def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or
 
 
 @app.command()
+def compare(run_dirs: Annotated[list[str], typer.Argument(help="finished run directories (paths or URIs)")],
+            out: Annotated[str, typer.Option("--out", help="folder of the comparison page")] = "compare") -> None:
+    """Place runs side by side: per method and test each run's verdict and R [95% CI] (printed, and as
+    a page in --out with the same method's MPRT curves of every run overlaid)."""
+    from tasks.compare import format_comparison, load_runs, write_comparison
+
+    try:
+        runs = load_runs(run_dirs)
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    print(format_comparison(runs))  # plain print: no wrapping or truncation at the terminal's width
+    console.print(f"page: {write_comparison(runs, out)}")
+
+
+@app.command()
 def methods() -> None:
     """List the saliency method ids: family, gradient policy, whether the id is a published default, whether
     it is in the default run, and the signed method it is compared with in comparisons.parquet."""

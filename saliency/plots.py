@@ -20,7 +20,10 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
+from saliency.methods import available_methods, get_method
+from saliency.methods.base import POLICIES
 from saliency.sanity import get_test, sanity_tests
 from saliency.statistics import VerdictRules
 
@@ -28,6 +31,13 @@ CONTROLS = ("edge_sobel", "random")
 """Model-independent reference methods: drawn grey/black and dashed so they read as references."""
 
 MAP_CMAP = "bwr"
+"""Signed maps: diverging, white at zero, scaled to ±max|S| of the cell."""
+SEQUENTIAL_CMAP = "Reds"
+"""Non-negative maps: white at zero to dark red at max S of the cell (red = positive, as in MAP_CMAP)."""
+MAX_PANEL_LINES = 6
+"""Most lines in one small-multiple MPRT panel, the dashed controls included."""
+FAMILY_LABELS = {"gradient": "plain gradient", "cam": "aggregation", "propagation": "propagation",
+                 "lrp": "LRP", "control": "controls"}
 MAX_TICK_LABELS = 20
 MAX_GRID_COLUMNS = 12
 
@@ -89,6 +99,30 @@ def order_methods(methods: Iterable[str]) -> list[str]:
     return sorted(methods - set(CONTROLS)) + [c for c in CONTROLS if c in methods]
 
 
+def method_groups(methods: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """(family label, methods) in FAMILY_LABELS order: plain gradient, aggregation, propagation, LRP,
+    controls; within a family registry order, except that each aggregation method lists its signed
+    variant first, then pos, abs, neg (the paper's pairs side by side). Unknown ids close the list."""
+    chosen = set(methods)
+    registry = available_methods()
+    known = [m for m in registry if m in chosen]
+
+    def key(method_id: str) -> tuple:
+        method = get_method(method_id)
+        base = method_id.split("/")[0]
+        first = next(i for i, m in enumerate(registry) if m.split("/")[0] == base)
+        policy = POLICIES.index(method.policy) if method.family == "cam" and method.policy in POLICIES else 0
+        return (first, policy, "/" in method_id)
+
+    groups = []
+    for family, label in FAMILY_LABELS.items():
+        members = sorted((m for m in known if get_method(m).family == family), key=key)
+        if members:
+            groups.append((label, members))
+    other = sorted(chosen - set(known))
+    return groups + ([("other", other)] if other else [])
+
+
 def _method_styles(summary: pa.Table) -> dict[str, dict]:
     """One style per method of the whole summary, so a method looks the same in every figure."""
     styles = {}
@@ -97,6 +131,17 @@ def _method_styles(summary: pa.Table) -> dict[str, dict]:
         styles[method] = {"color": _palette(i), "linestyle": "-" if (i // 10) % 2 == 0 else "-.",
                           "marker": _MARKERS[i % len(_MARKERS)]}
     return styles | _CONTROL_STYLE
+
+
+def _panel_styles(methods: Sequence[str]) -> dict[str, dict]:
+    """Styles within one small-multiple panel: tab10 colours and markers by position, solid for a
+    signed method and dash-dotted for a pos/abs/neg one; the controls keep their reference style."""
+    styles = dict(_CONTROL_STYLE)
+    for i, method in enumerate(m for m in methods if m not in CONTROLS):
+        policy = get_method(method).policy if method in available_methods() else None
+        styles[method] = {"color": colormaps["tab10"].colors[i % 10], "marker": _MARKERS[i % len(_MARKERS)],
+                          "linestyle": "-." if policy in ("pos", "abs", "neg") else "-"}
+    return styles
 
 
 def _palette(i: int) -> tuple:
@@ -163,6 +208,139 @@ def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: st
     return fig
 
 
+def mprt_panels(methods: Iterable[str], most: int = MAX_PANEL_LINES) -> list[tuple[str, list[str]]]:
+    """The small-multiple panels of the MPRT curves: (title, methods) per family (``method_groups``),
+    each at most ``most`` lines with the controls that every panel repeats; a larger family is cut by
+    base method (gradcam, gradcampp, fullgrad), then into chunks."""
+    methods = list(methods)
+    controls = [c for c in CONTROLS if c in methods]
+    room = max(most - len(controls), 1)
+    panels = []
+    for label, members in method_groups(m for m in methods if m not in CONTROLS):
+        if len(members) <= room:
+            panels.append((label, members))
+            continue
+        by_base: dict[str, list[str]] = {}
+        for method in members:
+            by_base.setdefault(method.split("/")[0], []).append(method)
+        for base, group in by_base.items():
+            for start in range(0, len(group), room):
+                chunk = group[start:start + room]
+                panels.append((f"{label}: {base}" if len(by_base) > 1 else label, chunk))
+    if not panels and controls:
+        panels.append(("controls", []))
+    return [(title, members + controls) for title, members in panels]
+
+
+def mprt_small_multiples(summary: pa.Table, metric: str = "ssim", model: str | None = None,
+                         rules: VerdictRules = VerdictRules(), test: str = "mprt", columns: int = 3) -> Figure:
+    """MPRT curves as small multiples: one panel per family (``mprt_panels``: at most MAX_PANEL_LINES
+    lines, the controls dashed in every panel), retention R on top and the raw similarity below it,
+    95% CI bands, x = the randomised layer from the logits (left) to the input (right).
+
+    One model per figure: ``model`` picks it (required when the summary holds several)."""
+    rows, models = _test_rows(summary, test, metric, model)
+    if len(models) > 1:
+        raise ValueError(f"summary holds several models {models}: pass model= to draw one")
+    rows = [row for row in rows if row["state_index"] >= 0]
+    states = sorted({(row["state_index"], row["state"]) for row in rows})
+    panels = mprt_panels(order_methods({row["method"] for row in rows}))
+    n_cols = min(columns, len(panels))
+    n_blocks = math.ceil(len(panels) / n_cols)
+    fig = Figure(figsize=(4.6 * n_cols + 1.0, 5.4 * n_blocks), layout="constrained")
+    axes = fig.subplots(2 * n_blocks, n_cols, squeeze=False, sharex=True)
+    informative = _informative(rows, rules)
+    r_limits = _limits(informative, "retention_", bound=(-1.0, 2.0))
+    s_limits = _limits(rows, "")
+    for i, (title, members) in enumerate(panels):
+        ax_r, ax_s = axes[2 * (i // n_cols), i % n_cols], axes[2 * (i // n_cols) + 1, i % n_cols]
+        styles = _panel_styles(members)
+        references = [ax_r.axhline(rules.retention, color="tab:red", linestyle=(0, (4, 2)), linewidth=1.0,
+                                   label=f"verdict threshold R = {rules.retention:g}"),
+                      ax_r.axhline(0.0, color="0.4", linestyle=(0, (1, 2)), linewidth=0.9,
+                                   label="R = 0: as different as another image's map")]
+        _curves(ax_r, [r for r in informative if r["method"] in members], states, styles, "retention_")
+        ax_r.set_ylim(*r_limits)
+        handles, labels = ax_r.get_legend_handles_labels()
+        methods_only = [(h, l) for h, l in zip(handles, labels) if l in members]
+        ax_r.legend(*zip(*methods_only), title=title, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                    ncols=3, fontsize=7, title_fontsize=9, frameon=False, handlelength=2.6)
+        ax_s.axhline(1.0, color="0.4", linestyle=(0, (2, 2)), linewidth=0.9)
+        _curves(ax_s, [r for r in rows if r["method"] in members], states, styles, "")
+        ax_s.set_ylim(*s_limits)
+        ax_r.set_xlabel("")
+        if i % n_cols == 0:
+            ax_r.set_ylabel(f"retention R ({metric})\n1 = unchanged, 0 = another image")
+            ax_s.set_ylabel(f"similarity s ({metric})\nto the original map")
+    fig.legend(references, [line.get_label() for line in references], loc="outside lower center", ncols=2,
+               fontsize=8, frameon=False)
+    for j in range(len(panels), n_blocks * n_cols):
+        for ax in (axes[2 * (j // n_cols), j % n_cols], axes[2 * (j // n_cols) + 1, j % n_cols]):
+            ax.set_visible(False)
+    fig.suptitle(f"{get_test(test).title} — {models[0]}: R (upper rows) and raw similarity (lower rows) "
+                 f"per layer randomised, logits → input; bands: 95% CI", fontsize=11)
+    return fig
+
+
+def mprt_overlay_figure(summaries: Mapping[str, pa.Table], metric: str = "ssim", test: str = "mprt",
+                        rules: VerdictRules = VerdictRules(), columns: int = 6) -> Figure:
+    """The MPRT curves of the same method in several runs overlaid: one panel per method present in
+    any run (``method_groups`` order), one line per run (label → summary) with its 95% CI band, R on y.
+
+    x is the state position from the logits (0) to the input (1), so runs of models with different
+    numbers of layers share an axis; tick labels name the layers when every run has the same states."""
+    per_run = {}
+    for label, summary in summaries.items():
+        rows = [r for r in _select(summary, test=test, metric=metric) if r["state_index"] >= 0]
+        per_run[label] = _informative(rows, rules)
+    methods = [m for _, ms in method_groups({r["method"] for rows in per_run.values() for r in rows}) for m in ms]
+    if not methods:
+        raise ValueError(f"no run has {test} rows with metric {metric!r}")
+    n_cols = min(columns, len(methods))
+    n_rows = math.ceil(len(methods) / n_cols)
+    fig = Figure(figsize=(2.9 * n_cols + 0.8, 2.3 * n_rows + 1.2), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+    state_sets = {label: sorted({(r["state_index"], layer_label(r["state"])) for r in rows})
+                  for label, rows in per_run.items()}
+    same_states = len({tuple(states) for states in state_sets.values()}) == 1
+    colours = colormaps["tab10"].colors
+    for ax, method in zip(axes.flat, methods):
+        ax.axhline(rules.retention, color="tab:red", linestyle=(0, (4, 2)), linewidth=0.8)
+        ax.axhline(0.0, color="0.4", linestyle=(0, (1, 2)), linewidth=0.8)
+        for i, (label, rows) in enumerate(per_run.items()):
+            points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["state_index"])
+            if not points:
+                continue
+            last = max(len(state_sets[label]) - 1, 1)
+            x = np.array([r["state_index"] / last for r in points])
+            mean, low, high = (_column(points, f"retention_{k}") for k in ("mean", "ci_low", "ci_high"))
+            ax.plot(x, mean, color=colours[i % 10], marker=_MARKERS[i % len(_MARKERS)], markersize=2.5,
+                    linewidth=1.3, linestyle="-" if i < 10 else "--", label=label)
+            band = np.isfinite(low) & np.isfinite(high)
+            ax.fill_between(x, np.where(band, low, 0.0), np.where(band, high, 0.0), where=band,
+                            color=colours[i % 10], alpha=0.15, linewidth=0)
+        ax.set_title(method, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    if same_states:
+        states = next(iter(state_sets.values()))
+        last = max(len(states) - 1, 1)
+        shown = _thinned(len(states), 8)
+        for ax in axes[-1]:
+            ax.set_xticks([states[k][0] / last for k in shown], labels=[_short(states[k][1], 14) for k in shown],
+                          rotation=60, ha="right", rotation_mode="anchor", fontsize=6.5)
+    fig.supxlabel("randomised layer, from the logits (left) to the input (right)", fontsize=9)
+    fig.supylabel(f"retention R ({metric}); dashed red: verdict threshold", fontsize=9)
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside upper center", ncols=min(len(legend), 4),
+               fontsize=8, frameon=False)
+    return fig
+
+
 def _informative(rows: list[dict], rules: VerdictRules) -> list[dict]:
     """The rows with R set to NaN where mean(r − c) < rules.min_gap (or unknown): R means nothing there."""
     nan = {"retention_mean": math.nan, "retention_ci_low": math.nan, "retention_ci_high": math.nan}
@@ -189,7 +367,7 @@ def _curves(ax, rows: list[dict], states: list[tuple[int, str]], styles: dict, p
                   rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
     ax.set_xticks(range(len(states)), minor=True)
     ax.set_xlim(-0.5, len(states) - 0.5)
-    ax.set_xlabel("randomised layer, in state order (top-down: logits → input)")
+    ax.set_xlabel("randomised layer (logits → input)")
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -304,13 +482,13 @@ def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "e
 def map_grid_figure(maps: Mapping[str, Sequence[torch.Tensor]], columns: Sequence[str],
                     image: torch.Tensor | None = None, title: str | None = None,
                     max_columns: int = MAX_GRID_COLUMNS) -> Figure:
-    """Example maps: rows = methods, columns = the given states ("original", then randomisation states).
+    """Example maps: rows = methods, columns = the given states ("original", then other classes or
+    randomisation states); `image` (C×H×W or H×W) is the first column of every row.
 
-    Each cell is an H×W map drawn with a diverging colormap symmetric around 0 and scaled by its own
-    max|S|, so signed maps keep their sign and every cell uses its full range. With more than
-    `max_columns` columns an evenly spaced subset is shown, always keeping the first and the last (the
-    title says so). `image` (C×H×W or H×W) adds an input column on the top row: grey for one channel,
-    min-max scaled to [0, 1] for three.
+    Each cell is scaled by its own maximum (``draw_map``): a method with negative values anywhere in
+    its row is drawn with the diverging MAP_CMAP centred on 0 at ±max|S|, a non-negative one with the
+    sequential SEQUENTIAL_CMAP from 0 to max S. With more than `max_columns` columns an evenly spaced
+    subset is shown, always keeping the first and the last (the title says so).
     """
     methods = list(maps)
     columns = list(columns)
@@ -323,33 +501,178 @@ def map_grid_figure(maps: Mapping[str, Sequence[torch.Tensor]], columns: Sequenc
     keep = _subsample(len(columns), max_columns)
     offset = 0 if image is None else 1
     n_cols = len(keep) + offset
-    fig = Figure(figsize=(1.6 + 1.2 * n_cols, 1.3 + 1.2 * len(methods)), layout="constrained")
-    axes = fig.subplots(len(methods), n_cols, squeeze=False)
+    # a fixed layout (inches), not "constrained": solving it for hundreds of cells took most of a report
+    width, height = 1.9 + 1.0 * n_cols, 1.35 + 1.0 * len(methods)
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(len(methods), n_cols, squeeze=False, gridspec_kw={
+        "left": 1.75 / width, "right": 1 - 0.15 / width, "top": 1 - 0.6 / height, "bottom": 0.75 / height,
+        "wspace": 0.08, "hspace": 0.12})
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    if image is not None:
-        picture, cmap = _display_image(image)
-        axes[0, 0].imshow(picture, cmap=cmap)
-        axes[0, 0].set_title("input", fontsize=8)
-        for ax in axes[1:, 0]:
-            ax.set_frame_on(False)
+    picture = None if image is None else _display_image(image)
     for row, method in enumerate(methods):
-        axes[row, 0].set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
-        for col, index in enumerate(keep, start=offset):
-            cell = _as_2d(maps[method][index], f"map of {method!r} at column {columns[index]!r}")
-            vmax = float(np.nanmax(np.abs(cell))) if np.isfinite(cell).any() else 0.0
-            vmax = vmax if math.isfinite(vmax) and vmax > 0 else 1.0
-            axes[row, col].imshow(cell, cmap=MAP_CMAP, vmin=-vmax, vmax=vmax, interpolation="nearest")
+        cells = [_as_2d(maps[method][index], f"map of {method!r} at column {columns[index]!r}") for index in keep]
+        signed = is_signed(cells)
+        axes[row, 0].set_ylabel(f"{method}\n({'signed' if signed else '≥ 0'})", rotation=0, ha="right",
+                                va="center", fontsize=8)
+        if picture is not None:
+            axes[row, 0].imshow(picture[0], cmap=picture[1])
+            if row == 0:
+                axes[row, 0].set_title("input", fontsize=8)
+        for col, (index, cell) in enumerate(zip(keep, cells), start=offset):
+            draw_map(axes[row, col], cell, signed)
             if row == 0:
                 axes[row, col].set_title(_short(layer_label(columns[index])), fontsize=6.5)
-    fig.colorbar(ScalarMappable(Normalize(-1.0, 1.0), cmap=MAP_CMAP), ax=axes, location="right",
-                 shrink=min(0.8, 4.0 / len(methods) + 0.1), aspect=25, label="S / max|S| (per cell, sign kept)")
+    _map_colorbars(fig, axes)
     heading = title or ""
     if len(keep) < len(columns):
         heading = f"{heading} (showing {len(keep)} of {len(columns)} states)".strip()
     if heading:
-        fig.suptitle(heading, fontsize=10)
+        fig.suptitle(heading, fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
+    return fig
+
+
+MAP_NORMALISATION = ("each map is scaled by its own maximum: a method with negative values (signed) is drawn "
+                     "blue–white–red with white at 0 and ±max|S| at the ends, a non-negative one (≥ 0) "
+                     "white to red from 0 to max S")
+"""The caption of every map figure: how a cell's colours map to its values."""
+
+
+def is_signed(cells: Iterable[np.ndarray]) -> bool:
+    """Whether any of the maps has a negative finite value (then the diverging colormap is used)."""
+    return any(bool((np.nan_to_num(cell, nan=0.0) < 0).any()) for cell in cells)
+
+
+def draw_map(ax, cell: np.ndarray, signed: bool) -> None:
+    """One map in ``ax``, scaled by its own max|S|: diverging and centred on 0 if ``signed``, else
+    sequential from 0 (an all-zero or all-NaN map stays white instead of a saturated square)."""
+    finite = cell[np.isfinite(cell)]
+    vmax = float(np.abs(finite).max()) if finite.size else 0.0
+    vmax = vmax if vmax > 0 else 1.0
+    if signed:
+        ax.imshow(cell, cmap=MAP_CMAP, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    else:
+        ax.imshow(cell, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
+
+
+def _map_colorbars(fig: Figure, axes) -> None:
+    kinds = {ax.images[-1].get_cmap().name for ax in np.ravel(axes) if ax.images}
+    bars = [(MAP_CMAP, Normalize(-1.0, 1.0), "signed: S / max|S| (per cell)"),
+            (SEQUENTIAL_CMAP, Normalize(0.0, 1.0), "≥ 0: S / max S (per cell)")]
+    shown = [bar for bar in bars if bar[0] in kinds]
+    width, height = fig.get_size_inches()
+    for k, (cmap, norm, label) in enumerate(shown):  # side by side under the grid, 0.12 inch high
+        ax = fig.add_axes((0.1 + 0.45 * k, 0.42 / height, 0.35, 0.12 / height), label="<colorbar>")
+        bar = fig.colorbar(ScalarMappable(norm, cmap=cmap), cax=ax, orientation="horizontal")
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+
+
+#: The paper's figure (``paper_figure``): (title, [(method, state)]) per group; state "original" is the
+#: top-class map of the trained model, "min" the least likely class's, "head" the head-randomised model's.
+PAPER_FIGURE = (
+    ("GradCAM++: pos vs signed", [("gradcampp", "original"), ("gradcampp", "min"),
+                                  ("gradcampp/signed", "original"), ("gradcampp/signed", "min")]),
+    ("FullGrad: abs vs signed", [("fullgrad", "original"), ("fullgrad", "min"),
+                                 ("fullgrad/signed", "original"), ("fullgrad/signed", "min")]),
+    ("GradCAM: pos vs signed", [("gradcam/pos", "original"), ("gradcam/pos", "min"),
+                                ("gradcam", "original"), ("gradcam", "min")]),
+    ("Guided Backprop vs gradient", [("guided_backprop", "original"), ("guided_backprop", "head"),
+                                     ("gradient", "original"), ("gradient", "head")]),
+)
+_STATE_WORDS = {"original": "top class", "min": "min class", "head": "head random"}
+
+
+def paper_figure(images: Mapping[str, torch.Tensor | None], maps: Mapping[tuple[str, str, str], np.ndarray],
+                 groups: Sequence[tuple[str, Sequence[tuple[str, str]]]] = PAPER_FIGURE,
+                 title: str | None = None) -> Figure:
+    """The paper's point at a glance: one row per image (``images``: id → C×H×W, None = not
+    available), the input, then per group the maps ``maps[(image id, method, state)]`` side by side —
+    by default the top-class and least-likely-class maps of GradCAM++, FullGrad and GradCAM with pos/abs
+    against signed aggregation, and the trained against the head-randomised maps of Guided Backprop
+    against the gradient. A pos/abs map that looks the same for both classes ignores the class.
+
+    Groups with a missing map are left out (a ValueError if none is complete). Cells: ``draw_map``,
+    signed or not decided per method over the figure.
+    """
+    ids = list(images)
+    complete = [(name, cells) for name, cells in groups
+                if all((i, m, st) in maps for i in ids for m, st in cells)]
+    if not ids or not complete:
+        raise ValueError(f"paper_figure needs, for each of {len(ids)} images, the maps of at least one group "
+                         f"of {[name for name, _ in groups]}; none is complete")
+    has_input = any(images[i] is not None for i in ids)
+    n_map_cols = sum(len(cells) for _, cells in complete)
+    fig = Figure(figsize=(0.6 + 1.05 * (n_map_cols + has_input) + 0.35 * len(complete), 0.9 + 1.1 * len(ids)),
+                 layout="constrained")
+    widths = ([1.0] if has_input else []) + [float(len(cells)) for _, cells in complete]
+    subfigs = np.ravel(fig.subfigures(1, len(widths), width_ratios=widths, wspace=0.01))
+    if has_input:
+        axes = subfigs[0].subplots(len(ids), 1, squeeze=False)[:, 0]
+        subfigs[0].suptitle(" ", fontsize=9)
+        for ax, image_id in zip(axes, ids):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if images[image_id] is not None:
+                picture, cmap = _display_image(images[image_id])
+                ax.imshow(picture, cmap=cmap)
+            ax.set_ylabel(image_id, fontsize=7)
+        axes[0].set_title("input", fontsize=8)
+    for sub, (name, cells) in zip(subfigs[int(has_input):], complete):
+        sub.suptitle(name, fontsize=9)
+        axes = sub.subplots(len(ids), len(cells), squeeze=False)
+        signed = {m: is_signed([maps[(i, m, st)] for i in ids for mm, st in cells if mm == m]) for m, _ in cells}
+        for row, image_id in enumerate(ids):
+            for col, (method, state) in enumerate(cells):
+                ax = axes[row, col]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                draw_map(ax, np.asarray(maps[(image_id, method, state)], dtype=np.float32), signed[method])
+                if row == 0:
+                    ax.set_title(f"{method}\n{_STATE_WORDS.get(state, state)}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+VERDICT_COLOURS = {"pass": ("#cfeccf", "#124d12"), "fail": ("#f5cccc", "#7d1010"),
+                   "inconclusive": ("#f7e8bf", "#5e4700"), "uninformative": ("#dde4ec", "#3a4d63")}
+"""(background, text) colour per verdict, as on the report page."""
+
+
+def verdict_matrix_figure(rows: Sequence[tuple[str, str, Sequence[tuple[str, str] | None]]],
+                          columns: Sequence[str], title: str | None = None) -> Figure:
+    """The report's verdict matrix as a picture (for a README): ``rows`` = (family, method, cells),
+    each cell (verdict, text) or None; ``columns`` = the column headings. Each cell is coloured by
+    its verdict (VERDICT_COLOURS) and shows its text."""
+    n_rows, n_cols = len(rows), len(columns)
+    fig = Figure(figsize=(2.3 + 1.55 * n_cols, 0.2 * (n_rows + 3.2)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, 2.3 + 1.55 * n_cols)
+    ax.set_ylim(n_rows + 1.6, -0.6)
+    ax.axis("off")
+    x0 = 2.3
+    for j, heading in enumerate(columns):
+        ax.text(x0 + 1.55 * (j + 0.5), 0.95, heading, ha="center", va="center", fontsize=6.5, weight="bold")
+    previous = None
+    for i, (family, method, cells) in enumerate(rows):
+        y = i + 2
+        if family != previous:
+            ax.text(0.05, y, family, ha="left", va="center", fontsize=6, color="0.35", style="italic")
+            if previous is not None:
+                ax.plot([0, x0 + 1.55 * n_cols], [y - 0.5, y - 0.5], color="0.5", linewidth=0.8)
+            previous = family
+        ax.text(x0 - 0.05, y, method, ha="right", va="center", fontsize=6.5)
+        for j, cell in enumerate(cells):
+            if cell is None:
+                continue
+            verdict, text = cell
+            face, ink = VERDICT_COLOURS.get(verdict, ("white", "black"))
+            ax.add_patch(Rectangle((x0 + 1.55 * j + 0.02, y - 0.46), 1.51, 0.92, facecolor=face, edgecolor="none"))
+            ax.text(x0 + 1.55 * (j + 0.5), y, text, ha="center", va="center", fontsize=5.8, color=ink)
+    if title:
+        ax.text(0.05, -0.15, title, ha="left", va="center", fontsize=7, color="0.2")
     return fig
 
 
@@ -387,24 +710,32 @@ def _display_image(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
     raise ValueError(f"image must be H×W, 1×H×W or 3×H×W (got shape {tuple(array.shape)})")
 
 
-def test_figure(summary: pa.Table, test: str, metric: str, rules: VerdictRules = VerdictRules()) -> Figure:
-    """The figure a sanity test declares: curves of R over its states, bars of R per state, or bars of
-    its raw value (a test whose high score passes, as eMPRT)."""
+def test_figure(summary: pa.Table, test: str, metric: str, rules: VerdictRules = VerdictRules(),
+                model: str | None = None) -> Figure:
+    """The figure a sanity test declares: curves of R over its states (small multiples, one model),
+    bars of R per state, or bars of its raw value (a test whose high score passes, as eMPRT)."""
     declared = get_test(test)
     if declared.figure == "value":
         return entropy_figure(summary, metric=metric, test=test)
     if declared.curve:
-        return mprt_curve_figure(summary, metric, rules=rules, test=test)
+        return mprt_small_multiples(summary, metric, model=model, rules=rules, test=test)
     return class_sensitivity_figure(summary, metric, rules=rules, test=test)
 
 
 def report_figures(summary: pa.Table, rules: VerdictRules = VerdictRules()) -> dict[str, Figure]:
-    """Every summary figure the rows support, by file stem ("<test>_<metric>"), for each registered test
-    in registry order and each of its metrics present."""
+    """Every summary figure the rows support, by file stem ("<test>_<metric>", curves of several models
+    "<test>_<metric>_<model>"), for each registered test in registry order and each of its metrics
+    (ssim, the headline metric, first)."""
     figures: dict[str, Figure] = {}
     for test in sanity_tests():
-        for metric in _distinct(summary, "metric", test=test.id):
-            figures[f"{test.id}_{slug(metric)}"] = test_figure(summary, test.id, metric, rules)
+        for metric in sorted(_distinct(summary, "metric", test=test.id), key=lambda m: (m != "ssim", m)):
+            models = _distinct(summary, "model", test=test.id, metric=metric)
+            if test.curve and test.figure != "value" and len(models) > 1:
+                for model in models:
+                    figures[f"{test.id}_{slug(metric)}_{slug(model)}"] = test_figure(summary, test.id, metric,
+                                                                                       rules, model)
+            else:
+                figures[f"{test.id}_{slug(metric)}"] = test_figure(summary, test.id, metric, rules)
     return figures
 
 

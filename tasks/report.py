@@ -1,12 +1,17 @@
 """The run's report page: figures (saliency.plots) and index.html rendered from templates/report.html.
 
-The page reads top-down: the run (from its typed manifest), the verdict table (one row per method, one
-column per test and scope, headline metric ssim), the other metrics' verdicts, the control checks, the
-pos/abs-vs-signed comparison table, then the figures and the full summary.
+The first screen answers the question: the run in one line, the verdict matrix (methods grouped by
+family, one column per test and verdict scope, each cell coloured by its verdict with R and its CI) and
+a paragraph read off the numbers. Then the paper's comparison (signed vs pos/abs, and its figure), the
+MPRT small multiples, the map grids, and the full tables collapsed, with CSV exports and links to the
+Parquet files. Images are embedded as data URIs (and also written as PNGs), so the page is one file
+that works from a copied folder and inside MLflow's artifact view.
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
 import re
@@ -18,53 +23,86 @@ import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saliency.plots import map_grid_figure, order_methods, report_figures, slug
+from saliency.plots import (CONTROLS, MAP_NORMALISATION, PAPER_FIGURE, map_grid_figure, method_groups,
+                            order_methods, paper_figure, report_figures, slug)
 from saliency.sanity import ORIGINAL, get_test, sanity_tests
 from saliency.statistics import VerdictRules, control_checks
 from tasks.manifest import Manifest, read_manifest
 from tasks.storage import RunDir
 
-SCOPE_ORDER = ("min", "random", "second", "head", "cascade", "full")
-MAPS_CAPTION = ("Example maps: rows are methods, columns the original model then each state; each cell "
-                "scaled by its own max|S|, red positive, blue negative.")
+SCOPE_WORDS = {"min": "least likely class", "random": "random other class", "second": "second class",
+               "head": "head randomised", "cascade": "mean over the cascade", "full": "fully randomised"}
+"""Plain words under a scope's name in the matrix header (a scope not listed shows its name only)."""
+MAPS_CAPTION = ("Example maps of one image: rows are methods, columns the input, the original model's map, "
+                f"then each state; {MAP_NORMALISATION}.")
+PAPER_CAPTION = ("The paper's comparison at a glance: per image, the input, then the maps for the top class and "
+                 "for the least likely class (min) of GradCAM++, FullGrad and GradCAM with pos/abs aggregation "
+                 "beside their signed twins, and the maps of the trained and the head-randomised model for "
+                 "Guided Backprop beside the gradient. Maps that look alike across a pair ignore the class or "
+                 f"the weights. Stored maps of the run (the scored ones, first randomisation seed); {MAP_NORMALISATION}.")
+SAMPLE_IMAGES = 6
+"""Most images in the paper's figure (those whose maps were stored: storage.sample_images)."""
+TABLE_FILES = ("summary", "verdicts", "comparisons")
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
                                 undefined=jinja2.StrictUndefined)
 
 
 def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | None = None,
                  manifest: Manifest | None = None, map_grids: Mapping[str, Figure] | None = None,
-                 verdicts: pa.Table | None = None, comparisons: pa.Table | None = None) -> Path:
-    """Write the PNG figures and a self-contained index.html (relative links) into ``out_dir``.
+                 verdicts: pa.Table | None = None, comparisons: pa.Table | None = None,
+                 paper: Figure | None = None, parquet_links: bool = False) -> Path:
+    """Write index.html with its figures (embedded, and as PNGs) and CSV exports into ``out_dir``.
 
     ``summary``, ``verdicts`` and ``comparisons`` are tables of saliency.statistics' schemas; without a
-    manifest the header shows what the tables tell. Returns the path of index.html; every file written
-    sits next to it (``written_files``). The caller's map-grid figures are saved, not closed.
+    manifest the header shows what the tables tell. ``paper`` is the paper's figure (``paper_figure``).
+    ``parquet_links``: link ../<table>.parquet (the page sits in RUN_DIR/report). Returns the path of
+    index.html; ``written_files`` lists every file written. The caller's figures are saved, not closed.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rules = VerdictRules(**manifest.verdict_rules) if manifest else VerdictRules()
-    figures: list[tuple[str, str, str]] = []  # (file name, alt text, caption)
-    for stem, fig in report_figures(summary, rules).items():
-        fig.savefig(out / f"{stem}.png", dpi=110)
-        test = next(t for t in sanity_tests() if stem.startswith(f"{t.id}_"))
-        figures.append((f"{stem}.png", stem, test.description))
     used: set[str] = set()
-    for name, fig in (map_grids or {}).items():
-        stem = _unique(f"maps_{slug(name)}", used)
-        fig.savefig(out / f"{stem}.png", dpi=100)
-        figures.append((f"{stem}.png", f"maps {name}", f"{MAPS_CAPTION} ({name})"))
+
+    def image(stem: str, fig: Figure, dpi: int) -> dict:
+        name = f"{_unique(stem, used)}.png"
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        (out / name).write_bytes(buffer.getvalue())
+        return {"file": name, "data": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}
+
+    curves, other_figures = [], []
+    for stem, fig in report_figures(summary, rules).items():
+        test = next(t for t in sanity_tests() if stem.startswith(f"{t.id}_"))
+        entry = image(stem, fig, 90) | {"alt": stem, "caption": test.description}
+        (curves if test.curve and test.figure != "value" else other_figures).append(entry)
+    grids = [image(f"maps_{slug(name)}", fig, 90) | {"alt": f"maps {name}", "caption": f"{MAPS_CAPTION} ({name})"}
+             for name, fig in (map_grids or {}).items()]
+    paper_entry = image("paper_figure", paper, 90) | {"alt": "paper figure", "caption": PAPER_CAPTION} if paper else None
+    tables = {"summary": summary, "verdicts": verdicts, "comparisons": comparisons}
+    exports = []
+    for name in TABLE_FILES:
+        if tables[name] is not None:
+            pacsv.write_csv(tables[name], out / f"{name}.csv")
+            exports.append({"name": name, "csv": f"{name}.csv",
+                            "parquet": f"../{name}.parquet" if parquet_links else None})
+    judged = verdicts is not None and verdicts.num_rows > 0
     page = _TEMPLATES.get_template("report.html").render(
-        facts=_facts(summary, scores, manifest),
-        verdicts=_verdicts(verdicts) if verdicts is not None and verdicts.num_rows else None,
+        run_line=run_line(summary, scores, manifest), facts=_facts(summary, scores, manifest),
+        matrices=verdict_matrices(verdicts) if judged else [],
+        reading=_reading(verdicts, comparisons) if judged else None,
         controls=_controls(verdicts) if verdicts is not None else None,
+        paired=_paired(verdicts, comparisons) if judged and comparisons is not None and comparisons.num_rows else None,
+        paper=paper_entry, curves=curves, other_figures=other_figures, grids=grids,
+        verdict_table=_verdict_table(verdicts) if judged else None,
         comparisons=_comparisons(comparisons) if comparisons is not None and comparisons.num_rows else None,
-        figures=figures, summary=_summary(summary),
+        summary=_summary(summary), exports=exports, scores_link="../scores/" if parquet_links else None,
         manifest_json=json.dumps(manifest.to_json(), indent=2) if manifest else None)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
@@ -72,9 +110,10 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
 
 
 def written_files(index: str | Path) -> list[Path]:
-    """The files of a report: its index.html and the PNGs it links to (for logging as artifacts)."""
-    linked = re.findall(r'<img src="([^"]+)"', Path(index).read_text(encoding="utf-8"))
-    return [Path(index)] + [Path(index).parent / html.unescape(name) for name in linked]
+    """The files of a report: its index.html and the PNGs and CSVs it links to (for logging as artifacts)."""
+    text = Path(index).read_text(encoding="utf-8")
+    linked = dict.fromkeys(html.unescape(name) for name in re.findall(r'href="([^"/:#]+\.(?:png|csv))"', text))
+    return [Path(index)] + [Path(index).parent / name for name in linked]
 
 
 # ---------------------------------------------------------------- what the page shows
@@ -102,45 +141,169 @@ def _facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None
     ]
 
 
-def _verdicts(verdicts: pa.Table) -> dict:
-    """The headline grid (per test "ssim" if present, else its first metric) and the other metrics'."""
-    rows = verdicts.to_pylist()
-    headline = {}
-    for test in {r["test"] for r in rows}:
-        metrics = sorted({r["metric"] for r in rows if r["test"] == test})
-        headline[test] = "ssim" if "ssim" in metrics else metrics[0]
-    main = [r for r in rows if r["metric"] == headline[r["test"]]]
-    other = [r for r in rows if r["metric"] != headline[r["test"]]]
-    return {"headline": _grid(main), "other": _grid(other) if other else None,
-            "other_metrics": ", ".join(sorted({r["metric"] for r in other}))}
+def run_line(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None) -> str:
+    """The run in one line: model, dataset, images, CAM layer, seeds, date, code version."""
+    if manifest is None:
+        parts = [", ".join(_distinct(summary, "model")) or "no model"]
+        if scores is not None:
+            parts.append(f"{len(pc.unique(scores['image_id']))} images")
+        return " · ".join(parts)
+    seeds = manifest.randomization.seeds
+    return " · ".join([
+        f"{manifest.model} on {manifest.dataset}", f"{manifest.n_images} images",
+        f"CAM layer {manifest.cam_layer or 'none'}",
+        f"randomisation seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
+        manifest.created[:10], f"code {manifest.code_version}"])
 
 
-def _grid(rows: list[dict]) -> dict:
-    """One row per (model,) method, one column per (test, scope, metric) in registry and scope order."""
+def headline_metrics(verdicts: pa.Table) -> dict[str, str]:
+    """The metric each test is read by on the first screen: "ssim" where the test has it, else its first."""
+    metrics: dict[str, set[str]] = {}
+    for test, metric in zip(verdicts["test"].to_pylist(), verdicts["metric"].to_pylist()):
+        metrics.setdefault(test, set()).add(metric)
+    return {test: "ssim" if "ssim" in found else sorted(found)[0] for test, found in metrics.items()}
+
+
+def matrix_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(test, scope) columns: tests in registry order, scopes in the order of their states (the
+    summary scopes, state_index < 0, last), as the verdicts table holds them."""
     tests = [t.id for t in sanity_tests()]
-    columns = sorted({(r["test"], r["scope"], r["metric"]) for r in rows},
-                     key=lambda c: (_rank(c[0], tests), _rank(c[1], SCOPE_ORDER), c[2]))
-    rank = {m: i for i, m in enumerate(order_methods({r["method"] for r in rows}))}
-    keys = sorted({(r["model"], r["method"]) for r in rows}, key=lambda k: (k[0], rank[k[1]]))
-    cells = {(r["model"], r["method"], r["test"], r["scope"], r["metric"]): r for r in rows}
-    return {"several_models": len({r["model"] for r in rows}) > 1, "columns": columns,
-            "rows": [{"model": model, "method": method,
-                      "cells": [_cell(cells.get((model, method, *c))) for c in columns]} for model, method in keys]}
+    first: dict[tuple[str, str], float] = {}
+    for r in rows:
+        index = r["state_index"] if r["state_index"] >= 0 else math.inf
+        first[(r["test"], r["scope"])] = min(first.get((r["test"], r["scope"]), math.inf), index)
+    return sorted(first, key=lambda c: (_rank(c[0], tests), first[c], c[1]))
 
 
-def _cell(row: dict | None) -> dict | None:
-    """The verdict; detail: R with its CI (a test whose high value passes: the value), or r − c for an
-    uninformative one; the reason as tooltip."""
+def verdict_matrices(verdicts: pa.Table) -> list[dict]:
+    """One verdict matrix per model: rows = methods grouped by family, columns = (test, scope) at the
+    test's headline metric."""
+    headline = headline_metrics(verdicts)
+    rows = [r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]]]
+    columns = matrix_columns(rows)
+    matrices = []
+    for model in sorted({r["model"] for r in rows}):
+        cells = {(r["method"], r["test"], r["scope"]): r for r in rows if r["model"] == model}
+        groups = []
+        for label, methods in method_groups({method for method, *_ in cells}):
+            groups.append({"label": label, "rows": [
+                {"method": method, "cells": [matrix_cell(cells.get((method, *c))) for c in columns]} for method in methods]})
+        matrices.append({"model": model, "groups": groups, "columns": _column_heads(columns, headline)})
+    return matrices
+
+
+def _column_heads(columns: list[tuple[str, str]], headline: dict[str, str]) -> list[dict]:
+    heads = []
+    for test, scope in columns:
+        if heads and heads[-1]["test"] == test:
+            heads[-1]["scopes"].append({"scope": scope, "words": SCOPE_WORDS.get(scope, "")})
+            continue
+        declared = get_test(test)
+        heads.append({"test": test, "title": declared.title, "metric": headline[test],
+                      "quantity": "R" if declared.normalised else "value",
+                      "description": declared.description,
+                      "scopes": [{"scope": scope, "words": SCOPE_WORDS.get(scope, "")}]})
+    return heads
+
+
+def matrix_cell(row: dict | None) -> dict | None:
+    """The verdict; the number: R [CI] (a test whose high value passes: the value [CI]), or r − c for
+    an uninformative one (labelled, as the column header names the other quantities); the reason as
+    tooltip."""
     if row is None:
         return None
     verdict = row["verdict"]
     if verdict == "uninformative":
-        detail = f"r − c {_fmt(row['gap_mean'])}" if row["gap_mean"] is not None else ""
+        gap = row["gap_mean"]
+        label, value = ("r − c", _fmt(gap, 2)) if gap is not None and math.isfinite(gap) else ("", "")
     elif not get_test(row["test"]).normalised:
-        detail = f"rise {_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+        label, value = "", f"{_fmt(row['mean'], 2)} [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]"
     else:
-        detail = f"R {_fmt(row['retention_mean'])} [{_fmt(row['retention_ci_low'])}, {_fmt(row['retention_ci_high'])}]"
-    return {"verdict": verdict, "detail": detail, "reason": row["reason"]}
+        label, value = "", (f"{_fmt(row['retention_mean'], 2)} [{_fmt(row['retention_ci_low'], 2)}, "
+                            f"{_fmt(row['retention_ci_high'], 2)}]")
+    return {"verdict": verdict, "label": label, "value": value, "reason": f"{verdict}: {row['reason']}"}
+
+
+def _reading(verdicts: pa.Table, comparisons: pa.Table | None) -> str:
+    """One paragraph read off the matrix: per column how many of the non-control methods fail (named)
+    and pass; how many paired comparisons are significant; whether the controls behave."""
+    headline = headline_metrics(verdicts)
+    rows = [r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]] and r["method"] not in CONTROLS]
+    sentences = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        n = len({r["method"] for r in mine})
+        prefix = f"{model}: " if len({r["model"] for r in rows}) > 1 else ""
+        for test, scope in matrix_columns(mine):
+            cells = [r for r in mine if (r["test"], r["scope"]) == (test, scope)]
+            order = {m: i for i, m in enumerate(m for _, ms in method_groups(r["method"] for r in cells) for m in ms)}
+            by = {v: sorted((r["method"] for r in cells if r["verdict"] == v), key=order.get)
+                  for v in ("fail", "pass", "inconclusive", "uninformative")}
+            where = f"{get_test(test).title} ({SCOPE_WORDS.get(scope, scope)}, {headline[test]})"
+            text = f"{prefix}{len(by['fail'])} of {n} methods fail {where}"
+            text += f": {', '.join(by['fail'])}" if by["fail"] else ""
+            rest = [f"{len(by[v])} {v}" for v in ("pass", "inconclusive", "uninformative") if by[v]]
+            sentences.append(text + (f"; {', '.join(rest)}" if rest else "") + ".")
+    if comparisons is not None and comparisons.num_rows:
+        pairs = [r for r in comparisons.to_pylist() if r["metric"] == headline.get(r["test"])]
+        more = [r for r in pairs if r["significant"] and (r["mean_difference"] or 0) > 0]
+        names = sorted({r["variant"] for r in more})
+        sentences.append(f"In {len(more)} of {len(pairs)} paired comparisons a pos/abs variant keeps significantly "
+                         f"more of its map than its signed twin (Holm-corrected; "
+                         f"{', '.join(names) if names else 'none'}).")
+    checks = control_checks(verdicts)
+    wrong = [c for c in checks if not c["ok"]]
+    if checks:
+        sentences.append(f"Controls: {len(checks) - len(wrong)} of {len(checks)} checks hold"
+                         + (" — the verdicts are suspect." if wrong else "."))
+    return " ".join(sentences)
+
+
+def _paired(verdicts: pa.Table, comparisons: pa.Table) -> dict:
+    """The paper's table: per signed method its pos/abs variants beside it, per (test, scope) at the
+    headline metric: R [CI] from the verdicts, and ΔR, Holm p and rank-biserial r from the comparisons."""
+    headline = headline_metrics(verdicts)
+    judged = {(r["model"], r["method"], r["test"], r["scope"]): r for r in verdicts.to_pylist()
+              if r["metric"] == headline[r["test"]]}
+    pairs = [r for r in comparisons.to_pylist() if r["metric"] == headline.get(r["test"])]
+    columns = [c for c in matrix_columns([r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]]])
+               if any((r["test"], r["scope"]) == c for r in pairs)]
+    several = len({r["model"] for r in pairs}) > 1
+    blocks = []
+    for model in sorted({r["model"] for r in pairs}):
+        mine = [r for r in pairs if r["model"] == model]
+        order = {m: i for i, m in enumerate(m for _, ms in method_groups({r["signed"] for r in mine}) for m in ms)}
+        for signed in sorted({r["signed"] for r in mine}, key=order.get):
+            variants = list(dict.fromkeys(r["variant"] for r in mine if r["signed"] == signed))
+            rows = []
+            for method in [signed] + variants:
+                cells = []
+                for test, scope in columns:
+                    verdict = judged.get((model, method, test, scope))
+                    pair = next((r for r in mine if (r["variant"], r["signed"], r["test"], r["scope"])
+                                 == (method, signed, test, scope)), None)
+                    cells.append({"verdict": verdict["verdict"] if verdict else "", "r": matrix_cell(verdict)["value"]
+                                  if verdict else "–", "pair": None if pair is None else
+                                  f"ΔR {_signed(pair['mean_difference'])}, p {_p(pair['p_holm'])}, "
+                                  f"r {_signed(pair['rank_biserial'])}"})
+                rows.append({"method": method, "role": "signed" if method == signed else "variant", "cells": cells})
+            blocks.append({"model": model if several else None, "rows": rows})
+    return {"columns": [{"test": get_test(t).title, "scope": s, "words": SCOPE_WORDS.get(s, "")} for t, s in columns],
+            "blocks": blocks}
+
+
+def _verdict_table(verdicts: pa.Table) -> dict:
+    rank = {m: i for i, m in enumerate(m for _, ms in method_groups(verdicts["method"].to_pylist()) for m in ms)}
+    tests = [t.id for t in sanity_tests()]
+    rows = sorted(verdicts.to_pylist(), key=lambda r: (r["model"], rank[r["method"]], _rank(r["test"], tests),
+                                                     r["scope"], r["metric"]))
+    head = ("model", "method", "test", "scope", "metric", "verdict", "n", "R [95% CI]", "value [95% CI]",
+            "r − c", "reason")
+    body = [[r["model"], r["method"], r["test"], r["scope"], r["metric"], r["verdict"], _fmt(r["n"]),
+             f"{_fmt(r['retention_mean'])} [{_fmt(r['retention_ci_low'])}, {_fmt(r['retention_ci_high'])}]",
+             f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["gap_mean"]), r["reason"]]
+            for r in rows]
+    return {"head": head, "rows": body}
 
 
 def _controls(verdicts: pa.Table) -> dict:
@@ -195,12 +358,18 @@ def _unique(stem: str, used: set[str]) -> str:
     return candidate
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: object, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.{digits}f}"
     return str(value)
+
+
+def _signed(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:+.2f}"
 
 
 def _p(value: float | None) -> str:
@@ -210,15 +379,73 @@ def _p(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------- the run directory
-def map_grids(maps: pa.Table | None) -> dict:
+def stored_maps(run_dir: RunDir, most_images: int = SAMPLE_IMAGES) -> pa.Table | None:
+    """The stored map rows (storage.store_maps) of the first ``most_images`` images, reading parts in
+    shard order only until that many images are found (store_maps=all keeps every image)."""
+    tables, found = [], []
+    for path in run_dir.parts("maps").values():
+        table = pq.read_table(path, filesystem=run_dir.fs)
+        new = [i for i in dict.fromkeys(table["image_id"].to_pylist()) if i not in found][:most_images - len(found)]
+        if new:
+            tables.append(table.filter(pc.is_in(table["image_id"], pa.array(new, pa.string()))))
+            found += new
+        if len(found) >= most_images:
+            break
+    return pa.concat_tables(tables) if tables else None
+
+
+def input_images(manifest: Manifest | None, image_ids: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """The input images of ``image_ids``, read again from the run's dataset (as the run's config loads
+    it); None for each where the dataset cannot be read here (a folder on another machine)."""
+    images: dict[str, torch.Tensor | None] = dict.fromkeys(image_ids)
+    if manifest is None:
+        return images
+    try:
+        from tasks.config import load_config
+        from tasks.shards import load_data
+
+        dataset = load_data(load_config(manifest.config))
+        position = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+        for image_id in image_ids:
+            if image_id in position:
+                images[image_id] = dataset[position[image_id]].image
+    except Exception:  # the figure still shows the maps; the input column stays empty
+        pass
+    return images
+
+
+def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, str, str], np.ndarray]:
+    """(image id, method, key) → H×W map; key = "original" for the top-class map, else the verdict
+    scope the registry gives the map's state ("min", "head", …) and the state's own name."""
+    shape = maps.schema.field("map").type.shape
+    n_states: dict[str, int] = {}
+    for test, index in zip(maps["test"].to_pylist(), maps["state_index"].to_pylist()):
+        n_states[test] = max(n_states.get(test, 0), index + 1)
+    order = manifest.randomization.order if manifest else "cascade_top_down"
+    keyed = {}
+    for row in maps.to_pylist():
+        array = np.asarray(row["map"], dtype=np.float32).reshape(shape)
+        keys = {row["state"]}
+        if row["test"] == ORIGINAL:
+            keys = {ORIGINAL}
+        else:
+            scope = get_test(row["test"]).scope(row["state"], row["state_index"], n_states[row["test"]], order)
+            if scope:
+                keys.add(scope)
+        for key in keys:
+            keyed[(row["image_id"], row["method"], key)] = array
+    return keyed
+
+
+def map_grids(maps: pa.Table | None, images: Mapping[str, torch.Tensor | None] | None = None) -> dict:
     """For the first stored image: one grid per test with maps of its own (the MPRT states, the other
-    classes), the original first."""
+    classes), the input and the original first."""
     if maps is None or maps.num_rows == 0:
         return {}
     image_id = maps["image_id"][0].as_py()
     rows = maps.filter(pc.equal(maps["image_id"], image_id)).to_pylist()
     shape = maps.schema.field("map").type.shape
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for _, ms in method_groups(dict.fromkeys(r["method"] for r in rows)) for m in ms]
     grids = {}
     for name in (test.id for test in sanity_tests() if test.maps_from is None):
         chosen = [r for r in rows if r["test"] in (ORIGINAL, name)]
@@ -228,20 +455,34 @@ def map_grids(maps: pa.Table | None) -> dict:
         cells = {(r["method"], r["state"]): r["map"] for r in chosen}
         grid = {m: [torch.from_numpy(np.asarray(cells[(m, c)], dtype=np.float32).reshape(shape))
                     for c in columns] for m in methods}
-        grids[name] = map_grid_figure(grid, columns, title=f"{name}: {image_id}")
+        grids[name] = map_grid_figure(grid, columns, image=(images or {}).get(image_id),
+                                      title=f"{get_test(name).title}: {image_id}")
     return grids
 
 
+def paper_figure_of(maps: pa.Table | None, images: Mapping[str, torch.Tensor | None],
+                    manifest: Manifest | None) -> Figure | None:
+    """The paper's figure from the stored maps, or None when no group of it has every map it needs."""
+    if maps is None or maps.num_rows == 0:
+        return None
+    ids = list(dict.fromkeys(maps["image_id"].to_pylist()))
+    try:
+        return paper_figure({i: images.get(i) for i in ids}, _keyed_maps(maps, manifest), PAPER_FIGURE)
+    except ValueError:
+        return None
+
+
 def write_run_report(run_dir: RunDir) -> str:
-    """Write RUN_DIR/report/ (index.html and PNGs); returns a local folder holding the report."""
+    """Write RUN_DIR/report/ (index.html, PNGs, CSVs); returns a local folder holding the report."""
     summary = run_dir.read_table("summary.parquet")
     verdicts = run_dir.read_table("verdicts.parquet") if run_dir.exists("verdicts.parquet") else None
     comparisons = run_dir.read_table("comparisons.parquet") if run_dir.exists("comparisons.parquet") else None
-    first_maps = next(iter(run_dir.parts("maps").values()), None)
-    maps = pq.read_table(first_maps, filesystem=run_dir.fs) if first_maps else None
+    manifest = read_manifest(run_dir)
+    maps = stored_maps(run_dir)
+    images = input_images(manifest, list(dict.fromkeys(maps["image_id"].to_pylist())) if maps is not None else [])
     out = Path(run_dir.file("report")) if run_dir.is_local else Path(tempfile.mkdtemp(prefix="report-"))
-    write_report(summary, out, manifest=read_manifest(run_dir), map_grids=map_grids(maps), verdicts=verdicts,
-                 comparisons=comparisons)
+    write_report(summary, out, manifest=manifest, map_grids=map_grids(maps, images), verdicts=verdicts,
+                 comparisons=comparisons, paper=paper_figure_of(maps, images, manifest), parquet_links=True)
     if not run_dir.is_local:
         run_dir.upload_dir(out, "report")
     return str(out)

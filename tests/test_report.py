@@ -1,6 +1,8 @@
 """Report figures and HTML (SPEC.md §4) on synthetic scores run through saliency.statistics."""
 from __future__ import annotations
 
+import base64
+import html
 import math
 import re
 
@@ -239,51 +241,87 @@ def test_write_report_writes_index_and_valid_pngs_with_escaped_names(tmp_path):
     summary = summary_table(methods=methods, tests=("mprt", "class_sensitivity", "emprt"),
                             metrics=("ssim", "spearman_abs"))
     grid = report.map_grid_figure({"gradient": [torch.randn(6, 6), torch.randn(6, 6)]}, ["original", "00:fc"])
-    index = page_report.write_report(summary, tmp_path / "report", verdicts=verdicts(summary),
-                                manifest=manifest(methods), map_grids={"image 0": grid})
+    judged = verdicts(summary)
+    index = page_report.write_report(summary, tmp_path / "report", verdicts=judged,
+                                     manifest=manifest(methods), map_grids={"image 0": grid})
     assert index == tmp_path / "report" / "index.html"
     files = page_report.written_files(index)
     names = sorted(path.name for path in files)
     assert names == sorted(["index.html", "mprt_ssim.png", "mprt_spearman_abs.png", "class_sensitivity_ssim.png",
-                            "class_sensitivity_spearman_abs.png", "emprt_entropy_rise.png", "maps_image_0.png"])
+                            "class_sensitivity_spearman_abs.png", "emprt_entropy_rise.png", "maps_image_0.png",
+                            "summary.csv", "verdicts.csv"])
     for path in files[1:]:
-        _assert_png(path)
+        if path.suffix == ".png":
+            _assert_png(path)
     page = index.read_text(encoding="utf-8")
     assert "a&lt;b&amp;c" in page and "a<b&c" not in page
     assert "<dd>mnist</dd>" in page and "<dd>6</dd>" in page and "<dd>cnn</dd>" in page
     assert "0.280 ± 0.000" in page and "0.100 [0.100, 0.100]" in page  # gradient's s and R at the head state
     assert str(tmp_path) not in page  # links are relative
+    # every figure is embedded, so the page is one file (MLflow's artifact view shows it as it is)
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == 6 and all(base64.b64decode(data).startswith(PNG_SIGNATURE) for data in embedded)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing external
+    csv = (tmp_path / "report" / "verdicts.csv").read_text().splitlines()
+    assert len(csv) == judged.num_rows + 1 and csv[0].startswith('"model","method","test","scope"')
 
 
-def test_header_lists_method_ids_cam_layer_seeds_and_rules(tmp_path):
+def test_run_line_and_details_read_the_manifest(tmp_path):
     summary, verdict, _ = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
-    header = page[:page.index("<h2>")]
-    assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header
+    header = page[page.index("<body>"):page.index("<h2>")]
+    line = re.search(r'<p class="runline">([^<]+)</p>', header).group(1)
+    assert line == "cnn on mnist · 6 images · CAM layer layer4 · randomisation seeds 0, 1 · 2026-11-27 · code abc123"
+    assert f"<dd>{', '.join(METHODS)}</dd>" in header and "batch_size" not in header and "{" not in header
     assert "<dt>CAM layer</dt><dd>layer4</dd>" in header
     assert "seeds 0, 1" in header and "CI_low(R) &gt; 0.5" in header and "&lt; 0.2" in header
 
 
-def test_verdict_table_comes_first_with_coloured_words(tmp_path):
+def matrix_cells(page: str) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]], list[str]]:
+    """The verdict matrix of a page: its (test, scope) columns, per method the (verdict, text) of each
+    cell, and the family labels in order."""
+    table = re.search(r'<table class="matrix" id="verdict-matrix">.*?</table>', page, re.S).group()
+    columns = re.findall(r'<th data-test="([^"]+)" data-scope="([^"]+)">', table)
+    rows = {}
+    for method, cells in re.findall(r'<th class="method">([^<]+)</th>(.*?)</tr>', table, re.S):
+        rows[html.unescape(method)] = [(verdict, re.sub(r"<[^>]+>", "", text).strip())
+                                       for verdict, text in re.findall(r'<td class="(\w+)"[^>]*>(.*?)</td>', cells)]
+    families = re.findall(r'<th class="family" rowspan="\d+">([^<]+)</th>', table)
+    return columns, rows, families
+
+
+def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
     summary, verdict, _ = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, manifest=manifest()).read_text(encoding="utf-8")
-    table = re.search(r'<table class="verdicts">.*?</table>', page, re.S)
-    assert table and table.end() < page.index("<figure") and table.start() < page.index("<details")
-    rows = re.findall(r"<tr><th>([^<]+)</th><td", table.group())
-    assert rows == ["gradcampp", "gradcampp/signed", "gradient", "edge_sobel", "random"]  # one per method
-    headers = re.findall(r"<th>(\w+)<br><small>([^<]+)</small>", table.group())
-    assert [(test, scope.split(" · ")[0]) for test, scope in headers] == [
-        ("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
-        ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
-    assert all(scope.endswith("ssim") for test, scope in headers if test != "emprt")
-    cells = dict(re.findall(r"<tr><th>([^<]+)</th>(<td.*?</td>)", table.group()))
-    for method, word in (("gradient", "pass"), ("gradcampp", "fail"), ("gradcampp/signed", "inconclusive"),
-                         ("random", "uninformative")):
-        assert re.match(rf'<td class="verdict {word}" title="[^"]+">{word}<br><small>', cells[method])
-    assert "R 0.100 [0.100, 0.100]" in cells["gradient"]
-    assert re.search(r'<details><summary>Other metrics \(spearman_abs\)</summary><table class="verdicts small">',
-                     page)
+    matrix = page.index('id="verdict-matrix"')
+    assert matrix < page.index("<figure") and matrix < page.index("<details><summary>All")
+    columns, rows, families = matrix_cells(page)
+    assert columns == [("class_sensitivity", "min"), ("class_sensitivity", "random"), ("class_sensitivity", "second"),
+                       ("mprt", "head"), ("mprt", "cascade"), ("emprt", "full")]
+    assert families == ["plain gradient", "aggregation", "controls"]
+    assert list(rows) == ["gradient", "gradcampp/signed", "gradcampp", "edge_sobel", "random"]  # signed first
+    assert rows["gradient"][3] == ("pass", "pass 0.10 [0.10, 0.10]")
+    assert rows["gradcampp"][0] == ("fail", "fail 0.90 [0.90, 0.90]")
+    assert rows["gradcampp/signed"][0][0] == "inconclusive"
+    assert rows["random"][0] == ("uninformative", "uninfo r − c 0.05")
+    assert rows["gradient"][5][0] == "pass" and rows["gradient"][5][1].startswith("pass 0.27 [")
     assert "Controls behave" in page and "Warning" not in page
+    # every cell agrees with verdicts.parquet's row at the headline metric (ssim)
+    for r in verdict.to_pylist():
+        if r["metric"] in ("ssim", "entropy_rise"):
+            assert rows[r["method"]][columns.index((r["test"], r["scope"]))][0] == r["verdict"]
+
+
+def test_reading_counts_the_failures_it_names(tmp_path):
+    summary, verdict, paired = run_tables()
+    page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired,
+                                    manifest=manifest()).read_text(encoding="utf-8")
+    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
+    assert ("1 of 3 methods fail Class sensitivity (least likely class, ssim): gradcampp; 1 pass, 1 inconclusive."
+            in reading)
+    assert "1 of 3 methods fail Model parameter randomisation (MPRT) (head randomised, ssim): gradcampp;" in reading
+    assert "Controls: " in reading and "checks hold." in reading
+    assert re.search(r"In \d+ of \d+ paired comparisons", reading)
 
 
 def test_a_failing_control_is_shown_as_a_warning(tmp_path):
@@ -293,18 +331,30 @@ def test_a_failing_control_is_shown_as_a_warning(tmp_path):
     assert "edge_sobel — class_sensitivity min (ssim): expected fail, got <strong>pass</strong>" in warning
     assert "<li>edge_sobel" in warning and "<li>random" not in warning and "Controls behave" not in page
     assert page.index("controls warning") < page.index("<figure")
+    assert "the verdicts are suspect" in page
 
 
-def test_comparisons_table_is_rendered_when_given(tmp_path):
+def test_paired_table_puts_variants_under_their_signed_method(tmp_path):
     summary, verdict, paired = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired).read_text(encoding="utf-8")
-    assert page.index("<table class=\"verdicts\">") < page.index("vs signed</h2>") < page.index("<figure")
-    row = re.search(r'<tr(?: class="significant")?><td>gradcampp vs gradcampp/signed</td><td>mprt</td>'
-                    r"<td>head</td><td>ssim</td><td>6</td><td>0.900</td><td>0.500</td>"
-                    r"<td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", page)
-    assert row and "rank-biserial" in page
+    assert page.index('id="verdict-matrix"') < page.index('<table class="paired">') < page.index("<figure")
+    table = re.search(r'<table class="paired">.*?</table>', page, re.S).group()
+    rows = re.findall(r'<tr class="(signed|variant)"><th>([^<]+)</th>(.*?)</tr>', table, re.S)
+    assert [(role, method) for role, method, _ in rows] == [("signed", "gradcampp/signed"), ("variant", "gradcampp")]
+    heads = re.findall(r"<th>([^<]+)<br><small>([^<(]+)", table)
+    assert [(t, s.strip()) for t, s in heads] == [("Class sensitivity", "min"), ("Class sensitivity", "random"),
+                                                 ("Class sensitivity", "second"),
+                                                 ("Model parameter randomisation (MPRT)", "head"),
+                                                 ("Model parameter randomisation (MPRT)", "cascade")]
+    row = next(r for r in paired.to_pylist() if (r["test"], r["scope"], r["metric"]) == ("mprt", "head", "ssim"))
+    variant_cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1][2])
+    assert variant_cells[3].startswith("0.90 [0.90, 0.90]<br><small>ΔR +0.40, p ")
+    assert f"r {row['rank_biserial']:+.2f}" in variant_cells[3]
+    full = re.search(r"<summary>All paired comparisons.*?</details>", page, re.S).group()
+    assert re.search(r"<td>gradcampp vs gradcampp/signed</td><td>mprt</td><td>head</td><td>ssim</td><td>6</td>"
+                     r"<td>0.900</td><td>0.500</td><td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", full)
     empty = page_report.write_report(summary, tmp_path / "none", verdicts=verdict).read_text(encoding="utf-8")
-    assert "vs signed</h2>" not in empty
+    assert '<table class="paired">' not in empty
 
 
 def test_write_report_survives_edge_cases(tmp_path):
@@ -314,7 +364,84 @@ def test_write_report_survives_edge_cases(tmp_path):
                                    schema=SUMMARY_SCHEMA)
     index = page_report.write_report(pa.concat_tables([summary, nan_row]), tmp_path)
     names = sorted(path.name for path in page_report.written_files(index))
-    assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html"]
+    assert names == ["class_sensitivity_spearman_abs.png", "class_sensitivity_ssim.png", "index.html", "summary.csv"]
     assert "gradcampp/signed" in index.read_text(encoding="utf-8")
     empty = page_report.write_report(summary_table(tests=()), tmp_path / "empty")
-    assert page_report.written_files(empty) == [empty]
+    assert [p.name for p in page_report.written_files(empty)] == ["index.html", "summary.csv"]
+
+
+def test_verdict_matrix_figure_colours_each_cell_by_its_verdict():
+    rows = [("plain gradient", "gradient", [("pass", "pass 0.10 [0.05, 0.15]"), None]),
+            ("aggregation", "gradcampp", [("fail", "fail 0.90 [0.85, 0.95]"), ("uninformative", "uninformative")])]
+    fig = report.verdict_matrix_figure(rows, ["Class sensitivity\nmin", "MPRT\nhead"], title="a run")
+    (ax,) = fig.axes
+    faces = [mcolors.to_hex(patch.get_facecolor()) for patch in ax.patches]
+    assert faces == [report.VERDICT_COLOURS[v][0] for v in ("pass", "fail", "uninformative")]  # None: no cell
+    texts = [t.get_text() for t in ax.texts]
+    assert {"pass 0.10 [0.05, 0.15]", "fail 0.90 [0.85, 0.95]", "gradient", "gradcampp", "a run",
+            "plain gradient", "aggregation", "MPRT\nhead"} <= set(texts)
+
+
+def test_map_cells_are_diverging_for_signed_rows_and_sequential_for_non_negative_ones():
+    signed = [torch.tensor([[-1.0, 2.0], [0.0, 0.5]]), torch.tensor([[0.0, 1.0], [3.0, 0.0]])]
+    positive = [torch.tensor([[1.0, 4.0], [2.0, 0.0]]), torch.zeros(2, 2)]
+    fig = report.map_grid_figure({"gradcam": signed, "gradcampp": positive}, ["original", "00:fc"],
+                                 image=torch.rand(3, 2, 2))
+    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.images[0].get_cmap().name for ax in grid] == ["viridis", report.MAP_CMAP, report.MAP_CMAP,
+                                                           "viridis", report.SEQUENTIAL_CMAP, report.SEQUENTIAL_CMAP]
+    assert grid[1].images[0].get_clim() == (-2.0, 2.0) and grid[2].images[0].get_clim() == (-3.0, 3.0)
+    assert grid[4].images[0].get_clim() == (0.0, 4.0)
+    assert grid[5].images[0].get_clim() == (0.0, 1.0)  # an all-zero map: white, not a saturated square
+    assert "(signed)" in grid[0].get_ylabel() and "(≥ 0)" in grid[3].get_ylabel()
+    assert "white at 0" in report.MAP_NORMALISATION and "own maximum" in report.MAP_NORMALISATION
+
+
+def test_paper_figure_shows_the_complete_pairs_per_image_and_names_what_is_missing():
+    ids = ["img0", "img1"]
+    pairs = {(i, m, s): np.full((4, 4), 1.0) for i in ids for m in ("gradcampp", "gradcampp/signed")
+             for s in ("original", "min")}
+    pairs[("img0", "gradcampp/signed", "min")] = -np.ones((4, 4))
+    fig = report.paper_figure({"img0": torch.rand(1, 4, 4), "img1": None}, pairs)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == ["input", "gradcampp\ntop class", "gradcampp\nmin class", "gradcampp/signed\ntop class",
+                      "gradcampp/signed\nmin class"]  # only the complete GradCAM++ group
+    inputs = [ax for ax in fig.axes if ax.get_ylabel() in ids]
+    assert [len(ax.images) for ax in inputs] == [1, 0]  # img1's input is not available: an empty cell
+    maps = [ax for ax in fig.axes if ax.images and ax not in inputs]
+    assert len(maps) == 2 * 4
+    cmaps = [ax.images[0].get_cmap().name for ax in maps]  # row-major: img0's four maps, then img1's
+    assert cmaps[:4] == [report.SEQUENTIAL_CMAP] * 2 + [report.MAP_CMAP] * 2  # signed: one map has negatives
+    with pytest.raises(ValueError, match="none is complete"):
+        report.paper_figure({"img0": None}, {("img0", "gradient", "original"): np.zeros((4, 4))})
+
+
+def test_mprt_small_multiples_one_panel_per_family_with_the_controls_dashed_in_each():
+    from saliency.methods import PAPER_METHODS
+
+    panels = report.mprt_panels(PAPER_METHODS)
+    assert [title for title, _ in panels] == ["plain gradient", "aggregation: gradcam", "aggregation: gradcampp",
+                                              "aggregation: fullgrad", "propagation", "LRP"]
+    assert all(len(members) <= report.MAX_PANEL_LINES and members[-2:] == ["edge_sobel", "random"]
+               for _, members in panels)
+    assert sorted(m for _, members in panels for m in members[:-2]) == sorted(set(PAPER_METHODS) - {"edge_sobel", "random"})
+    methods = ["gradient", "smoothgrad", "gradcam", "gradcam/pos", "edge_sobel", "random"]
+    fig = report.mprt_small_multiples(summary_table(methods=methods, levels=LEVELS | {"gradcam/pos": 0.9}), "ssim")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 * 2  # two families, R above the raw similarity
+    r_gradient, r_cam = axes[0], axes[1]
+    assert r_gradient.get_legend().get_title().get_text() == "plain gradient"
+    for ax in axes:
+        lines = labelled_lines(ax)
+        assert lines["edge_sobel"].get_linestyle() == "--" and lines["random"].get_linestyle() == "--"
+        assert len([name for name in lines if name in methods]) <= report.MAX_PANEL_LINES
+        assert len(ax.collections) == len([name for name in lines if name in methods])  # a CI band per line
+    assert set(labelled_lines(r_cam)) >= {"gradcam", "gradcam/pos"} and "gradient" not in labelled_lines(r_cam)
+    cam_lines = labelled_lines(r_cam)
+    assert cam_lines["gradcam/pos"].get_linestyle() == "-." and cam_lines["gradcam"].get_linestyle() == "-"
+    bottom = axes[2]
+    assert [t.get_text() for t in bottom.get_xticklabels()] == LAYERS  # state 0 (logits side) first
+    np.testing.assert_allclose(labelled_lines(r_cam)["gradcam/pos"].get_ydata(),
+                               [retention_at("gradcam/pos", k, LEVELS | {"gradcam/pos": 0.9}) for k in range(len(LAYERS))])
+    with pytest.raises(ValueError, match="several models"):
+        report.mprt_small_multiples(pa.concat_tables([summary_table(model="a"), summary_table(model="b")]), "ssim")
