@@ -1,4 +1,4 @@
-"""The ``saliency-sanity`` command line: run, report, methods, runs, config, train-reference, serve."""
+"""The ``saliency-sanity`` command line: run, report, track, methods, runs, config, train-reference, serve."""
 from __future__ import annotations
 
 import os
@@ -80,6 +80,9 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     if outcome["mlflow_run_id"]:
         console.print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
         console.print(f"open the MLflow UI: [bold]{outcome['mlflow_ui']}[/bold]")
+    elif outcome.get("tracking_error"):
+        console.print(f"[yellow]MLflow tracking failed[/yellow] ({outcome['tracking_error']}); the results above are "
+                      f"complete on disk: log them later with [bold]saliency-sanity track {outcome['run_dir']}[/bold]")
 
 
 @app.command()
@@ -154,6 +157,30 @@ def _format(value) -> str:
     if value is None or value != value:  # None or NaN
         return "–"
     return f"{value:.1f}" if isinstance(value, float) and not value.is_integer() else f"{value:.0f}"
+
+
+@app.command()
+def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory (path or URI)")],
+          tracking_uri: Annotated[Optional[str], typer.Option(
+              help="MLflow tracking URI; default: the run's tracking.uri, $MLFLOW_TRACKING_URI or "
+                   "sqlite:///<out>/mlflow.db")] = None,
+          experiment: Annotated[Optional[str], typer.Option(help="default: the run's tracking.experiment")] = None
+          ) -> None:
+    """Log a finished run directory to MLflow (e.g. when tracking failed at the end of its run); once
+    only: a second `track` of the same directory finds the first MLflow run and logs nothing."""
+    from tasks.storage import RunDir
+    from tasks.tracking import TrackingUnavailable, track_run_dir
+
+    directory = RunDir(run_dir)
+    if not (directory.exists("summary.parquet") and directory.exists("manifest.json")):
+        console.print(f"[red]{directory} has no summary.parquet[/red]: not a finished run directory")
+        raise typer.Exit(1)
+    try:
+        run_id, logged = track_run_dir(directory, tracking_uri, experiment)
+    except TrackingUnavailable as error:
+        console.print(f"[red]tracking unavailable:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"{'logged as' if logged else 'already logged as'} MLflow run {run_id}")
 
 
 @app.command("train-reference")

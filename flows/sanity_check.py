@@ -24,7 +24,7 @@ from tasks.explain import explain_shard
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
 from tasks.storage import RunDir, join
-from tasks.tracking import track_mlflow, tracking_uri, ui_command
+from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
 from tasks.write import write_parquet
 
 DEPLOYMENT_NAME = "nightly"
@@ -138,6 +138,18 @@ def non_finite_maps(failures) -> dict[str, int]:
     return {method: len(ids) for method, ids in sorted(images.items())}
 
 
+def track_or_explain(cfg, plan: Plan, agg, stats: dict[str, Any], report_dir) -> tuple[str | None, str | None]:
+    """(MLflow run id, None), or (None, why) when tracking fails at the end: the results are complete on
+    disk by then, and `saliency-sanity track RUN_DIR` logs them later."""
+    try:
+        return track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts, report_dir,
+                            agg.comparisons), None
+    except Exception as error:
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        get_run_logger().warning("MLflow tracking failed (%s); the results are complete in %s", reason, plan.run_dir)
+        return None, reason
+
+
 @flow(name="sanity_check")
 def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = None,
                  overrides: list[str] | None = None, progress: bool = False,
@@ -155,6 +167,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     if out is not None:
         cfg.storage.out = out
     check_factory_allowed(cfg, deployed=runtime.deployment.id is not None)
+    if cfg.tracking.enabled:
+        check_tracking(tracking_uri(cfg))  # an unreachable server is refused now, not after the compute
     with RunDir(join(cfg.storage.out, cfg.run_name())).lock():  # a second run on it is refused
         plan = plan_shards(cfg, allow_code_change)
         logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
@@ -177,16 +191,16 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                  "images_per_second": computed / compute_seconds if computed else 0.0,
                  "wall_seconds": time.perf_counter() - started,
                  "non_finite_maps": non_finite_maps(agg.failures)}
-        mlflow_run_id = uri = None
+        plan.run_dir.write_json(stats, "stats.json")  # for `saliency-sanity track RUN_DIR`
+        mlflow_run_id, uri, tracking_error = None, None, None
         if cfg.tracking.enabled:
             uri = tracking_uri(cfg)
-            mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
-                                         report_dir, agg.comparisons)
+            mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir)
         outcome = {
             "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-            "stats": stats,
+            "stats": stats, "tracking_error": tracking_error,
             "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
                        for r in results},
         }
