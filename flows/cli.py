@@ -1,6 +1,7 @@
 """The ``saliency-sanity`` command line: run, report, track, methods, runs, config, train-reference, serve."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,6 +27,19 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override 
 
 def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
+class _NoPrefectErrors(logging.Filter):
+    """Prefect's own error records (a failed or crashed task or flow, with its traceback): the CLI says
+    what went wrong in one line instead; --verbose shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+def _hide_prefect_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoPrefectErrors())
 
 
 def _validated(config: Path | None, overrides: list[str]):
@@ -54,11 +68,16 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
 
     console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.limit or 'all'} "
                   f"{cfg.data.dataset} images, {len(cfg.methods.ids)} methods")
+    if not verbose:
+        _hide_prefect_errors()
     try:
         outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
                                overrides=overrides, progress=progress, allow_code_change=allow_code_change)
     except Exception as error:
-        console.print(f"[red]run failed:[/red] {error}")
+        if verbose:
+            console.print_exception()
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        console.print(f"[red]run failed:[/red] {lines[0]}" + ("" if verbose else " (--verbose for details)"))
         raise typer.Exit(1) from None
     stats = outcome["stats"]
     console.print(f"[green]done[/green] in {stats['wall_seconds']:.0f} s: {stats['images']} images "

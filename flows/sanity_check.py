@@ -20,7 +20,7 @@ from rich.text import Text
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
 from tasks.config import ConfigError, load_config
-from tasks.explain import explain_shard
+from tasks.explain import describe, explain_shard, transient
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
 from tasks.storage import RunDir, join
@@ -87,12 +87,21 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                 while running:
                     future = next(as_completed(list(running)))
                     running.remove(future)
+                    try:
+                        computed = future.result()
+                    except Exception as error:
+                        computed = None
+                        errors.append(error)
+                        if not transient(error):
+                            break  # every other shard would repeat it: stop before starting another
                     following = next(waiting, None)
                     if following is not None:
                         running.add(explain.submit(following, pool))
+                    if computed is None:
+                        continue  # keep going: finished shards stay saved for a resume
                     try:
-                        result = write_parquet(plan.run_dir, future.result())
-                    except Exception as error:  # keep going: finished shards stay saved for a resume
+                        result = write_parquet(plan.run_dir, computed)
+                    except Exception as error:
                         errors.append(error)
                         continue
                     results.append(result)
@@ -106,9 +115,29 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
         finally:
             pool.shutdown()
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(plan.pending)} shards failed (first: {errors[0]!r}); the "
-                           "finished shards are saved: re-run with the same --out to resume") from errors[0]
+        raise shards_failed(errors, len(plan.pending), len(results))
     return results, seconds
+
+
+class ShardsFailed(RuntimeError):
+    """Shards failed; ``resumable``: a re-run can help (the errors were transient)."""
+
+    def __init__(self, message: str, resumable: bool) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def shards_failed(errors: list[Exception], pending: int, written: int) -> ShardsFailed:
+    """One line: what failed, and whether re-running can help. An error of the computation itself (a
+    model or method raising on every image) is not retried and stops the run at once; re-running would
+    repeat it."""
+    last = errors[-1]
+    if not transient(last):
+        return ShardsFailed(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
+                            f"retried, the run stopped: fix its cause (config, model or data); {written} finished "
+                            "shard(s) are kept", resumable=False)
+    return ShardsFailed(f"{len(errors)} of {pending} shards failed after retries (first: {describe(errors[0])}); "
+                        "the finished shards are saved: re-run with the same --out to resume", resumable=True)
 
 
 #: The environment variable of a deployment's own config (prefect.yaml job_variables.env, or the

@@ -200,6 +200,10 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+class PoolClosed(RuntimeError):
+    """The pool was shut down (the run stops): not an error a retry could cure."""
+
+
 class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
@@ -213,6 +217,7 @@ class ActorPool:
         self._free: queue.Queue = queue.Queue()
         self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
         self.workers = ray.get([actor.set_model.remote(self._model) for actor in self.actors])
+        self.closed = False  # set by shutdown: a shard still running then fails with PoolClosed
         for actor in self.actors:
             self._free.put(actor)
 
@@ -233,8 +238,12 @@ class ActorPool:
 
         actor = self._free.get()
         try:
+            if self.closed:
+                raise PoolClosed(f"shard {shard.index} not run: the run is stopping")
             return ray.get(actor.run.remote(shard))
         except RayActorError:
+            if self.closed:
+                raise PoolClosed(f"shard {shard.index} stopped: the run is stopping") from None
             actor = self._replace(actor)
             raise
         finally:
@@ -243,6 +252,7 @@ class ActorPool:
     def shutdown(self) -> None:
         import ray
 
+        self.closed = True
         for actor in self.actors:
             ray.kill(actor)
 

@@ -127,3 +127,43 @@ def test_a_store_killed_while_being_created_does_not_break_the_next_run(tmp_path
     run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
     client.log_metric(run.info.run_id, "m", 1.0, step=2)
     assert client.get_metric_history(run.info.run_id, "m")[0].step == 2
+
+
+# ------------------------------------------------------------------------------------ case 11: fail fast
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A CLI subprocess with its own Prefect home, its own local Ray and the test models importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    home = tmp_path / "prefect-home"
+    home.mkdir(exist_ok=True)
+    return {**env, "PREFECT_HOME": str(home), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra}
+
+
+def cli_run(config: dict, out: Path, *args: str) -> list[str]:
+    config_file = out.parent / f"{out.name}.yaml"
+    config_file.write_text(json.dumps(config))  # JSON is YAML
+    return [sys.executable, "-m", "flows.cli", "run", str(config_file), "--out", str(out), "--no-progress", *args]
+
+
+@pytest.mark.slow
+def test_an_error_every_shard_would_repeat_is_not_retried(tmp_path):
+    """A model whose backward raises fails the first shard: one attempt (no Prefect retries, no other
+    shard started), exit 1, one line naming the error, no traceback, no advice to re-run."""
+    count = tmp_path / "backward-calls"
+    config = small(data={"limit": 8}, methods={"ids": ["gradient"]}, compute={"retries": 2},
+                   model={"name": "models_for_tests:broken_backward"})
+    out = tmp_path / "out"
+    started = time.monotonic()
+    done = subprocess.run(cli_run(config, out), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=cli_env(tmp_path, SALIENCY_TEST_COUNT_FILE=str(count)))
+    seconds = time.monotonic() - started
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    print(f"failed in {seconds:.1f} s")
+    # one attempt of shard 0 (2 images): the batch, then each image alone; nothing retried or started after
+    assert len(count.read_text().splitlines()) == 3
+    failed = [line for line in done.stdout.splitlines() if "run failed" in line]
+    assert failed == ["run failed: a shard failed with an error that re-running would repeat (ValueError: this "
+                      "model's backward is broken); not retried, the run stopped: fix its cause (config, model "
+                      "or data); 0 finished shard(s) are kept (--verbose for details)"]
+    assert "resume" not in done.stdout and "second line" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not list(out.rglob("*.parquet"))
