@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,6 +43,11 @@ def _hide_prefect_errors() -> None:
         handler.addFilter(_NoPrefectErrors())
 
 
+def _say_interrupted() -> None:
+    console.print("[yellow]interrupted:[/yellow] re-run the same command to resume")
+    sys.stdout.flush()
+
+
 def _validated(config: Path | None, overrides: list[str]):
     from tasks.config import ConfigError, load_config
 
@@ -70,9 +76,17 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                   f"{cfg.data.dataset} images, {len(cfg.methods.ids)} methods")
     if not verbose:
         _hide_prefect_errors()
+    from flows.services import EXIT_INTERRUPTED, RunInterrupted, prefect_api, protect_run, stop_on_signals
+
+    protect_run()
     try:
-        outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
-                               overrides=overrides, progress=progress, allow_code_change=allow_code_change)
+        with stop_on_signals(on_force=_say_interrupted), prefect_api():
+            outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
+                                   overrides=overrides, progress=progress, allow_code_change=allow_code_change)
+    except RunInterrupted:
+        _say_interrupted()
+        os._exit(EXIT_INTERRUPTED)  # the actors, Ray and the Prefect server are stopped by now; threads still
+        # waiting on the stopped Ray and atexit hooks would only delay the exit (the watchdog reaps the rest)
     except Exception as error:
         if verbose:
             console.print_exception()

@@ -17,6 +17,7 @@ from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from flows.services import keep_stop_handlers
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
 from tasks.config import ConfigError, load_config
@@ -39,6 +40,7 @@ def ray_connection() -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
+        keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks.config import load_config
 from tasks.storage import RunDir
@@ -167,3 +169,126 @@ def test_an_error_every_shard_would_repeat_is_not_retried(tmp_path):
     assert "resume" not in done.stdout and "second line" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not list(out.rglob("*.parquet"))
+
+
+# ------------------------------------------------------------------------------------ case 8: Ctrl-C, SIGTERM
+SLOW = small(data={"limit": 12}, methods={"ids": ["gradient", "integrated_gradients"]})  # 6 shards of 2 images
+
+
+def rows_expected(config: dict) -> int:
+    """images × methods × (class sensitivity: others × metrics; MPRT: seeds × states × metrics; eMPRT:
+    seeds × states)."""
+    from saliency.models import load_model
+    from saliency.randomize import parameter_layers
+
+    cfg = load_config(config)
+    states = len(parameter_layers(load_model("reference"), example_input=torch.zeros(1, 1, 28, 28)))
+    metrics, seeds = len(cfg.metrics.names), len(cfg.randomization.seeds)
+    per_image = len(cfg.tests.others) * metrics + seeds * (states * metrics + states)
+    return cfg.data.limit * len(cfg.methods.ids) * per_image
+
+
+def wait_for_first_shard(process: subprocess.Popen, run_dir: RunDir, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not run_dir.done_shards() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None and run_dir.done_shards(), "the run ended or never wrote a shard"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_server, ray_local, tmp_path, signal_name):
+    """SIGINT (as a terminal's Ctrl-C: to the CLI's whole process group) or SIGTERM (to the CLI) after the
+    first shard: exit 130 within seconds, one line saying how to resume, no traceback, the finished
+    parts untouched; re-running computes only the rest and ends with exactly the expected rows."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.sanity_check import sanity_check
+
+    out = tmp_path / "out"
+    run_dir = RunDir(str(out / load_config(SLOW).run_name()))
+    env = cli_env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value(),
+                  RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_first_shard(process, run_dir)
+    if signal_name == "SIGINT":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    seconds = time.monotonic() - sent
+    print(f"{signal_name}: exit {process.returncode} after {seconds:.1f} s")
+    assert process.returncode == 130 and seconds < 15, (seconds, stdout, stderr[-3000:])
+    assert stdout.splitlines()[-1] == "interrupted: re-run the same command to resume", stdout
+    assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-3000:]
+
+    done = run_dir.done_shards()
+    assert 0 < len(done) < 6 and not run_dir.exists("summary.parquet")
+    kept = {index: Path(run_dir.part_path("scores", index)).read_bytes() for index in done}
+    outcome = sanity_check(config=SLOW, out=str(out))
+    assert outcome["stats"]["shards_skipped"] == len(done) and set(outcome["shards"]) == set(range(6)) - done
+    assert all(Path(run_dir.part_path("scores", index)).read_bytes() == data for index, data in kept.items())
+    scores = run_dir.read_parts("scores")
+    assert scores.num_rows == outcome["stats"]["score_rows"] == rows_expected(SLOW)
+    assert len(set(scores["image_id"].to_pylist())) == 12
+
+
+# ------------------------------------------------------------------------------------ case 9: orphans
+def tagged(tag: str) -> dict[int, str]:
+    """{pid: command} of the processes whose environment holds SALIENCY_TEST_TAG=<tag> (set by the test on
+    the CLI, inherited by everything it starts; not the marker the run itself uses)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"SALIENCY_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_no_process_of_a_killed_run_survives(tmp_path):
+    """SIGKILL of the CLI mid-run (its own local Ray and Prefect server): within seconds nothing it
+    started is left, neither Prefect's server nor Ray's agents (which ignore SIGTERM)."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    out = tmp_path / "out"
+    run_dir = RunDir(str(out / load_config(SLOW).run_name()))
+    process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=cli_env(tmp_path, SALIENCY_TEST_TAG=tag),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_first_shard(process, run_dir)
+    started = tagged(tag)
+    commands = " ".join(started.values())
+    assert "uvicorn" in commands and "raylet" in commands and "ray::" in commands, started
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 20
+    while tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(f"{len(started)} processes of the run; none left after {20 - (deadline - time.monotonic()):.1f} s")
+    left = {pid: (command, (Path(f"/proc/{pid}/environ").read_bytes().split(b"SALIENCY_SANITY_RUN=") + [b""])[1][:20])
+            for pid, command in tagged(tag).items()}
+    assert left == {}, (started, subprocess.run(["ps", "-ef"], capture_output=True, text=True).stdout[-5000:])
+
+
+def test_leftovers_of_a_dead_run_are_reaped_and_nothing_else(tmp_path):
+    """At start a run kills processes marked by a CLI process that no longer exists; a process marked by a
+    live one, or not marked, is left alone."""
+    from flows.services import MARKER, kill_marked, owner_alive
+
+    dead = "4194304:1"  # above Linux's largest pid: this owner cannot exist
+    live = f"{os.getpid()}:{Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+    assert not owner_alive(dead) and owner_alive(live)
+    sleepers = {name: subprocess.Popen(["sleep", "60"], env={**os.environ, **extra})
+                for name, extra in (("orphan", {MARKER: dead}), ("live", {MARKER: live}), ("unmarked", {}))}
+    try:
+        assert sleepers["orphan"].pid in kill_marked(None)
+        assert sleepers["orphan"].wait(timeout=5) == -signal.SIGKILL
+        assert sleepers["live"].poll() is None and sleepers["unmarked"].poll() is None
+    finally:
+        for sleeper in sleepers.values():
+            sleeper.kill()
+            sleeper.wait()
