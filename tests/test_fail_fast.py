@@ -224,7 +224,7 @@ def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_serve
     print(f"{signal_name}: exit {process.returncode} after {seconds:.1f} s")
     assert process.returncode == 130 and seconds < 15, (seconds, stdout, stderr[-3000:])
     assert stdout.splitlines()[-1] == "interrupted: re-run the same command to resume", stdout
-    assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-3000:]
+    assert "Traceback" not in stderr + stdout and "SIGTERM received" not in stderr, stderr[-3000:]  # Ray's dump
 
     done = run_dir.done_shards()
     assert 0 < len(done) < 6 and not run_dir.exists("summary.parquet")
