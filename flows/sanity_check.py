@@ -121,25 +121,17 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
     return results, seconds
 
 
-class ShardsFailed(RuntimeError):
-    """Shards failed; ``resumable``: a re-run can help (the errors were transient)."""
-
-    def __init__(self, message: str, resumable: bool) -> None:
-        super().__init__(message)
-        self.resumable = resumable
-
-
-def shards_failed(errors: list[Exception], pending: int, written: int) -> ShardsFailed:
+def shards_failed(errors: list[Exception], pending: int, written: int) -> RuntimeError:
     """One line: what failed, and whether re-running can help. An error of the computation itself (a
     model or method raising on every image) is not retried and stops the run at once; re-running would
     repeat it."""
     last = errors[-1]
     if not transient(last):
-        return ShardsFailed(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
+        return RuntimeError(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
                             f"retried, the run stopped: fix its cause (config, model or data); {written} finished "
-                            "shard(s) are kept", resumable=False)
-    return ShardsFailed(f"{len(errors)} of {pending} shards failed after retries (first: {describe(errors[0])}); "
-                        "the finished shards are saved: re-run with the same --out to resume", resumable=True)
+                            "shard(s) are kept")
+    return RuntimeError(f"{len(errors)} of {pending} shards failed after retries (first: {describe(errors[0])}); "
+                        "the finished shards are saved: re-run with the same --out to resume")
 
 
 #: The environment variable of a deployment's own config (prefect.yaml job_variables.env, or the
