@@ -13,6 +13,10 @@ ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MPLBACKEND": "Agg",
+    # MLflow's HTTP client retries an unreachable server 7 times with 120 s timeouts (~10 min per call);
+    # the run checks the server before compute, so at the end a short wait is enough
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)

@@ -1,7 +1,9 @@
-"""The ``saliency-sanity`` command line: run, report, methods, runs, config, train-reference, serve."""
+"""The ``saliency-sanity`` command line: run, report, track, methods, runs, config, train-reference, serve."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +27,24 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override 
 
 def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
+class _NoPrefectErrors(logging.Filter):
+    """Prefect's own error records (a failed or crashed task or flow, with its traceback): the CLI says
+    what went wrong in one line instead; --verbose shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+def _hide_prefect_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoPrefectErrors())
+
+
+def _say_interrupted() -> None:
+    console.print("[yellow]interrupted:[/yellow] re-run the same command to resume")
+    sys.stdout.flush()
 
 
 def _validated(config: Path | None, overrides: list[str]):
@@ -53,11 +73,24 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
 
     console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
                   f"{len(cfg.methods.ids)} methods")
+    if not verbose:
+        _hide_prefect_errors()
+    from flows.services import EXIT_INTERRUPTED, RunInterrupted, prefect_api, protect_run, stop_on_signals
+
+    protect_run()
     try:
-        outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
-                               overrides=overrides, progress=progress, allow_code_change=allow_code_change)
+        with stop_on_signals(on_force=_say_interrupted), prefect_api():
+            outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
+                                   overrides=overrides, progress=progress, allow_code_change=allow_code_change)
+    except RunInterrupted:
+        _say_interrupted()
+        os._exit(EXIT_INTERRUPTED)  # the actors, Ray and the Prefect server are stopped by now; threads still
+        # waiting on the stopped Ray and atexit hooks would only delay the exit (the watchdog reaps the rest)
     except Exception as error:
-        console.print(f"[red]run failed:[/red] {error}")
+        if verbose:
+            console.print_exception()
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        console.print(f"[red]run failed:[/red] {lines[0]}" + ("" if verbose else " (--verbose for details)"))
         raise typer.Exit(1) from None
     stats = outcome["stats"]
     console.print(f"[green]done[/green] in {stats['wall_seconds']:.0f} s: {stats['images']} images "
@@ -81,6 +114,9 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     if outcome["mlflow_run_id"]:
         console.print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
         console.print(f"open the MLflow UI: [bold]{outcome['mlflow_ui']}[/bold]")
+    elif outcome.get("tracking_error"):
+        console.print(f"[yellow]MLflow tracking failed[/yellow] ({outcome['tracking_error']}); the results above are "
+                      f"complete on disk: log them later with [bold]saliency-sanity track {outcome['run_dir']}[/bold]")
 
 
 @app.command()
@@ -178,6 +214,30 @@ def _format(value) -> str:
     if value is None or value != value:  # None or NaN
         return "–"
     return f"{value:.1f}" if isinstance(value, float) and not value.is_integer() else f"{value:.0f}"
+
+
+@app.command()
+def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory (path or URI)")],
+          tracking_uri: Annotated[Optional[str], typer.Option(
+              help="MLflow tracking URI; default: the run's tracking.uri, $MLFLOW_TRACKING_URI or "
+                   "sqlite:///<out>/mlflow.db")] = None,
+          experiment: Annotated[Optional[str], typer.Option(help="default: the run's tracking.experiment")] = None
+          ) -> None:
+    """Log a finished run directory to MLflow (e.g. when tracking failed at the end of its run); once
+    only: a second `track` of the same directory finds the first MLflow run and logs nothing."""
+    from tasks.storage import RunDir
+    from tasks.tracking import TrackingUnavailable, track_run_dir
+
+    directory = RunDir(run_dir)
+    if not (directory.exists("summary.parquet") and directory.exists("manifest.json")):
+        console.print(f"[red]{directory} has no summary.parquet[/red]: not a finished run directory")
+        raise typer.Exit(1)
+    try:
+        run_id, logged = track_run_dir(directory, tracking_uri, experiment)
+    except TrackingUnavailable as error:
+        console.print(f"[red]tracking unavailable:[/red] {error}")
+        raise typer.Exit(1) from None
+    console.print(f"{'logged as' if logged else 'already logged as'} MLflow run {run_id}")
 
 
 @app.command("train-reference")

@@ -18,14 +18,15 @@ from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from flows.services import keep_stop_handlers
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
 from tasks.config import ConfigError, load_config
-from tasks.explain import explain_shard
+from tasks.explain import describe, explain_shard, transient
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
 from tasks.storage import RunDir, join
-from tasks.tracking import track_mlflow, tracking_uri, ui_command
+from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
 from tasks.write import write_parquet
 
 DEPLOYMENT_NAME = "nightly"
@@ -40,6 +41,7 @@ def ray_connection() -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
+        keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
         yield
     finally:
@@ -119,12 +121,21 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                 while running:
                     future = next(as_completed(list(running)))
                     running.remove(future)
+                    try:
+                        computed = future.result()
+                    except Exception as error:
+                        computed = None
+                        errors.append(error)
+                        if not transient(error):
+                            break  # every other shard would repeat it: stop before starting another
                     following = next(waiting, None)
                     if following is not None:
                         running.add(explain.submit(following, pool))
+                    if computed is None:
+                        continue  # keep going: finished shards stay saved for a resume
                     try:
-                        result = write_parquet(plan.run_dir, future.result())
-                    except Exception as error:  # keep going: finished shards stay saved for a resume
+                        result = write_parquet(plan.run_dir, computed)
+                    except Exception as error:
                         errors.append(error)
                         continue
                     results.append(result)
@@ -137,9 +148,21 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
         finally:
             pool.shutdown()
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(plan.pending)} shards failed (first: {errors[0]!r}); the "
-                           "finished shards are saved: re-run with the same --out to resume") from errors[0]
+        raise shards_failed(errors, len(plan.pending), len(results))
     return results, seconds
+
+
+def shards_failed(errors: list[Exception], pending: int, written: int) -> RuntimeError:
+    """One line: what failed, and whether re-running can help. An error of the computation itself (a
+    model or method raising on every image) is not retried and stops the run at once; re-running would
+    repeat it."""
+    last = errors[-1]
+    if not transient(last):
+        return RuntimeError(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
+                            f"retried, the run stopped: fix its cause (config, model or data); {written} finished "
+                            "shard(s) are kept")
+    return RuntimeError(f"{len(errors)} of {pending} shards failed after retries (first: {describe(errors[0])}); "
+                        "the finished shards are saved: re-run with the same --out to resume")
 
 
 #: The environment variable of a deployment's own config (prefect.yaml job_variables.env, or the
@@ -176,6 +199,19 @@ def non_finite_maps(failures) -> dict[str, int]:
     return {method: len(ids) for method, ids in sorted(images.items())}
 
 
+def track_or_explain(cfg, plan: Plan, agg, stats: dict[str, Any], report_dir,
+                     started_at: float) -> tuple[str | None, str | None]:
+    """(MLflow run id, None), or (None, why) when tracking fails at the end: the results are complete on
+    disk by then, and `saliency-sanity track RUN_DIR` logs them later."""
+    try:
+        return track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts, report_dir,
+                            agg.comparisons, started_at=started_at), None
+    except Exception as error:
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        get_run_logger().warning("MLflow tracking failed (%s); the results are complete in %s", reason, plan.run_dir)
+        return None, reason
+
+
 @flow(name="sanity_check")
 def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = None,
                  overrides: list[str] | None = None, progress: bool = False,
@@ -193,6 +229,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     if out is not None:
         cfg.storage.out = out
     check_factory_allowed(cfg, deployed=runtime.deployment.id is not None)
+    if cfg.tracking.enabled:
+        check_tracking(tracking_uri(cfg))  # an unreachable server is refused now, not after the compute
     with RunDir(join(cfg.storage.out, cfg.run_name())).lock():  # a second run on it is refused
         plan = plan_shards(cfg, allow_code_change)
         logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
@@ -217,16 +255,16 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                  "images_per_second": computed / compute_seconds if computed else 0.0,
                  "wall_seconds": time.perf_counter() - started,
                  "non_finite_maps": non_finite_maps(agg.failures)}
-        mlflow_run_id = uri = None
+        plan.run_dir.write_json({**stats, "started_at": started_at}, "stats.json")  # for `track RUN_DIR`
+        mlflow_run_id, uri, tracking_error = None, None, None
         if cfg.tracking.enabled:
             uri = tracking_uri(cfg)
-            mlflow_run_id = track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts,
-                                         report_dir, agg.comparisons, started_at=started_at)
+            mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
         outcome = {
             "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-            "stats": stats, "model_origin": plan.model_origin,
+            "stats": stats, "model_origin": plan.model_origin, "tracking_error": tracking_error,
             "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
                        for r in results},
         }

@@ -233,6 +233,10 @@ class ProgressBoard:
         return list(self.reports)
 
 
+class PoolClosed(RuntimeError):
+    """The pool was shut down (the run stops): not an error a retry could cure."""
+
+
 class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
@@ -247,6 +251,7 @@ class ActorPool:
         self._free: queue.Queue = queue.Queue()
         self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
         self.workers = ray.get([actor.set_model.remote(self._model) for actor in self.actors])
+        self.closed = False  # set by shutdown: a shard still running then fails with PoolClosed
         for actor in self.actors:
             self._free.put(actor)
 
@@ -267,8 +272,12 @@ class ActorPool:
 
         actor = self._free.get()
         try:
+            if self.closed:
+                raise PoolClosed(f"shard {shard.index} not run: the run is stopping")
             return ray.get(actor.run.remote(shard))
         except RayActorError:
+            if self.closed:
+                raise PoolClosed(f"shard {shard.index} stopped: the run is stopping") from None
             actor = self._replace(actor)
             raise
         finally:
@@ -286,6 +295,7 @@ class ActorPool:
     def shutdown(self) -> None:
         import ray
 
+        self.closed = True
         for actor in [*self.actors, self.progress]:
             ray.kill(actor)
 

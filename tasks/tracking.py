@@ -106,7 +106,7 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.T
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
             "run_dir": str(run_dir), "saliency_run_id": manifest.run_id}
@@ -140,3 +140,106 @@ def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.T
         client.set_terminated(run_id, "FAILED")
         raise
     return run_id
+
+
+# ------------------------------------------------------------------------ reachability, store, logging later
+#: Seconds a tracking server gets to answer the check made before any compute.
+REACH_TIMEOUT = 5.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or created; raised before any compute."""
+
+
+def check_tracking(uri: str, timeout: float = REACH_TIMEOUT) -> None:
+    """Before compute: an http(s) tracking server must answer within ``timeout`` seconds (any HTTP
+    answer counts; MLflow's own client would retry an unreachable one for about ten minutes per call),
+    and a SQLite store is created now, whole (see ensure_sqlite_store). Other stores are not checked."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (OSError, ValueError) as error:  # refused, timed out, unknown host, bad URL
+            reason = getattr(error, "reason", None) or error
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {uri} did not answer within {timeout:.0f} s ({reason}); nothing was "
+                "computed: start it, set tracking.uri, or run with tracking.enabled=false and log the run later "
+                "with `saliency-sanity track RUN_DIR`") from None
+    elif uri.startswith("sqlite:///"):
+        try:
+            ensure_sqlite_store(uri)
+        except Exception as error:
+            raise TrackingUnavailable(f"cannot create the MLflow store {uri}: {type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''}") from error
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create the SQLite tracking store with its full schema if it does not exist, so that a process
+    killed while creating it cannot leave a half-made store (which breaks every later run with
+    `duplicate column name`): the schema is made in a temporary file in the same directory, which is
+    then linked into place (a concurrent creator's complete store wins). Temporaries of dead creators
+    are removed."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        owner = stale.name.removeprefix(f".{path.name}.").split(".")[0]
+        if not (owner.isdigit() and Path(f"/proc/{owner}").exists()):
+            stale.unlink(missing_ok=True)
+    import uuid
+
+    import mlflow.store.db.utils as db_utils
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        engine = db_utils.create_sqlalchemy_engine_with_retry(f"sqlite:///{temporary}")
+        try:
+            db_utils._initialize_tables(engine)
+        finally:
+            engine.dispose()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def logged_run(client, experiment_id: str, run_dir: RunDir) -> str | None:
+    """The id of a FINISHED MLflow run already logged for this run directory (tag ``run_dir``), if any."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.run_dir = '{run_dir}' and "
+                              "attributes.status = 'FINISHED'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def track_run_dir(run_dir: RunDir, uri: str | None = None, experiment: str | None = None) -> tuple[str, bool]:
+    """Log a finished run directory to MLflow, e.g. after tracking failed at the end of its run; once
+    only: if a finished MLflow run of this directory exists, nothing is logged. Returns (MLflow run id,
+    whether it was logged now)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    cfg = Config.model_validate(manifest.config)
+    cfg.storage.out = str(Path(run_dir.location).parent) if run_dir.is_local else cfg.storage.out
+    cfg.tracking.uri = uri or tracking_uri(cfg)
+    cfg.tracking.experiment = experiment or cfg.tracking.experiment
+    check_tracking(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    existing = logged_run(client, _experiment_id(client, cfg.tracking.experiment, cfg.tracking.uri), run_dir)
+    if existing is not None:
+        return existing, False
+    stats = run_dir.read_json("stats.json") if run_dir.exists("stats.json") else {}
+    started_at = stats.pop("started_at", None)  # the MLflow run spans the real run, logged now or later
+    optional = {name: run_dir.read_table(f"{name}.parquet") if run_dir.exists(f"{name}.parquet") else None
+                for name in ("verdicts", "comparisons")}
+    report = run_dir.file("report") if run_dir.is_local and run_dir.exists("report", "index.html") else None
+    run_id = track_mlflow.fn(cfg, run_dir, manifest, run_dir.read_table("summary.parquet"), stats,
+                             optional["verdicts"], report, optional["comparisons"], started_at=started_at)
+    return run_id, True

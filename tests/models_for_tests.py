@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torchvision
@@ -143,3 +144,37 @@ def count_explain_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(runner, "explain", counted)
     return calls
+
+
+class _BrokenBackward(torch.autograd.Function):
+    """Identity forward; a backward that records the call in a file and raises (a model bug that every
+    image and every retry would hit)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, count_file: str) -> torch.Tensor:
+        ctx.count_file = count_file
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with open(ctx.count_file, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        raise ValueError("this model's backward is broken\n(a second line that must not be printed)")
+
+
+class BrokenBackward(nn.Module):
+    def __init__(self, count_file: str, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, num_classes))
+        self.count_file = count_file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_BrokenBackward.apply(torch.relu(self.conv(x)), self.count_file))
+
+
+def broken_backward(num_classes: int = 10) -> nn.Module:
+    """For `model.name=models_for_tests:broken_backward`: every backward call is appended to the file
+    $SALIENCY_TEST_COUNT_FILE, then raises ValueError."""
+    torch.manual_seed(0)
+    return BrokenBackward(os.environ["SALIENCY_TEST_COUNT_FILE"], num_classes).eval()

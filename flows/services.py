@@ -1,0 +1,221 @@
+"""The processes of a CLI run stop when it is interrupted and die with it when it is killed.
+
+A run starts a local Ray (GCS, raylet, agents, workers) and, without $PREFECT_API_URL, a temporary
+Prefect server. Killed by SIGKILL, the CLI used to leave the Prefect server and Ray's agents running (the
+agents ignore SIGTERM); a terminal's Ctrl-C, sent to the whole foreground process group, killed the
+Prefect server first and the run limped on for minutes. So (Linux; elsewhere only the signal handling):
+
+* every process the run starts inherits ``$SALIENCY_SANITY_RUN = "<pid>:<start time>"`` of the CLI
+  process that owns it (readable in /proc/<pid>/environ);
+* a watchdog process, in its own session (a Ctrl-C or a kill of the CLI's process group misses it),
+  waits for the CLI to exit, then SIGKILLs every process still carrying that marker;
+* at start, processes whose marker names a CLI process that no longer exists are killed (leftovers of
+  a run whose watchdog was killed too); processes without our marker are never touched;
+* the Prefect server runs in its own session, so Ctrl-C reaches the CLI and not the server, and with
+  PR_SET_PDEATHSIG, so it dies with the CLI;
+* SIGINT and SIGTERM raise RunInterrupted in the main thread (the flow stops its actors, finished shards
+  stay on disk); a second signal, or a stop taking longer than STOP_SECONDS, exits at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+MARKER = "SALIENCY_SANITY_RUN"
+STOP_SECONDS = 10.0
+EXIT_INTERRUPTED = 130
+_LINUX = sys.platform.startswith("linux") and Path("/proc/self/stat").exists()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM asked the run to stop."""
+
+
+# --------------------------------------------------------------------------------------- markers
+def _start_ticks(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot): with the pid, it names one process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_alive(marker: str) -> bool:
+    pid, _, ticks = marker.partition(":")
+    return pid.isdigit() and _start_ticks(int(pid)) == ticks
+
+
+def marked_processes() -> dict[int, str]:
+    """{pid: marker} of the processes (of this user: others' environ is unreadable) carrying a marker."""
+    key, found = f"{MARKER}=".encode(), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(key):
+                found[int(entry.name)] = item[len(key):].decode(errors="replace")
+                break
+    return found
+
+
+def kill_marked(owner: str | None) -> list[int]:
+    """SIGKILL the processes marked with ``owner``, or, with None, those whose owner no longer exists."""
+    killed = []
+    for pid, marker in marked_processes().items():
+        if (marker == owner) if owner is not None else not owner_alive(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
+
+
+def watch(owner: str, poll: float = 0.2) -> None:
+    """The watchdog: wait until the owner has exited, then kill what it left, until nothing has been
+    left for five seconds (a dying raylet may still start a worker or an agent)."""
+    while owner_alive(owner):
+        time.sleep(poll)
+    last_kill = died = time.monotonic()
+    while time.monotonic() - last_kill < 5 and time.monotonic() - died < 60:
+        if kill_marked(owner):
+            last_kill = time.monotonic()
+        time.sleep(poll)
+
+
+def protect_run() -> list[int]:
+    """Mark the processes this run will start, kill leftovers of runs that are gone, and start the
+    watchdog. Returns the pids of the leftovers killed."""
+    if not _LINUX:
+        return []
+    leftovers = kill_marked(None)
+    marker = f"{os.getpid()}:{_start_ticks(os.getpid())}"
+    if os.environ.get(MARKER) == marker:  # a second run in this process: its watchdog runs already
+        return leftovers
+    os.environ[MARKER] = marker
+    subprocess.Popen([sys.executable, "-m", "flows.services", marker], start_new_session=True,
+                     env={k: v for k, v in os.environ.items() if k != MARKER},
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return leftovers
+
+
+# --------------------------------------------------------------------------------------- Prefect server
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:  # in the child, between fork and exec
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return preexec
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """$PREFECT_API_URL when set; else a temporary Prefect server like Prefect's own ephemeral one, but
+    in its own session and dying with this process."""
+    import httpx
+    import prefect
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  get_current_settings, temporary_settings)
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+         "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+             **get_current_settings().to_environment_variables(exclude_unset=True)},
+        start_new_session=True, preexec_fn=_die_with_parent(os.getpid()) if _LINUX else None)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect server did not start within "
+                                   f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
+            time.sleep(0.1)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+# --------------------------------------------------------------------------------------- signals
+_handler: list[Callable] = []  # the active handler, re-installed after ray.init (which sets its own SIGTERM)
+
+
+@contextmanager
+def stop_on_signals(on_force: Callable[[], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM: raise RunInterrupted in the main thread. A second signal, or a stop that takes
+    more than STOP_SECONDS, calls ``on_force`` and exits with 130 at once (the watchdog kills the rest)."""
+    def force() -> None:
+        on_force()
+        os._exit(EXIT_INTERRUPTED)
+
+    def handler(signum, frame) -> None:
+        if handler.signals:
+            force()
+        handler.signals += 1
+        timer = threading.Timer(STOP_SECONDS, force)
+        timer.daemon = True
+        timer.start()
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    handler.signals = 0
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    _handler.append(handler)
+    try:
+        yield
+    finally:
+        _handler.remove(handler)
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def keep_stop_handlers() -> None:
+    """Re-install the stop handlers after a library replaced them (ray.init sets SIGTERM to exit with a
+    stack dump)."""
+    if _handler and threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, _handler[-1])
+
+
+if __name__ == "__main__":
+    watch(sys.argv[1])
