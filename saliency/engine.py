@@ -55,6 +55,7 @@ class Context:
         self.model, self.x, self.targets, self.options = model, x, targets, options
         self._needs_layer, self._needs_biases = needs_layer, needs_biases
         self._passes: dict[tuple, Pass] = {}
+        self._derived: dict[str, object] = {}
 
     @property
     def size(self) -> tuple[int, int]:
@@ -73,6 +74,13 @@ class Context:
                 layer=self.options.layer if self._needs_layer else None,
                 bias_layers=self._needs_biases, positive=self.positive_propagation)
         return self._passes[key]
+
+    def derived(self, key: str, compute):
+        """``compute(self)``, once per call: intermediate results that several method ids share
+        (GradCAM++'s α, FullGrad's per-layer sums), so each extra variant costs only its own last step."""
+        if key not in self._derived:
+            self._derived[key] = compute(self)
+        return self._derived[key]
 
     def rule_pass(self, rule: ReLURule) -> Pass:
         """Input gradients under a modified ReLU backward (guided backprop, deconvnet, rectgrad)."""

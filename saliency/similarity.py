@@ -15,6 +15,7 @@ Conventions worth knowing:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ def similarity(a: Tensor, b: Tensor, metric: str, *, normalization: str = "max_a
     `window` and `data_range` are SSIM's (uniform window, no Gaussian; `data_range` defaults to the
     normalisation's natural range, see DEFAULT_DATA_RANGE, and must be given for `none`). `k` is the
     fraction of pixels `topk_intersection` keeps (top by signed value, ties broken by pixel index).
+    Equal to ``compare(prepare(a, …), prepare(b, …))``.
     """
     check_choice("metric", metric, METRICS)
     check_choice("normalization", normalization, NORMALIZATIONS)
@@ -88,25 +90,66 @@ def similarity(a: Tensor, b: Tensor, metric: str, *, normalization: str = "max_a
             f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+    options = {"normalization": normalization, "window": window, "data_range": data_range, "k": k}
+    return compare(prepare(a, metric, **options), prepare(b, metric, **options))
 
-    x = normalize(a.to(torch.float64), normalization)
-    y = normalize(b.to(torch.float64), normalization)
+
+@dataclass(frozen=True)
+class Prepared:
+    """B maps made ready for one metric: the per-map half of ``similarity`` (normalisation, ranks,
+    HOG, top-k masks), so a map compared many times (an original map against every MPRT state, a
+    state's map against its own image and its chance partner) is prepared once."""
+
+    metric: str
+    features: Tensor   # B×… per-map features of the metric
+    finite: Tensor     # B bool: the raw map held no NaN/inf
+    window: int = 5
+    data_range: float = 2.0
+
+    def select(self, index: Tensor) -> "Prepared":
+        """The prepared maps of images ``index`` (e.g. each image's chance partner)."""
+        index = index.to(self.features.device)
+        return replace(self, features=self.features[index], finite=self.finite[index])
+
+
+def prepare(maps: Tensor, metric: str, *, normalization: str = "max_abs", window: int = 5,
+            data_range: float | None = None, k: float = 0.10) -> Prepared:
+    """The per-map work of ``similarity(·, ·, metric)`` for B×H×W maps; pair two with ``compare``."""
+    check_choice("metric", metric, METRICS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_rank(maps, "maps")
+    x = normalize(maps.to(torch.float64), normalization)
+    finite = torch.isfinite(maps).flatten(1).all(dim=1)
     if metric == "ssim":
-        scores = _ssim(x, y, window, _ssim_data_range(data_range, normalization))
-    elif metric == "topk_intersection":
-        scores = _topk_intersection(x.flatten(1), y.flatten(1), k)
-    elif metric == "hog_pearson":
-        scores = _pearson(_hog(x), _hog(y))
-    elif metric == "spearman":
-        scores = _pearson(_average_ranks(x.flatten(1)), _average_ranks(y.flatten(1)))
-    elif metric == "spearman_abs":
-        scores = _pearson(_average_ranks(x.flatten(1).abs()), _average_ranks(y.flatten(1).abs()))
-    elif metric == "pearson":
-        scores = _pearson(x.flatten(1), y.flatten(1))
-    else:
-        scores = _cosine(x.flatten(1), y.flatten(1))
+        return Prepared(metric, x, finite, window, _ssim_data_range(data_range, normalization))
+    if metric == "topk_intersection":
+        return Prepared(metric, _top_mask(x.flatten(1), k), finite)
+    if metric == "hog_pearson":
+        return Prepared(metric, _hog(x), finite)
+    if metric in ("spearman", "spearman_abs"):
+        # Ranks depend only on the order of the values, which max_abs's positive scale keeps: float32 maps
+        # are ranked as they are (distinct float32 values stay distinct through the float64 division, so
+        # the ranks are bit-identical), at half the cost of sorting the float64 copy.
+        rows = (maps if maps.dtype == torch.float32 and normalization != "percentile_clip" else x).flatten(1)
+        return Prepared(metric, _average_ranks(rows.abs() if metric == "spearman_abs" else rows), finite)
+    return Prepared(metric, x.flatten(1), finite)  # pearson, cosine
 
-    finite = torch.isfinite(a).flatten(1).all(dim=1) & torch.isfinite(b).flatten(1).all(dim=1)
+
+def compare(a: Prepared, b: Prepared) -> Tensor:
+    """Score each pair (a[i], b[i]) of prepared maps (float32 B, NaN where either map was not finite)."""
+    if a.metric != b.metric or a.features.shape != b.features.shape:
+        raise ValueError(f"prepared maps do not match: {a.metric} {tuple(a.features.shape)} and "
+                         f"{b.metric} {tuple(b.features.shape)}")
+    x, y = a.features, b.features
+    if a.metric == "ssim":
+        scores = _ssim(x, y, a.window, a.data_range)
+    elif a.metric == "topk_intersection":
+        scores = (x & y).sum(dim=1).to(torch.float64) / x.sum(dim=1)  # each row keeps the same count
+    elif a.metric in ("hog_pearson", "spearman", "spearman_abs", "pearson"):
+        scores = _pearson(x, y)
+    else:
+        scores = _cosine(x, y)
+    finite = a.finite & b.finite
     scores = torch.where(finite, scores, torch.full_like(scores, float("nan")))
     return scores.to(torch.float32)
 
@@ -200,19 +243,14 @@ def _cosine(x: Tensor, y: Tensor) -> Tensor:
     return torch.where(norms > 0, cos, torch.full_like(cos, float("nan")))
 
 
-def _topk_intersection(x: Tensor, y: Tensor, k: float) -> Tensor:
-    """Share of the top-k fraction of pixels (by signed value) the two maps have in common."""
+def _top_mask(rows: Tensor, k: float) -> Tensor:
+    """The top-k fraction of pixels (by signed value) of each row; among equal values the lower
+    index wins (stable sort)."""
     if not 0 < k <= 1:
         raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
-    n_pixels = x.shape[1]
-    count = max(1, int(k * n_pixels + 0.5))
-
-    def top_mask(rows: Tensor) -> Tensor:  # stable sort: among equal values the lower index wins
-        top = rows.sort(dim=1, descending=True, stable=True).indices[:, :count]
-        return torch.zeros_like(rows, dtype=torch.bool).scatter_(1, top, True)
-
-    common = (top_mask(x) & top_mask(y)).sum(dim=1)
-    return common.to(torch.float64) / count
+    count = max(1, int(k * rows.shape[1] + 0.5))
+    top = rows.sort(dim=1, descending=True, stable=True).indices[:, :count]
+    return torch.zeros_like(rows, dtype=torch.bool).scatter_(1, top, True)
 
 
 def _hog(maps: Tensor, orientations: int = HOG_ORIENTATIONS,

@@ -18,6 +18,7 @@ from saliency.randomize import (
     randomization_states,
     randomized_state,
     state_name,
+    states_in_place,
 )
 
 SMALL_INPUT = torch.zeros(1, 3, 8, 8)
@@ -231,6 +232,25 @@ def test_state_built_alone_equals_the_iterated_state(order):
         alone = randomized_state(model, SMALL_LAYERS, order, k, seed=5)
         assert name.startswith(f"{k:02d}:")
         assert_same_tensors(alone.state_dict(), state.state_dict())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("init,bn_stats", [("reset", "keep"), ("normal", "reset")])
+def test_states_built_in_place_equal_the_states_built_alone(order, init, bn_stats):
+    """One working copy, changed in place across states and seeds, gives each state bit for bit
+    (a subset of states, two seeds: the second seed starts again from the trained values)."""
+    model = _pretend_trained(small_net()).train()
+    before = snapshot(model)
+    seen = []
+    for seed, k, state in states_in_place(model, SMALL_LAYERS, order, [3, 1, 4], [7, 2], init=init,
+                                          bn_stats=bn_stats):
+        alone = randomized_state(model, SMALL_LAYERS, order, k, init=init, seed=seed, bn_stats=bn_stats)
+        assert_same_tensors(alone.state_dict(), state.state_dict())
+        assert state is not model and not state.training
+        seen.append((seed, k))
+    assert seen == [(7, 1), (7, 3), (7, 4), (2, 1), (2, 3), (2, 4)]
+    assert model.training
+    assert_same_tensors(model.state_dict(), before)
 
 
 def test_resnet18_state_built_alone_equals_the_iterated_state():

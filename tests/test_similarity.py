@@ -256,3 +256,20 @@ def test_scores_on_cuda_match_cpu_and_stay_on_the_device():
         assert on_device.device.type == "cuda" and on_device.dtype == torch.float32
         torch.testing.assert_close(on_device.cpu(), similarity(cpu_a, cpu_b, metric),
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["spearman", "spearman_abs"])
+@pytest.mark.parametrize("normalization", ["max_abs", "none"])
+def test_float32_maps_are_ranked_as_their_normalised_float64_copy(metric, normalization):
+    """prepare() ranks float32 maps without normalising them first: the ranks (ties included, zeros of
+    both signs, subnormals) equal those of the normalised float64 maps bit for bit."""
+    from saliency.similarity import _average_ranks, prepare
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randn(3, 20, 20, generator=g)
+    maps[0] = maps[0].round()  # many ties
+    maps[1, 0, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.17e-38])
+    maps[2] = torch.nextafter(maps[2], torch.full_like(maps[2], 10.0)) * 1e30  # neighbouring floats, large
+    normalised = normalize(maps.to(torch.float64), normalization).flatten(1)
+    expected = _average_ranks(normalised.abs() if metric == "spearman_abs" else normalised)
+    assert torch.equal(prepare(maps, metric, normalization=normalization).features, expected)

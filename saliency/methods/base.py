@@ -56,7 +56,10 @@ def min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:
     return shifted / (eps + shifted.amax(dim=(-2, -1), keepdim=True))
 
 
-def max_abs(values: Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> Tensor:
+MAX_ABS_EPS = 1e-12
+
+
+def max_abs(values: Tensor, dims: tuple[int, ...], eps: float = MAX_ABS_EPS) -> Tensor:
     """Divide by max|·| over ``dims``: sign-preserving rescaling where zero stays zero (all-zero stays 0)."""
     scale = values.abs().amax(dim=dims, keepdim=True)
     return values / scale.clamp_min(eps)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saliency.methods.base import Method, apply_policy, max_abs, min_max
+from saliency.choices import check_choice
+from saliency.methods.base import MAX_ABS_EPS, POLICIES, Method, apply_policy, min_max
 from saliency.passes import evaluation, normalize_targets, run_pass, upsample
 
 GRADCAMPP_EPS = 1e-6
@@ -57,7 +58,7 @@ class GradCAMPlusPlus(Method):
 
     def compute(self, ctx) -> Tensor:
         p = ctx.shared_pass()
-        alpha = gradcampp_alpha(p.layer_act, p.layer_grad)
+        alpha = ctx.derived("gradcampp_alpha", lambda c: gradcampp_alpha(p.layer_act, p.layer_grad))
         weights = (alpha * apply_policy(p.layer_grad, self.policy)).sum(dim=(-2, -1))
         return _finish(ctx, _weighted_sum(weights, p.layer_act))
 
@@ -70,24 +71,58 @@ class FullGrad(Method):
     pytorch-grad-cam. ``True`` (the ``fullgrad/<φ>`` variants, SPEC §1.2): ψ(v) = φ(v)/max|φ(v)| per
     (image, target, layer) over C×H×W, so zero stays zero (min-max turns the zeros of signed terms
     into mid-level offsets that make every map nearly constant). Biases are those of every Conv2d and
-    BatchNorm2d (folded), read at call time. As upsampling is linear, channels are summed before
-    upsampling once per layer (equal to upsampling each channel, far cheaper).
+    BatchNorm2d (folded), read at call time.
+
+    Cost: as upsampling is linear, channels are summed first and the layers of one resolution are
+    summed before one upsampling per resolution. The four sign-preserving variants share one scan
+    of each term (``_sign_parts``): Σ_k φ(v) and max|φ(v)| of every φ follow from the channel sums of
+    v⁺ and v⁻ and from max v and min v, so adding variants costs almost nothing.
     """
 
     needs_biases: bool = True
     sign_preserving: bool = False
 
-    def _psi(self, term: Tensor) -> Tensor:
-        term = apply_policy(term, self.policy)
-        return max_abs(term, dims=(-3, -2, -1)) if self.sign_preserving else min_max(term)
-
     def compute(self, ctx) -> Tensor:
-        p = ctx.shared_pass()
-        total = self._psi(ctx.x.unsqueeze(1) * p.input_grad).sum(dim=2)
-        for bias, grad in p.bias_terms:
-            term = self._psi(bias.view(1, 1, -1, 1, 1) * grad)
-            total = total + upsample(term.sum(dim=2), ctx.size)
+        if self.sign_preserving:
+            terms = [_policy_sum(parts, self.policy) for parts in ctx.derived("fullgrad_parts", _sign_parts)]
+        else:
+            p = ctx.shared_pass()
+            terms = [min_max(apply_policy(ctx.x.unsqueeze(1) * p.input_grad, self.policy)).sum(dim=2)]
+            terms += [min_max(apply_policy(bias.view(1, 1, -1, 1, 1) * grad, self.policy)).sum(dim=2)
+                      for bias, grad in p.bias_terms]
+        by_size: dict[tuple[int, int], Tensor] = {}
+        for term in terms:
+            size = tuple(term.shape[-2:])
+            by_size[size] = term if size not in by_size else by_size[size] + term
+        total = sum(upsample(term, ctx.size) for term in by_size.values())
         return _finish(ctx, total)
+
+
+def _sign_parts(ctx) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per FullGrad term v (the input's x ⊙ ∇_x y, then each layer's b ⊙ ∇_b y), B×T×K×h×w: the channel
+    sums of v⁺ = max(v, 0) and v⁻ = min(v, 0) (B×T×h×w) and max v, min v over K×h×w (B×T)."""
+    p = ctx.shared_pass()
+    values = [ctx.x.unsqueeze(1) * p.input_grad] + [bias.view(1, 1, -1, 1, 1) * grad for bias, grad in p.bias_terms]
+    parts = []
+    for v in values:
+        flat = v.flatten(2)
+        parts.append((v.clamp_min(0).sum(dim=2), v.clamp_max(0).sum(dim=2), flat.amax(dim=2), flat.amin(dim=2)))
+    return parts
+
+
+def _policy_sum(parts: tuple[Tensor, Tensor, Tensor, Tensor], policy: str) -> Tensor:
+    """Σ_k ψ(v) with ψ(v) = φ(v)/max|φ(v)| (``max_abs``), from ``_sign_parts``."""
+    positive, negative, highest, lowest = parts
+    if policy == "signed":
+        total, scale = positive + negative, torch.maximum(highest, -lowest)
+    elif policy == "pos":
+        total, scale = positive, highest.clamp_min(0)
+    elif policy == "abs":
+        total, scale = positive - negative, torch.maximum(highest, -lowest)
+    else:
+        check_choice("gradient policy", policy, POLICIES)
+        total, scale = negative, (-lowest).clamp_min(0)
+    return total / scale.clamp_min(MAX_ABS_EPS)[..., None, None]
 
 
 def fullgrad_completeness(model, x: Tensor, targets) -> tuple[Tensor, Tensor]:

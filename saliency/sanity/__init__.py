@@ -62,7 +62,7 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
     """MPRT and (if ``emprt``) eMPRT scores of each image for each randomisation state and seed (SPEC §2.2).
 
     The original maps are computed once under the trained model for its top class; each state k (all,
-    or ``states``) is built alone for every seed of ``randomization_seeds`` (default: ``seed`` alone),
+    or ``states``) is built for every seed of ``randomization_seeds`` (default: ``seed`` alone),
     explained, scored and freed. See ``saliency.sanity.mprt`` and ``saliency.sanity.emprt`` for the rows.
     """
     settings = Settings(methods=methods, tests=["mprt", "emprt"] if emprt else ["mprt"], metrics=metrics,

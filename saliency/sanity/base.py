@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from saliency.seeds import stable_seed
-from saliency.similarity import similarity
+from saliency.similarity import Prepared, compare, prepare
 
 if TYPE_CHECKING:
     from saliency.sanity.runner import SanityRun
@@ -97,7 +97,8 @@ class SanityTest:
     def score(self, run: "SanityRun", block: Block) -> None:
         for method in run.methods:
             for metric in run.metrics:
-                value, chance = paired(run.original[method], block.maps[method], metric, run.partners)
+                value, chance = paired(run.prepared_original(method, metric), block.maps[method], metric,
+                                       run.partners)
                 run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
 
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
@@ -121,12 +122,15 @@ def chance_partners(batch: int) -> Tensor | None:
     return None if batch < 2 else torch.arange(1, batch + 1) % batch
 
 
-def paired(a: Tensor, b: Tensor, metric: str, partners: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(similarity of a and b per image, chance: similarity of a and b's map of the partner image)."""
-    score = similarity(a, b, metric)
+def paired(a: Tensor | Prepared, b: Tensor | Prepared, metric: str,
+           partners: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(similarity of a and b per image, chance: similarity of a and b's map of the partner image).
+    Maps may come prepared (``saliency.similarity.prepare``), so that each is prepared only once."""
+    a, b = (m if isinstance(m, Prepared) else prepare(m, metric) for m in (a, b))
+    score = compare(a, b)
     if partners is None:
         return score, torch.full_like(score, math.nan)
-    return score, similarity(a, b[partners.to(b.device)], metric)
+    return score, compare(a, b.select(partners))
 
 
 def retest_seed(seed: int) -> int:

@@ -1,8 +1,9 @@
 """Model parameter randomisation (MPRT, Adebayo et al. 2018; SPEC §2.2): the original maps against the
 maps of the same images under randomised models.
 
-Each state k (all, or ``settings.states`` so that workers can share them out) is built alone by
-``randomized_state`` for every randomisation seed, explained, scored and freed. ``target="original"``
+Each state k (all, or ``settings.states`` so that workers can share them out) is built for every
+randomisation seed on one working copy changed in place (``states_in_place``: bit-identical to
+``randomized_state``), explained and scored. ``target="original"``
 keeps the original top class (Quantus's choice); ``"recompute"`` uses each state's own argmax. Rows:
 one per metric, with ``chance`` (the original map against the partner image's map in the same state)
 and ``retest``; the ``seed`` column holds the randomisation seed.
@@ -14,7 +15,7 @@ from typing import Iterator
 
 from saliency.choices import check_choice
 from saliency.passes import forward_logits
-from saliency.randomize import ORDERS, parameter_layers, randomized_state, state_name
+from saliency.randomize import ORDERS, parameter_layers, state_name, states_in_place
 from saliency.sanity.base import Block, SanityTest
 
 TARGET_MODES = ("original", "recompute")
@@ -51,15 +52,13 @@ class ParameterRandomization(SanityTest):
     def blocks(self, run) -> Iterator[Block]:
         s = run.settings
         layers = parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity)
-        for seed in randomization_seeds(s):
-            for k in _state_indices(s.states, len(layers)):
-                model = randomized_state(run.model, layers, s.order, k, init=s.init, seed=seed,
-                                         bn_stats=s.bn_stats, sigma=s.sigma)
-                targets = forward_logits(model, run.x).argmax(dim=1) if s.target == "recompute" else run.top
-                maps = run.explain(model, targets[:, None])
-                del model
-                yield Block(self.id, state_name(k, state_layer(layers, s.order, k)), k, targets,
-                            {m: v[:, 0] for m, v in maps.items()}, seed=seed)
+        states = states_in_place(run.model, layers, s.order, _state_indices(s.states, len(layers)),
+                                 randomization_seeds(s), init=s.init, bn_stats=s.bn_stats, sigma=s.sigma)
+        for seed, k, model in states:
+            targets = forward_logits(model, run.x).argmax(dim=1) if s.target == "recompute" else run.top
+            maps = run.explain(model, targets[:, None])
+            yield Block(self.id, state_name(k, state_layer(layers, s.order, k)), k, targets,
+                        {m: v[:, 0] for m, v in maps.items()}, seed=seed)
 
     def rows_per_image(self, settings, n_states: int) -> int:
         states = n_states if settings.states is None else len(set(settings.states))

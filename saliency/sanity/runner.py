@@ -14,7 +14,7 @@ from saliency.methods import get_method
 from saliency.passes import check_input, forward_logits
 from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, retest_seed
 from saliency.sanity.registry import get_test
-from saliency.similarity import METRICS, similarity
+from saliency.similarity import METRICS, Prepared, prepare, similarity
 
 
 class SanityRun:
@@ -51,6 +51,7 @@ class SanityRun:
         self.logits: Tensor | None = None
         self.top: Tensor | None = None
         self.original: dict[str, Tensor] = {}
+        self._prepared: dict[tuple[str, str], Prepared] = {}
         self.retest: dict[tuple[str, str], Tensor] = {}
         self.invalid: dict[str, Tensor] = {}  # method → B bool: its original map is not finite
         self.failures: list[dict] = []  # non-finite maps: image_id, method, test, state, seed, reason
@@ -61,6 +62,13 @@ class SanityRun:
         self.explain_calls += 1
         return explain(model, self.x, self.methods, targets, layer=self.layer,
                        **{**self.explain_kwargs, **overrides})
+
+    def prepared_original(self, method: str, metric: str) -> Prepared:
+        """The original maps of ``method`` prepared for ``metric`` once, for every block that scores them."""
+        key = (method, metric)
+        if key not in self._prepared:
+            self._prepared[key] = prepare(self.original[method], metric)
+        return self._prepared[key]
 
     def blocks(self) -> Iterator[Block]:
         """The original block, then every state's block, each already scored."""
