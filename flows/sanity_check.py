@@ -25,7 +25,6 @@ from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
 from tasks.storage import RunDir, join
 from tasks.tracking import track_mlflow, tracking_uri, ui_command
-from tasks.write import write_parquet
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serve` use this schedule
@@ -61,18 +60,18 @@ def shard_progress(enabled: bool) -> Progress | nullcontext:
 
 
 def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any]], float]:
-    """Explain every pending shard on a pool of Ray actors and write its parts; raise if any shard failed.
+    """Explain every pending shard on a pool of Ray actors, which write its parts; raise if any shard failed.
 
-    As many shard tasks run as there are actors; each finished shard is written at once (so an
-    interrupted run keeps it) and the next one submitted. Returns the written shards' results and the
-    seconds from the actors being ready to the last shard written.
+    As many shard tasks run as there are actors; each actor writes its shard's parts as soon as they are
+    computed (so an interrupted run keeps them) and returns only counts, and the next shard is submitted.
+    Returns the shards' metadata and the seconds from the actors being ready to the last shard written.
     """
     logger = get_run_logger()
     done_before = len(plan.shards) - len(plan.pending)
     results, errors = [], []
     with ray_connection():
         n_actors, use_gpu = actor_count(cfg, len(plan.pending))
-        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu)
+        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir)
         ready = time.perf_counter()
         logger.info("%d actors (%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
                     sorted({w["node"][:12] for w in pool.workers}))
@@ -91,7 +90,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                     if following is not None:
                         running.add(explain.submit(following, pool))
                     try:
-                        result = write_parquet(plan.run_dir, future.result())
+                        result = future.result()
                     except Exception as error:  # keep going: finished shards stay saved for a resume
                         errors.append(error)
                         continue

@@ -1,4 +1,4 @@
-"""explain_shard: one shard on a free Ray actor; a Prefect task with retries."""
+"""explain_shard: one shard on a free Ray actor, which writes its parts; a Prefect task with retries."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,5 +13,6 @@ from tasks.shards import Shard
 @task(name="explain_shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       task_run_name="explain-shard-{shard.index}")
 def explain_shard(shard: Shard, pool: ActorPool) -> dict[str, Any]:
-    """Score records, stored maps and per-image failures of one shard (see ShardWorker.run)."""
+    """Compute one shard and write its parts on the actor; returns only its metadata
+    (ShardWorker.explain_and_write)."""
     return pool.run(shard)
