@@ -170,7 +170,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                         cfg.randomization.order)
         report_dir = render_report(plan.run_dir) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
-                 "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
+                 "score_rows": agg.score_rows, "shards": len(plan.shards),
                  "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
                  "shard_seconds": compute_seconds,
                  "images_per_second": computed / compute_seconds if computed else 0.0,
