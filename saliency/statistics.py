@@ -6,9 +6,11 @@ carries its chance level c (the same comparison against another image's map) and
 (1, or two draws of a stochastic method). The normalised retention R = (s − c)/(r − c) is 0 when the map
 changed as much as if it were another image's, 1 when it did not change at all.
 
-Confidence intervals resample randomisation seeds, then images (a two-level percentile bootstrap), on
-tables sorted by seed and image id, so they are reproducible for a given seed and do not depend on the
-order of the rows, on sharding, or on which other groups are in the table.
+Confidence intervals resample randomisation seeds (multinomially), then images (a two-level percentile
+bootstrap). An image's resample weights are Poisson(1) draws hashed from (seed, image id, resample), so
+per-shard partial sums merge into the same resamples (``SummaryAccumulator``): the summary of a run is
+built one part at a time, and a CI is reproducible for a given seed and does not depend on the order of
+the rows, on sharding, or on which other groups are in the table.
 """
 from __future__ import annotations
 
