@@ -173,16 +173,19 @@ def _check_n_boot(n_boot: int) -> None:
 
 
 def _runs(ordered: pa.Table, keys: Sequence[str]) -> tuple[np.ndarray, list[tuple]]:
-    """For a table sorted by ``keys``: the run number of every row and the key values of every run."""
-    arrays = [ordered[k].to_numpy(zero_copy_only=False) for k in keys]
+    """For a table sorted by ``keys``: the run number of every row and the key values of every run
+    (strings compared by their dictionary codes, not as Python objects)."""
     change = np.zeros(ordered.num_rows, dtype=bool)
     change[:1] = True
-    for array in arrays:
+    for k in keys:
+        column = ordered[k]
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = pc.dictionary_encode(column).combine_chunks().indices
+        array = column.to_numpy(zero_copy_only=False)
         change[1:] |= array[1:] != array[:-1]
     starts = np.flatnonzero(change)
-    values = [tuple(a.item() if hasattr(a, "item") else a for a in row)
-              for row in zip(*(array[starts] for array in arrays))]
-    return np.cumsum(change) - 1, values
+    heads = ordered.select(list(keys)).take(pa.array(starts)).to_pydict()
+    return np.cumsum(change) - 1, list(zip(*(heads[k] for k in keys)))
 
 
 class SummaryAccumulator:
@@ -238,8 +241,14 @@ class SummaryAccumulator:
         filled = np.where(finite, cube, 0.0)
         weights = image_weights(images.tolist(), self.n_boot, self.seed).T  # images × B
         rows = self._row_indices(keys)
-        self._weighted[rows, 0] += (filled @ weights).transpose(1, 0, 2)
-        self._weighted[rows, 1] += (finite.astype(np.float64) @ weights).transpose(1, 0, 2)
+        done: list[tuple[np.ndarray, np.ndarray]] = []  # (finite mask, its weight sums): masks often repeat
+        for q in range(len(QUANTITIES)):  # one quantity at a time: transient memory groups × B, not Q × that
+            self._weighted[rows, 0, q] += filled[q] @ weights
+            same = next((sums for mask, sums in done if np.array_equal(mask, finite[q])), None)
+            if same is None:
+                same = finite[q].astype(np.float64) @ weights
+                done.append((finite[q], same))
+            self._weighted[rows, 1, q] += same
         count, total = finite.sum(axis=2).T, filled.sum(axis=2).T
         old_n, old_mean = self._count[rows, 0], _ratio(self._sum[rows, 0], self._count[rows, 0])
         new_n, new_mean = count[:, 0], _ratio(total[:, 0], count[:, 0])
