@@ -241,14 +241,21 @@ class SummaryAccumulator:
         filled = np.where(finite, cube, 0.0)
         weights = image_weights(images.tolist(), self.n_boot, self.seed).T  # images × B
         rows = self._row_indices(keys)
-        done: list[tuple[np.ndarray, np.ndarray]] = []  # (finite mask, its weight sums): masks often repeat
+        # the same keys in the same order as the first part: add in place into a slice (no fancy-index copies)
+        target = (self._weighted[rows[0]:rows[-1] + 1] if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))
+                  else None)
+        masks: list[list[int]] = []  # quantities with the same finite mask share their weight sums
         for q in range(len(QUANTITIES)):  # one quantity at a time: transient memory groups × B, not Q × that
-            self._weighted[rows, 0, q] += filled[q] @ weights
-            same = next((sums for mask, sums in done if np.array_equal(mask, finite[q])), None)
+            _add(self._weighted, target, rows, 0, q, filled[q] @ weights)
+            same = next((group for group in masks if np.array_equal(finite[group[0]], finite[q])), None)
             if same is None:
-                same = finite[q].astype(np.float64) @ weights
-                done.append((finite[q], same))
-            self._weighted[rows, 1, q] += same
+                masks.append([q])
+            else:
+                same.append(q)
+        for group in masks:
+            sums = finite[group[0]].astype(np.float64) @ weights
+            for q in group:
+                _add(self._weighted, target, rows, 1, q, sums)
         count, total = finite.sum(axis=2).T, filled.sum(axis=2).T
         old_n, old_mean = self._count[rows, 0], _ratio(self._sum[rows, 0], self._count[rows, 0])
         new_n, new_mean = count[:, 0], _ratio(total[:, 0], count[:, 0])
@@ -287,6 +294,15 @@ class SummaryAccumulator:
                 columns[f"{label}ci_low"].append(float(intervals[0, q]) if present else math.nan)
                 columns[f"{label}ci_high"].append(float(intervals[1, q]) if present else math.nan)
         return pa.table(columns, schema=SUMMARY_SCHEMA)
+
+
+def _add(array: np.ndarray, window: np.ndarray | None, rows: np.ndarray, kind: int, q: int,
+         values: np.ndarray) -> None:
+    """array[rows, kind, q] += values, in place through ``window`` (a view of those rows) when given."""
+    if window is not None:
+        window[:, kind, q] += values
+    else:
+        array[rows, kind, q] += values
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -473,7 +489,8 @@ class ComparisonAccumulator:
         self.pairs = signed_pairs(sorted(methods))
         self.methods = sorted({m for pair in self.pairs for m in pair})  # read only these rows
         self.n_states, self.order, self.n_boot, self.seed, self.rules = n_states, order, n_boot, seed, rules
-        self._images: dict[tuple, list[np.ndarray]] = {}  # (model, method, test, state, index, metric) → ids
+        self._images: dict[tuple, list[np.ndarray]] = {}  # (model, method, test, state, index, metric) → codes
+        self._codes: dict[str, int] = {}  # image id → code (one string per image, not one per value)
         self._values: dict[tuple, list[np.ndarray]] = {}  # … → seed-mean R per image
 
     def add(self, scores: pa.Table) -> None:
@@ -489,22 +506,28 @@ class ComparisonAccumulator:
             [("retention", "mean")])  # nulls (undefined R) skipped: the mean over the seeds where R is defined
         ordered = per_image.sort_by([(k, "ascending") for k in (*GROUP_KEYS, "image_id")])
         run, keys = _runs(ordered, GROUP_KEYS)
-        ids = ordered["image_id"].to_numpy(zero_copy_only=False)
+        encoded = pc.dictionary_encode(ordered["image_id"]).combine_chunks()
+        codes = np.array([self._codes.setdefault(i, len(self._codes)) for i in encoded.dictionary.to_pylist()],
+                         dtype=np.int64)
+        ids = codes[encoded.indices.to_numpy()]
         values = ordered["retention_mean"].to_numpy(zero_copy_only=False).astype(np.float64)
         bounds = np.searchsorted(run, np.arange(len(keys) + 1))
         for k, key in enumerate(keys):
             model, _, test, state, index, _ = key
             if get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order) is None:
                 continue
-            self._images.setdefault(key, []).append(ids[bounds[k]:bounds[k + 1]])
-            self._values.setdefault(key, []).append(values[bounds[k]:bounds[k + 1]])
+            # copies, not views: a view would keep this part's rows of every state alive
+            self._images.setdefault(key, []).append(ids[bounds[k]:bounds[k + 1]].copy())
+            self._values.setdefault(key, []).append(values[bounds[k]:bounds[k + 1]].copy())
 
-    def _per_image(self, key: tuple) -> dict[str, float]:
-        return dict(zip(np.concatenate(self._images[key]).tolist(), np.concatenate(self._values[key]).tolist()))
+    def _per_image(self, key: tuple, names: list[str]) -> dict[str, float]:
+        codes = np.concatenate(self._images[key]).tolist()
+        return dict(zip((names[c] for c in codes), np.concatenate(self._values[key]).tolist()))
 
     def table(self) -> pa.Table:
         """The comparison table (COMPARISON_SCHEMA) of everything added."""
         rows = []
+        names = list(self._codes)  # code → image id (dicts keep insertion order)
         for key in sorted(self._values):
             model, method, test, state, index, metric = key
             scope = get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order)
@@ -512,7 +535,7 @@ class ComparisonAccumulator:
                 other_key = (model, signed, test, state, index, metric)
                 if method != variant or other_key not in self._values:
                     continue
-                values, other = self._per_image(key), self._per_image(other_key)
+                values, other = self._per_image(key, names), self._per_image(other_key, names)
                 common = sorted(i for i in values
                                 if i in other and math.isfinite(values[i]) and math.isfinite(other[i]))
                 v = np.array([values[i] for i in common])

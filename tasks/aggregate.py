@@ -45,6 +45,7 @@ def score_parts(run_dir: RunDir, n_shards: int, methods: Sequence[str] | None = 
     only = None if methods is None else [("method", "in", list(methods))]
     for path in run_dir.parts("scores").values():
         yield pq.read_table(path, filesystem=run_dir.fs, columns=list(STATISTICS_COLUMNS), filters=only)
+        pa.default_memory_pool().release_unused()  # hand the part's buffers back, do not let the pool grow
 
 
 def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
