@@ -205,7 +205,9 @@ class SummaryAccumulator:
         self.n_boot, self.seed = n_boot, seed
         self._rows: dict[tuple, int] = {}  # (group key…, seed) → row of the arrays below
         q = len(QUANTITIES)
-        self._weighted = np.zeros((0, 2, q, n_boot))  # [row, numerator|denominator, quantity, resample]
+        self._numerator = np.zeros((0, q, n_boot))  # [row, quantity, resample]: Σ_i w_bi v_i
+        # Σ_i w_bi m_i: sums of small integers, exact in float32 below 2**24 (16.7 M weighted images)
+        self._weight = np.zeros((0, q, n_boot), dtype=np.float32)
         self._count = np.zeros((0, q))
         self._sum = np.zeros((0, q))
         self._value_m2 = np.zeros(0)  # Σ (s − mean s)² of the finite raw scores, merged (Chan et al.)
@@ -216,7 +218,8 @@ class SummaryAccumulator:
             for k in new:
                 self._rows[k] = len(self._rows)
             grow = len(self._rows) - self._count.shape[0]
-            self._weighted = np.concatenate([self._weighted, np.zeros((grow, *self._weighted.shape[1:]))])
+            self._numerator = np.concatenate([self._numerator, np.zeros((grow, *self._numerator.shape[1:]))])
+            self._weight = np.concatenate([self._weight, np.zeros((grow, *self._weight.shape[1:]), np.float32)])
             self._count = np.concatenate([self._count, np.zeros((grow, len(QUANTITIES)))])
             self._sum = np.concatenate([self._sum, np.zeros((grow, len(QUANTITIES)))])
             self._value_m2 = np.concatenate([self._value_m2, np.zeros(grow)])
@@ -242,20 +245,19 @@ class SummaryAccumulator:
         weights = image_weights(images.tolist(), self.n_boot, self.seed).T  # images × B
         rows = self._row_indices(keys)
         # the same keys in the same order as the first part: add in place into a slice (no fancy-index copies)
-        target = (self._weighted[rows[0]:rows[-1] + 1] if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))
-                  else None)
+        window = slice(rows[0], rows[-1] + 1) if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) else rows
         masks: list[list[int]] = []  # quantities with the same finite mask share their weight sums
         for q in range(len(QUANTITIES)):  # one quantity at a time: transient memory groups × B, not Q × that
-            _add(self._weighted, target, rows, 0, q, filled[q] @ weights)
+            self._numerator[window, q] += filled[q] @ weights
             same = next((group for group in masks if np.array_equal(finite[group[0]], finite[q])), None)
             if same is None:
                 masks.append([q])
             else:
                 same.append(q)
         for group in masks:
-            sums = finite[group[0]].astype(np.float64) @ weights
+            sums = (finite[group[0]].astype(np.float32) @ weights.astype(np.float32))
             for q in group:
-                _add(self._weighted, target, rows, 1, q, sums)
+                self._weight[window, q] += sums
         count, total = finite.sum(axis=2).T, filled.sum(axis=2).T
         old_n, old_mean = self._count[rows, 0], _ratio(self._sum[rows, 0], self._count[rows, 0])
         new_n, new_mean = count[:, 0], _ratio(total[:, 0], count[:, 0])
@@ -275,8 +277,8 @@ class SummaryAccumulator:
         for group, rows in by_group.items():
             counts = self._count[rows]
             weights = seed_weights(len(rows), self.n_boot, self.seed)  # B × seeds
-            numerator = np.einsum("bs,sqb->qb", weights, self._weighted[rows, 0])
-            denominator = np.einsum("bs,sqb->qb", weights, self._weighted[rows, 1])
+            numerator = np.einsum("bs,sqb->qb", weights, self._numerator[rows])
+            denominator = np.einsum("bs,sqb->qb", weights, self._weight[rows].astype(np.float64))
             with np.errstate(invalid="ignore", divide="ignore"):
                 intervals = _percentile_interval((numerator / denominator).T)  # 2 × Q
             n = int(counts[:, 0].sum())
@@ -294,15 +296,6 @@ class SummaryAccumulator:
                 columns[f"{label}ci_low"].append(float(intervals[0, q]) if present else math.nan)
                 columns[f"{label}ci_high"].append(float(intervals[1, q]) if present else math.nan)
         return pa.table(columns, schema=SUMMARY_SCHEMA)
-
-
-def _add(array: np.ndarray, window: np.ndarray | None, rows: np.ndarray, kind: int, q: int,
-         values: np.ndarray) -> None:
-    """array[rows, kind, q] += values, in place through ``window`` (a view of those rows) when given."""
-    if window is not None:
-        window[:, kind, q] += values
-    else:
-        array[rows, kind, q] += values
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
