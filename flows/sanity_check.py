@@ -27,7 +27,6 @@ from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
 from tasks.storage import RunDir, join
 from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
-from tasks.write import write_parquet
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serve` use this schedule
@@ -97,18 +96,18 @@ def shard_progress(enabled: bool, pool: ActorPool, images: int, shards: str,
 
 
 def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any]], float]:
-    """Explain every pending shard on a pool of Ray actors and write its parts; raise if any shard failed.
+    """Explain every pending shard on a pool of Ray actors, which write its parts; raise if any shard failed.
 
-    As many shard tasks run as there are actors; each finished shard is written at once (so an
-    interrupted run keeps it) and the next one submitted. Returns the written shards' results and the
-    seconds from the actors being ready to the last shard written.
+    As many shard tasks run as there are actors; each actor writes its shard's parts as soon as they are
+    computed (so an interrupted run keeps them) and returns only counts, and the next shard is submitted.
+    Returns the shards' metadata and the seconds from the actors being ready to the last shard written.
     """
     logger = get_run_logger()
     done_before = len(plan.shards) - len(plan.pending)
     results, errors = [], []
     with ray_connection():
         n_actors, use_gpu = actor_count(cfg, len(plan.pending))
-        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu)
+        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir)
         ready = time.perf_counter()
         logger.info("%d actors (%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
                     sorted({w["node"][:12] for w in pool.workers}))
@@ -133,11 +132,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                         running.add(explain.submit(following, pool))
                     if computed is None:
                         continue  # keep going: finished shards stay saved for a resume
-                    try:
-                        result = write_parquet(plan.run_dir, computed)
-                    except Exception as error:
-                        errors.append(error)
-                        continue
+                    result = computed
                     results.append(result)
                     logger.info("shard %d: %d images, %d rows, %d failures, %.1f s on node %s",
                                 result["shard"], result["n_images"], result["rows"], result["failures"],
@@ -249,7 +244,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                         cfg.randomization.order)
         report_dir = render_report(plan.run_dir) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
-                 "score_rows": agg.scores.num_rows, "shards": len(plan.shards),
+                 "score_rows": agg.score_rows, "shards": len(plan.shards),
                  "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
                  "shard_seconds": compute_seconds,
                  "images_per_second": computed / compute_seconds if computed else 0.0,

@@ -6,9 +6,11 @@ carries its chance level c (the same comparison against another image's map) and
 (1, or two draws of a stochastic method). The normalised retention R = (s − c)/(r − c) is 0 when the map
 changed as much as if it were another image's, 1 when it did not change at all.
 
-Confidence intervals resample randomisation seeds, then images (a two-level percentile bootstrap), on
-tables sorted by seed and image id, so they are reproducible for a given seed and do not depend on the
-order of the rows, on sharding, or on which other groups are in the table.
+Confidence intervals resample randomisation seeds (multinomially), then images (a two-level percentile
+bootstrap). An image's resample weights are Poisson(1) draws hashed from (seed, image id, resample), so
+per-shard partial sums merge into the same resamples (``SummaryAccumulator``): the summary of a run is
+built one part at a time, and a CI is reproducible for a given seed and does not depend on the order of
+the rows, on sharding, or on which other groups are in the table.
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ def _working_table(scores: pa.Table) -> pa.Table:
     mprt = table.filter(pc.is_in(table["test"], pa.array(curves, pa.string())))
     if mprt.num_rows:
         keys = ["model", "method", "test", "metric", "seed", "image_id"]
+        mprt = mprt.sort_by([(k, "ascending") for k in (*keys, "state_index")])  # sums in state order
         cascade = mprt.group_by(keys, use_threads=False).aggregate([(q, "mean") for q in QUANTITIES])
         cascade = cascade.rename_columns([c.removesuffix("_mean") for c in cascade.column_names])
         n = cascade.num_rows
@@ -119,72 +122,196 @@ def _working_table(scores: pa.Table) -> pa.Table:
     return table
 
 
-def _groups(table: pa.Table, keys: Sequence[str]):
-    """(key values, slice of the table sorted by keys, seed and image id) per group."""
-    ordered = table.sort_by([(k, "ascending") for k in (*keys, "seed", "image_id")])
-    key_arrays = [ordered[k].to_numpy(zero_copy_only=False) for k in keys]
-    n = ordered.num_rows
-    if n == 0:
-        return
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for array in key_arrays:
-        change[1:] |= array[1:] != array[:-1]
-    starts = np.flatnonzero(change).tolist() + [n]
-    for a, b in zip(starts[:-1], starts[1:]):
-        yield tuple(array[a].item() if hasattr(array[a], "item") else array[a] for array in key_arrays), \
-            ordered.slice(a, b - a)
-
-
 # --------------------------------------------------------------------------------------------- bootstrap
-class _Resampler:
-    """Bootstrap weights shared by every group with the same (seeds, images) shape: resample seeds, then
-    images; each resample's mean is Σ_s w_s Σ_i w_i v_si / Σ_s w_s Σ_i w_i m_si (m = finite). Drawn from a
-    generator seeded by (seed, shape), so a group's CI does not depend on the other groups."""
+#: P(K ≤ k) for K ~ Poisson(1), k = 0..20 (the tail beyond 20 is < 1e-19).
+_POISSON_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(21)])
+_MASK64 = (1 << 64) - 1
 
-    def __init__(self, n_boot: int, seed: int, level: float = 0.95):
-        if n_boot < 1:
-            raise ValueError(f"n_boot must be a positive number of bootstrap resamples, got {n_boot}")
-        self.n_boot, self.seed, self.level = n_boot, seed, level
-        self._weights: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def _counts(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        draws = rng.integers(0, size, size=(self.n_boot, size))
-        offsets = np.arange(self.n_boot)[:, None] * size
-        return np.bincount((draws + offsets).ravel(), minlength=self.n_boot * size).reshape(
-            self.n_boot, size).astype(np.float64)
+def _splitmix64(state: np.ndarray) -> np.ndarray:
+    """The splitmix64 output function on uint64 arrays (wrapping arithmetic): a stateless, portable hash."""
+    z = state.copy()
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
-    def weights(self, n_seeds: int, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (n_seeds, n_images)
-        if key not in self._weights:
-            rng = np.random.default_rng([self.seed, stable_seed("bootstrap", n_seeds, n_images)])
-            seeds = self._counts(rng, n_seeds) if n_seeds > 1 else np.ones((self.n_boot, 1))
-            self._weights[key] = (seeds, self._counts(rng, n_images))
-        return self._weights[key]
 
-    def intervals(self, cube: np.ndarray) -> np.ndarray:
-        """cube Q×S×N (NaN = missing) → Q×2 percentile CIs of the mean."""
-        q, s, n = cube.shape
+def image_weights(image_ids: Sequence[str], n_boot: int, seed: int) -> np.ndarray:
+    """n_boot × images Poisson(1) bootstrap weights: weight (b, i) is a function of (seed, image id, b)
+    alone, so partial sums over any split of the images (shards) add up to the same resample."""
+    keys = np.array([stable_seed("bootstrap-image", seed, str(i)) for i in image_ids], dtype=np.uint64)
+    steps = (np.arange(1, n_boot + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))[:, None]
+    with np.errstate(over="ignore"):
+        uniform = (_splitmix64(keys[None, :] + steps) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.float64)
+
+
+def seed_weights(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
+    """n_boot × n_seeds multinomial resample counts of the randomisation seeds (few, so not Poisson:
+    a resample with no seed would be empty); all ones for a single seed."""
+    if n_seeds == 1:
+        return np.ones((n_boot, 1))
+    rng = np.random.default_rng([seed, stable_seed("bootstrap-seeds", n_seeds)])
+    draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    return np.stack([(draws == s).sum(axis=1) for s in range(n_seeds)], axis=1).astype(np.float64)
+
+
+def _percentile_interval(means: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Percentile CI over the resamples (axis 0), ignoring empty resamples (NaN)."""
+    tail = (1.0 - level) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(means, [tail, 100 - tail], axis=0)
+
+
+def _check_n_boot(n_boot: int) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be a positive number of bootstrap resamples, got {n_boot}")
+
+
+def _runs(ordered: pa.Table, keys: Sequence[str]) -> tuple[np.ndarray, list[tuple]]:
+    """For a table sorted by ``keys``: the run number of every row and the key values of every run
+    (strings compared by their dictionary codes, not as Python objects)."""
+    change = np.zeros(ordered.num_rows, dtype=bool)
+    change[:1] = True
+    for k in keys:
+        column = ordered[k]
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = pc.dictionary_encode(column).combine_chunks().indices
+        array = column.to_numpy(zero_copy_only=False)
+        change[1:] |= array[1:] != array[:-1]
+    starts = np.flatnonzero(change)
+    heads = ordered.select(list(keys)).take(pa.array(starts)).to_pydict()
+    return np.cumsum(change) - 1, list(zip(*(heads[k] for k in keys)))
+
+
+class SummaryAccumulator:
+    """Partial statistics of score rows that merge by addition, so that a summary is built one shard at
+    a time in memory that does not grow with the number of images.
+
+    Per group (model, method, test, state, state_index, metric) and randomisation seed, and per quantity
+    (s, c, r, r − c, R): the count, sum and (for s) the sum of squared deviations of the finite values,
+    and for every bootstrap resample b the weighted sum Σ_i w_bi v_i and weight Σ_i w_bi m_i (m = finite)
+    with Poisson(1) image weights w_bi that depend only on (seed, image id, b). ``summary`` then draws
+    the seeds (multinomial) and takes percentile CIs of Σ_s u_bs Σ_i w_bi v_si / Σ_s u_bs Σ_i w_bi m_si.
+    ``add`` must receive every row of its images (one shard): the MPRT cascade is a mean over states.
+    """
+
+    def __init__(self, n_boot: int = 1000, seed: int = 0) -> None:
+        _check_n_boot(n_boot)
+        self.n_boot, self.seed = n_boot, seed
+        self._rows: dict[tuple, int] = {}  # (group key…, seed) → row of the arrays below
+        q = len(QUANTITIES)
+        self._numerator = np.zeros((0, q, n_boot))  # [row, quantity, resample]: Σ_i w_bi v_i
+        # Σ_i w_bi m_i: sums of small integers, exact in float32 below 2**24 (16.7 M weighted images)
+        self._weight = np.zeros((0, q, n_boot), dtype=np.float32)
+        self._count = np.zeros((0, q))
+        self._sum = np.zeros((0, q))
+        self._value_m2 = np.zeros(0)  # Σ (s − mean s)² of the finite raw scores, merged (Chan et al.)
+
+    def _row_indices(self, keys: list[tuple]) -> np.ndarray:
+        new = [k for k in keys if k not in self._rows]
+        if new:
+            for k in new:
+                self._rows[k] = len(self._rows)
+            grow = len(self._rows) - self._count.shape[0]
+            self._numerator = np.concatenate([self._numerator, np.zeros((grow, *self._numerator.shape[1:]))])
+            self._weight = np.concatenate([self._weight, np.zeros((grow, *self._weight.shape[1:]), np.float32)])
+            self._count = np.concatenate([self._count, np.zeros((grow, len(QUANTITIES)))])
+            self._sum = np.concatenate([self._sum, np.zeros((grow, len(QUANTITIES)))])
+            self._value_m2 = np.concatenate([self._value_m2, np.zeros(grow)])
+        return np.array([self._rows[k] for k in keys], dtype=np.int64)
+
+    def add(self, scores: pa.Table) -> None:
+        """Fold in score rows (score schema) holding every row of their images."""
+        table = _working_table(scores)
+        if table.num_rows == 0:
+            return
+        ordered = table.sort_by([(k, "ascending") for k in (*GROUP_KEYS, "seed")])
+        run, keys = _runs(ordered, (*GROUP_KEYS, "seed"))
+        encoded = pc.dictionary_encode(ordered["image_id"]).combine_chunks()
+        names = np.array(encoded.dictionary.to_pylist(), dtype=object)
+        rank = np.empty(len(names), dtype=np.int64)
+        rank[np.argsort(names, kind="stable")] = np.arange(len(names))
+        image_index, images = rank[encoded.indices.to_numpy()], np.sort(names)  # sums in image-id order
+        cube = np.full((len(QUANTITIES), len(keys), len(images)), np.nan)
+        for q, name in enumerate(QUANTITIES):
+            cube[q, run, image_index] = ordered[name].to_numpy(zero_copy_only=False).astype(np.float64)
         finite = np.isfinite(cube)
-        seed_w, image_w = self.weights(s, n)
-        num = (image_w @ np.where(finite, cube, 0.0).reshape(q * s, n).T).reshape(-1, q, s)
-        den = (image_w @ finite.reshape(q * s, n).T.astype(np.float64)).reshape(-1, q, s)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = (num * seed_w[:, None, :]).sum(axis=2) / (den * seed_w[:, None, :]).sum(axis=2)
-        tail = (1.0 - self.level) / 2 * 100
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanpercentile(means, [tail, 100 - tail], axis=0).T
+        filled = np.where(finite, cube, 0.0)
+        weights = image_weights(images.tolist(), self.n_boot, self.seed).T  # images × B
+        rows = self._row_indices(keys)
+        # the same keys in the same order as the first part: add in place into a slice (no fancy-index copies)
+        window = slice(rows[0], rows[-1] + 1) if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) else rows
+        masks: list[list[int]] = []  # quantities with the same finite mask share their weight sums
+        for q in range(len(QUANTITIES)):  # one quantity at a time: transient memory groups × B, not Q × that
+            self._numerator[window, q] += filled[q] @ weights
+            same = next((group for group in masks if np.array_equal(finite[group[0]], finite[q])), None)
+            if same is None:
+                masks.append([q])
+            else:
+                same.append(q)
+        for group in masks:
+            sums = (finite[group[0]].astype(np.float32) @ weights.astype(np.float32))
+            for q in group:
+                self._weight[window, q] += sums
+        count, total = finite.sum(axis=2).T, filled.sum(axis=2).T
+        old_n, old_mean = self._count[rows, 0], _ratio(self._sum[rows, 0], self._count[rows, 0])
+        new_n, new_mean = count[:, 0], _ratio(total[:, 0], count[:, 0])
+        new_m2 = np.where(finite[0], (cube[0] - new_mean[:, None]) ** 2, 0.0).sum(axis=1)
+        n = old_n + new_n
+        delta = np.nan_to_num(new_mean - old_mean)
+        self._value_m2[rows] += new_m2 + np.where(n > 0, delta ** 2 * old_n * new_n / np.maximum(n, 1), 0.0)
+        self._count[rows] += count
+        self._sum[rows] += total
+
+    def summary(self) -> pa.Table:
+        """The summary table (SUMMARY_SCHEMA) of everything added, in group order."""
+        columns: dict[str, list] = {name: [] for name in SUMMARY_SCHEMA.names}
+        by_group: dict[tuple, list[int]] = {}
+        for key in sorted(self._rows):
+            by_group.setdefault(key[:-1], []).append(self._rows[key])
+        for group, rows in by_group.items():
+            counts = self._count[rows]
+            weights = seed_weights(len(rows), self.n_boot, self.seed)  # B × seeds
+            numerator = np.einsum("bs,sqb->qb", weights, self._numerator[rows])
+            denominator = np.einsum("bs,sqb->qb", weights, self._weight[rows].astype(np.float64))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                intervals = _percentile_interval((numerator / denominator).T)  # 2 × Q
+            n = int(counts[:, 0].sum())
+            means = _ratio(self._sum[rows].sum(axis=0), counts.sum(axis=0))
+            m2 = _merged_m2(counts[:, 0], _ratio(self._sum[rows, 0], counts[:, 0]), self._value_m2[rows])
+            for name, item in zip(GROUP_KEYS, group):
+                columns[name].append(item)
+            columns["n"].append(n)
+            columns["n_seeds"].append(int((counts[:, 0] > 0).sum()))
+            columns["std"].append(math.sqrt(m2 / (n - 1)) if n > 1 else math.nan)
+            for q, name in enumerate(QUANTITIES):
+                label = "" if name == "value" else f"{name}_"
+                present = counts[:, q].sum() > 0
+                columns[f"{label}mean"].append(float(means[q]))
+                columns[f"{label}ci_low"].append(float(intervals[0, q]) if present else math.nan)
+                columns[f"{label}ci_high"].append(float(intervals[1, q]) if present else math.nan)
+        return pa.table(columns, schema=SUMMARY_SCHEMA)
 
 
-def _cube(group: pa.Table, quantities: Sequence[str]) -> np.ndarray:
-    """Q×seeds×images array of a group (rows sorted by seed, image id); NaN where missing."""
-    seeds, seed_index = np.unique(group["seed"].to_numpy(), return_inverse=True)
-    images, image_index = np.unique(group["image_id"].to_numpy(zero_copy_only=False), return_inverse=True)
-    cube = np.full((len(quantities), len(seeds), len(images)), np.nan)
-    for q, name in enumerate(quantities):
-        cube[q, seed_index, image_index] = group[name].to_numpy(zero_copy_only=False).astype(np.float64)
-    return cube
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator/denominator, NaN where the denominator is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def _merged_m2(counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> float:
+    """Σ of squared deviations from the pooled mean, from per-part counts, means and M2 (Chan et al.)."""
+    keep = counts > 0
+    if not keep.any():
+        return math.nan
+    counts, means, m2 = counts[keep], means[keep], m2[keep]
+    pooled = (counts * means).sum() / counts.sum()
+    return float(m2.sum() + (counts * (means - pooled) ** 2).sum())
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -194,27 +321,11 @@ def summarize(scores: pa.Table, n_boot: int = 1000, seed: int = 0) -> pa.Table:
 
     MPRT also gets state "cascade" (state_index −1): per seed and image, the mean over states of every
     quantity (R included: the mean R over states, SPEC §4). NaN scores are left out of every statistic.
+    One table at once; ``SummaryAccumulator`` builds the same summary one shard at a time.
     """
-    resampler = _Resampler(n_boot, seed)
-    columns: dict[str, list] = {name: [] for name in SUMMARY_SCHEMA.names}
-    for key, group in _groups(_working_table(scores), GROUP_KEYS):
-        cube = _cube(group, QUANTITIES)
-        finite = np.isfinite(cube)
-        intervals = resampler.intervals(cube)
-        values = cube[0][finite[0]]
-        for name, item in zip(GROUP_KEYS, key):
-            columns[name].append(item)
-        columns["n"].append(int(values.size))
-        columns["n_seeds"].append(int(finite[0].any(axis=1).sum()))
-        columns["std"].append(float(values.std(ddof=1)) if values.size > 1 else math.nan)
-        for q, name in enumerate(QUANTITIES):
-            label = "" if name == "value" else f"{name}_"
-            mean = float(cube[q][finite[q]].mean()) if finite[q].any() else math.nan
-            low, high = intervals[q] if finite[q].any() else (math.nan, math.nan)
-            columns[f"{label}mean"].append(mean)
-            columns[f"{label}ci_low"].append(float(low))
-            columns[f"{label}ci_high"].append(float(high))
-    return pa.table(columns, schema=SUMMARY_SCHEMA)
+    accumulator = SummaryAccumulator(n_boot, seed)
+    accumulator.add(scores)
+    return accumulator.summary()
 
 
 # --------------------------------------------------------------------------------------------- verdicts
@@ -336,54 +447,112 @@ def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int =
     scopes, per metric. R is first averaged over randomisation seeds per image; then the mean difference
     with a bootstrap 95% CI, a two-sided Wilcoxon signed-rank test, Holm-corrected over every row, and
     the matched-pairs rank-biserial effect size (> 0: the variant retains more, i.e. is less sensitive).
+    One table at once; ``ComparisonAccumulator`` builds the same table one shard at a time.
     """
     table = _working_table(scores)
     methods = sorted(set(table["method"].to_pylist()))
-    pairs = signed_pairs(methods)
-    resampler = _Resampler(n_boot, seed)
-    per_image: dict[tuple, dict[str, float]] = {}
-    n_states: dict[tuple[str, str], int] = {}
-    for (model, method, test, state, index, metric), group in _groups(table, GROUP_KEYS):
-        if not get_test(test).normalised:
+    accumulator = ComparisonAccumulator(methods, curve_lengths(table), order, n_boot, seed, rules)
+    accumulator.add(scores)
+    return accumulator.table()
+
+
+def curve_lengths(table: pa.Table) -> dict[tuple[str, str], int]:
+    """{(model, test): number of states} of the curve tests, from a summary or score table."""
+    lengths: dict[tuple[str, str], int] = {}
+    for test in sanity_tests():
+        if not test.curve:
             continue
-        if index >= 0:
-            n_states[(model, test)] = max(n_states.get((model, test), 0), index + 1)
-        cube = _cube(group, ("retention",))[0]
-        images = np.unique(group["image_id"].to_numpy(zero_copy_only=False))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            seed_mean = np.nanmean(cube, axis=0)
-        per_image[(model, method, test, state, index, metric)] = dict(zip(images.tolist(), seed_mean.tolist()))
-    rows = []
-    for (model, method, test, state, index, metric), values in per_image.items():
-        scope = get_test(test).scope(state, index, n_states.get((model, test), 0), order)
-        if scope is None:
-            continue
-        for variant, signed in pairs:
-            if method != variant or (model, signed, test, state, index, metric) not in per_image:
+        rows = table.filter(pc.and_(pc.equal(table["test"], test.id), pc.greater_equal(table["state_index"], 0)))
+        if rows.num_rows:
+            grouped = rows.group_by("model", use_threads=False).aggregate([("state_index", "max")])
+            for model, last in zip(grouped["model"].to_pylist(), grouped["state_index_max"].to_pylist()):
+                lengths[(model, test.id)] = last + 1
+    return lengths
+
+
+class ComparisonAccumulator:
+    """The paired comparisons built one shard at a time: it keeps, per image, only the seed-mean R of the
+    methods in a (variant, signed) pair at the scopes the table reports — one number per image and
+    comparison, the least a Wilcoxon signed-rank test needs — not the score rows."""
+
+    def __init__(self, methods: Sequence[str], n_states: dict[tuple[str, str], int],
+                 order: str = "cascade_top_down", n_boot: int = 1000, seed: int = 0,
+                 rules: VerdictRules = VerdictRules()) -> None:
+        _check_n_boot(n_boot)
+        self.pairs = signed_pairs(sorted(methods))
+        self.methods = sorted({m for pair in self.pairs for m in pair})  # read only these rows
+        self.n_states, self.order, self.n_boot, self.seed, self.rules = n_states, order, n_boot, seed, rules
+        self._images: dict[tuple, list[np.ndarray]] = {}  # (model, method, test, state, index, metric) → codes
+        self._codes: dict[str, int] = {}  # image id → code (one string per image, not one per value)
+        self._values: dict[tuple, list[np.ndarray]] = {}  # … → seed-mean R per image
+
+    def add(self, scores: pa.Table) -> None:
+        """Fold in score rows (score schema) holding every row of their images."""
+        if not self.methods:
+            return
+        scores = scores.filter(pc.is_in(scores["method"], pa.array(self.methods, pa.string())))
+        normalised = [t.id for t in sanity_tests() if t.normalised]
+        table = _working_table(scores.filter(pc.is_in(scores["test"], pa.array(normalised, pa.string()))))
+        if table.num_rows == 0:
+            return
+        per_image = table.group_by([*GROUP_KEYS, "image_id"], use_threads=False).aggregate(
+            [("retention", "mean")])  # nulls (undefined R) skipped: the mean over the seeds where R is defined
+        ordered = per_image.sort_by([(k, "ascending") for k in (*GROUP_KEYS, "image_id")])
+        run, keys = _runs(ordered, GROUP_KEYS)
+        encoded = pc.dictionary_encode(ordered["image_id"]).combine_chunks()
+        codes = np.array([self._codes.setdefault(i, len(self._codes)) for i in encoded.dictionary.to_pylist()],
+                         dtype=np.int64)
+        ids = codes[encoded.indices.to_numpy()]
+        values = ordered["retention_mean"].to_numpy(zero_copy_only=False).astype(np.float64)
+        bounds = np.searchsorted(run, np.arange(len(keys) + 1))
+        for k, key in enumerate(keys):
+            model, _, test, state, index, _ = key
+            if get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order) is None:
                 continue
-            other = per_image[(model, signed, test, state, index, metric)]
-            common = sorted(i for i in values if i in other and math.isfinite(values[i]) and math.isfinite(other[i]))
-            v = np.array([values[i] for i in common])
-            s = np.array([other[i] for i in common])
-            d = v - s
-            row = {"model": model, "variant": variant, "signed": signed, "test": test, "scope": scope,
-                   "state": state, "metric": metric, "n": int(d.size)}
-            if d.size:
-                low, high = resampler.intervals(d[None, None, :])[0]
-                if np.any(d != 0):
-                    result = stats.wilcoxon(d)
-                    statistic, p = float(result.statistic), float(result.pvalue)
-                else:
-                    statistic, p = 0.0, 1.0
-                row.update(variant_retention=float(v.mean()), signed_retention=float(s.mean()),
-                           mean_difference=float(d.mean()), difference_ci_low=float(low),
-                           difference_ci_high=float(high), wilcoxon_statistic=statistic, p_value=p,
-                           rank_biserial=rank_biserial(d))
-            rows.append(row)
-    adjusted = holm([r.get("p_value", math.nan) for r in rows])
-    for row, p in zip(rows, adjusted):
-        row["p_holm"] = float(p)
-        row["significant"] = bool(np.isfinite(p) and p < rules.alpha)
-    full = [{name: row.get(name, math.nan) for name in COMPARISON_SCHEMA.names} for row in rows]
-    return pa.Table.from_pylist(full, schema=COMPARISON_SCHEMA)
+            # copies, not views: a view would keep this part's rows of every state alive
+            self._images.setdefault(key, []).append(ids[bounds[k]:bounds[k + 1]].copy())
+            self._values.setdefault(key, []).append(values[bounds[k]:bounds[k + 1]].copy())
+
+    def _per_image(self, key: tuple, names: list[str]) -> dict[str, float]:
+        codes = np.concatenate(self._images[key]).tolist()
+        return dict(zip((names[c] for c in codes), np.concatenate(self._values[key]).tolist()))
+
+    def table(self) -> pa.Table:
+        """The comparison table (COMPARISON_SCHEMA) of everything added."""
+        rows = []
+        names = list(self._codes)  # code → image id (dicts keep insertion order)
+        for key in sorted(self._values):
+            model, method, test, state, index, metric = key
+            scope = get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order)
+            for variant, signed in self.pairs:
+                other_key = (model, signed, test, state, index, metric)
+                if method != variant or other_key not in self._values:
+                    continue
+                values, other = self._per_image(key, names), self._per_image(other_key, names)
+                common = sorted(i for i in values
+                                if i in other and math.isfinite(values[i]) and math.isfinite(other[i]))
+                v = np.array([values[i] for i in common])
+                s = np.array([other[i] for i in common])
+                d = v - s
+                row = {"model": model, "variant": variant, "signed": signed, "test": test, "scope": scope,
+                       "state": state, "metric": metric, "n": int(d.size)}
+                if d.size:
+                    weights = image_weights(common, self.n_boot, self.seed)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        low, high = _percentile_interval((weights @ d) / weights.sum(axis=1))
+                    if np.any(d != 0):
+                        result = stats.wilcoxon(d)
+                        statistic, p = float(result.statistic), float(result.pvalue)
+                    else:
+                        statistic, p = 0.0, 1.0
+                    row.update(variant_retention=float(v.mean()), signed_retention=float(s.mean()),
+                               mean_difference=float(d.mean()), difference_ci_low=float(low),
+                               difference_ci_high=float(high), wilcoxon_statistic=statistic, p_value=p,
+                               rank_biserial=rank_biserial(d))
+                rows.append(row)
+        adjusted = holm([r.get("p_value", math.nan) for r in rows])
+        for row, p in zip(rows, adjusted):
+            row["p_holm"] = float(p)
+            row["significant"] = bool(np.isfinite(p) and p < self.rules.alpha)
+        full = [{name: row.get(name, math.nan) for name in COMPARISON_SCHEMA.names} for row in rows]
+        return pa.Table.from_pylist(full, schema=COMPARISON_SCHEMA)

@@ -1,4 +1,6 @@
-"""The Ray actor: holds the model once and runs saliency/ on the batches of one shard at a time.
+"""The Ray actor: holds the model once, runs saliency/ on the batches of one shard at a time and writes
+the shard's parts to the run directory itself (any pyarrow filesystem), so that only counts and timings
+travel back to the driver, never a shard's rows.
 
 Scores depend only on (config, image): randomised models are rebuilt from the seed, random classes
 and noise are seeded per image, and torch uses a fixed number of threads per actor. So a shard gives
@@ -19,7 +21,8 @@ from torch import Tensor, nn
 from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
 from tasks.config import Config, ConfigError
 from tasks.shards import Shard, load_data
-from tasks.storage import FAILURE_SCHEMA, maps_schema, tensor_column
+from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
+from tasks.write import write_shard
 
 
 class NonFiniteMap(ValueError):
@@ -30,7 +33,8 @@ class ShardWorker:
     """Computes one shard: its score records, its stored maps and its per-image failures."""
 
     def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
-                 model: nn.Module | None = None, progress: Any = None) -> None:
+                 model: nn.Module | None = None, progress: Any = None,
+                 run_dir: str | RunDir | None = None) -> None:
         self.cfg = Config.model_validate(config)
         self.settings = self.cfg.sanity_settings()
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
@@ -40,6 +44,7 @@ class ShardWorker:
         self.model: nn.Module | None = None
         self.healthy = False  # True once a batch has succeeded here
         self.progress = progress  # a ProgressBoard actor told after every batch, or None
+        self.run_dir = RunDir(run_dir) if isinstance(run_dir, str) else run_dir  # where explain_and_write writes
         if model is not None:
             self.set_model(model)
 
@@ -52,7 +57,19 @@ class ShardWorker:
         """Where this worker runs (node, process, device)."""
         return {"node": _node_id(), "pid": os.getpid(), "device": str(self.device)}
 
+    def explain_and_write(self, shard: Shard) -> dict[str, Any]:
+        """Compute a shard, write its parts to the run directory, return its metadata: shard, image,
+        row, failure and non-finite counts, where it ran, and seconds (total and writing)."""
+        if self.run_dir is None:
+            raise ValueError("this worker has no run directory to write to (ShardWorker(..., run_dir=...))")
+        result = self.run(shard)
+        written = write_shard(self.run_dir, shard.index, result["scores"], result["maps"], result["failures"])
+        return {**written, "n_images": result["n_images"], "compute_seconds": result["seconds"],
+                "seconds": result["seconds"] + written["write_seconds"],
+                **{k: result[k] for k in ("node", "pid", "device")}}
+
     def run(self, shard: Shard) -> dict[str, Any]:
+        """A shard's tables (scores, maps, failures) in memory; ``explain_and_write`` stores them."""
         start = time.perf_counter()
         failures: list[tuple[str, str, BaseException | str]] = []
         samples = []  # (position in the dataset, sample)
@@ -240,13 +257,16 @@ class PoolClosed(RuntimeError):
 class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
-    def __init__(self, cfg: Config, model: nn.Module, run_id: str, n_actors: int, use_gpu: bool) -> None:
+    def __init__(self, cfg: Config, model: nn.Module, run_id: str, n_actors: int, use_gpu: bool,
+                 run_dir: RunDir) -> None:
         import ray
 
         self._remote = ray.remote(ShardWorker).options(num_cpus=cfg.compute.threads_per_actor,
                                                        num_gpus=1 if use_gpu else 0)
         self.progress = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-        self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu", None, self.progress)
+        # the run directory travels as its location (a path or URI), each actor opens its own filesystem
+        self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu", None, self.progress,
+                      run_dir.location)
         self._model = ray.put(model.cpu())
         self._free: queue.Queue = queue.Queue()
         self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
@@ -265,8 +285,8 @@ class ActorPool:
         return actor
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        """Run a shard on the next free actor; a dead actor is replaced and the error re-raised (the
-        Prefect task retries the shard)."""
+        """Compute and write a shard on the next free actor; returns its metadata (ShardWorker.explain_and_write).
+        A dead actor is replaced and the error re-raised (the Prefect task retries the shard)."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -274,7 +294,7 @@ class ActorPool:
         try:
             if self.closed:
                 raise PoolClosed(f"shard {shard.index} not run: the run is stopping")
-            return ray.get(actor.run.remote(shard))
+            return ray.get(actor.explain_and_write.remote(shard))
         except RayActorError:
             if self.closed:
                 raise PoolClosed(f"shard {shard.index} stopped: the run is stopping") from None

@@ -1,45 +1,76 @@
-"""aggregate: all score parts → summary.parquet (mean, bootstrap CIs of s, c, r and R), verdicts.parquet
-and comparisons.parquet (the paper's paired pos/abs-vs-signed table)."""
+"""aggregate: score parts → summary.parquet (mean, bootstrap CIs of s, c, r and R), verdicts.parquet and
+comparisons.parquet (the paper's paired pos/abs-vs-signed table), reading one part at a time.
+
+The driver's memory does not grow with the number of images: the summary is merged from each part's
+partial statistics (saliency.statistics.SummaryAccumulator: sums and Poisson-bootstrap sums per group and
+seed), and the comparisons keep one number per image and comparison (what a Wilcoxon test needs).
+Two passes over the parts: the second needs the number of MPRT states, known from the first.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saliency.sanity import SCORE_SCHEMA
-from saliency.statistics import VerdictRules, comparisons, summarize, verdicts
+from saliency.statistics import (
+    ComparisonAccumulator, SummaryAccumulator, VerdictRules, curve_lengths, verdicts,
+)
 from tasks.storage import FAILURE_SCHEMA, RunDir
+
+#: The score columns the statistics read (the others stay on disk).
+STATISTICS_COLUMNS = ("image_id", "model", "method", "test", "state", "state_index", "seed", "metric", "value",
+                      "chance", "retest")
 
 
 @dataclass
 class Aggregate:
-    scores: pa.Table
+    score_rows: int
     summary: pa.Table
     verdicts: pa.Table
     comparisons: pa.Table
     failures: pa.Table
 
 
-def read_scores(run_dir: RunDir, n_shards: int) -> pa.Table:
-    """Every shard's scores, in shard order; an error if a shard's part is missing."""
+def score_parts(run_dir: RunDir, n_shards: int, methods: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """Every shard's scores (the statistics' columns), one part at a time in shard order, optionally only
+    some methods' rows; an error if a shard's part is missing."""
     missing = sorted(set(range(n_shards)) - run_dir.done_shards())
     if missing:
         raise RuntimeError(f"{len(missing)} shards have no scores part yet (e.g. {missing[:5]}); "
                            f"re-run with the same --out to finish them")
-    return run_dir.read_parts("scores") or SCORE_SCHEMA.empty_table()
+    only = None if methods is None else [("method", "in", list(methods))]
+    for path in run_dir.parts("scores").values():
+        yield pq.read_table(path, filesystem=run_dir.fs, columns=list(STATISTICS_COLUMNS), filters=only)
+        pa.default_memory_pool().release_unused()  # hand the part's buffers back, do not let the pool grow
+
+
+def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
+                    order: str = "cascade_top_down") -> Aggregate:
+    """Summary, verdicts and comparisons of a run directory's score parts, written next to them."""
+    summarizer, rows = SummaryAccumulator(n_boot, seed), 0
+    for part in score_parts(run_dir, n_shards):
+        summarizer.add(part)
+        rows += part.num_rows
+    summary = summarizer.summary()
+    run_dir.write_table(summary, "summary.parquet")
+    verdict = verdicts(summary, rules, order=order)
+    run_dir.write_table(verdict, "verdicts.parquet")
+    methods = sorted(set(summary["method"].to_pylist()))
+    comparer = ComparisonAccumulator(methods, curve_lengths(summary), order, n_boot, seed, rules)
+    if comparer.methods:
+        for part in score_parts(run_dir, n_shards, comparer.methods):
+            comparer.add(part)
+    paired = comparer.table()
+    run_dir.write_table(paired, "comparisons.parquet")
+    failures = run_dir.read_parts("failures") or FAILURE_SCHEMA.empty_table()
+    return Aggregate(rows, summary, verdict, paired, failures)
 
 
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
               order: str = "cascade_top_down") -> Aggregate:
-    scores = read_scores(run_dir, n_shards)
-    summary = summarize(scores, n_boot=n_boot, seed=seed)
-    run_dir.write_table(summary, "summary.parquet")
-    verdict = verdicts(summary, rules, order=order)
-    run_dir.write_table(verdict, "verdicts.parquet")
-    paired = comparisons(scores, order=order, n_boot=n_boot, seed=seed, rules=rules)
-    run_dir.write_table(paired, "comparisons.parquet")
-    failures = run_dir.read_parts("failures") or FAILURE_SCHEMA.empty_table()
-    return Aggregate(scores, summary, verdict, paired, failures)
+    return aggregate_parts(run_dir, n_shards, n_boot, seed, rules, order)

@@ -1,4 +1,5 @@
-"""explain_shard: one shard on a free Ray actor; a Prefect task that retries only what a retry can cure."""
+"""explain_shard: one shard on a free Ray actor, which writes its parts; a Prefect task that retries
+only what a retry can cure."""
 from __future__ import annotations
 
 from typing import Any
@@ -37,5 +38,6 @@ def retry_if_transient(task, task_run, state) -> bool:
 @task(name="explain_shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_transient, task_run_name="explain-shard-{shard.index}")
 def explain_shard(shard: Shard, pool: ActorPool) -> dict[str, Any]:
-    """Score records, stored maps and per-image failures of one shard (see ShardWorker.run)."""
+    """Compute one shard and write its parts on the actor; returns only its metadata
+    (ShardWorker.explain_and_write)."""
     return pool.run(shard)

@@ -64,7 +64,9 @@ def local_path(location: str) -> Path | None:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """base/part/...; a URI's query (s3://bucket/out?endpoint_override=host:9000) stays at the end."""
+    path, mark, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([path.rstrip("/"), *parts]) + mark + query
 
 
 class RunDirBusy(RuntimeError):

@@ -246,6 +246,7 @@ def test_bad_shapes_are_rejected_with_a_clear_message():
         similarity(torch.rand(2, 15, 40), torch.rand(2, 15, 40), "hog_pearson")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_scores_on_cuda_match_cpu_and_stay_on_the_device():
     a, b = random_pairs((32, 48), batch=3, seed=14)

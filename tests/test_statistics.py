@@ -246,3 +246,94 @@ def test_comparisons_pair_each_variant_with_its_signed_counterpart():
     assert cam["p_value"] == pytest.approx(oracle.pvalue) and cam["wilcoxon_statistic"] == oracle.statistic
     np.testing.assert_allclose(table["p_holm"].to_numpy(), holm(table["p_value"].to_numpy()))
     assert not cam["significant"]
+
+
+# --------------------------------------------------------------------------------------------- streaming
+def _study(n_images=60, seeds=(0, 1, 2), states=4, methods=("gradcampp", "gradcampp/signed"), rng_seed=7):
+    """Score rows of a small MPRT + class-sensitivity study, with NaN scores sprinkled in."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for i in range(n_images):
+        image = f"im{i:03d}"
+        for method in methods:
+            shift = 0.3 if method == "gradcampp" else 0.0
+            rows.append(_row(method=method, test="class_sensitivity", state="min", image=image,
+                             value=float(rng.random() * 0.5 + shift), chance=float(rng.random() * 0.2)))
+            for seed in seeds:
+                for k in range(states):
+                    value = math.nan if rng.random() < 0.02 else float(rng.random() * 0.6 + shift)
+                    rows.append(_row(method=method, image=image, seed=seed, state=f"{k:02d}:l{k}", state_index=k,
+                                     value=value, chance=float(rng.random() * 0.2)))
+    return _table(rows)
+
+
+def _by_image_blocks(table: pa.Table, sizes: list[int]) -> list[pa.Table]:
+    """The table split into consecutive blocks of whole images (shards), in a shuffled row order."""
+    ids = sorted(set(table["image_id"].to_pylist()))
+    blocks, start = [], 0
+    for size in sizes:
+        chosen = pa.array(ids[start:start + size])
+        blocks.append(table.filter(pa.compute.is_in(table["image_id"], chosen)))
+        start += size
+    assert start == len(ids)
+    return blocks
+
+
+def test_partial_statistics_merged_over_shards_equal_the_whole_table():
+    """The accumulator fed shard by shard (two different shard layouts) gives the one-table summary:
+    counts exactly, means, std and CIs to rounding (sums in another order); the Poisson weights make the
+    CI independent of the layout."""
+    from saliency.statistics import ComparisonAccumulator, SummaryAccumulator, curve_lengths
+
+    table = _study()
+    whole = summarize(table, n_boot=400, seed=3)
+    for sizes in ([20, 20, 20], [7, 31, 1, 21]):
+        accumulator = SummaryAccumulator(n_boot=400, seed=3)
+        for block in _by_image_blocks(table, sizes):
+            accumulator.add(block)
+        merged = accumulator.summary()
+        assert merged.schema == SUMMARY_SCHEMA and merged.num_rows == whole.num_rows
+        for name in SUMMARY_SCHEMA.names:
+            ours, theirs = merged[name].to_pylist(), whole[name].to_pylist()
+            if isinstance(theirs[0], float):
+                np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12, err_msg=name)
+            else:
+                assert ours == theirs, name
+        paired = ComparisonAccumulator(["gradcampp", "gradcampp/signed"], curve_lengths(merged), n_boot=400, seed=3)
+        for block in _by_image_blocks(table, sizes):
+            paired.add(block)
+        expected = comparisons(table, n_boot=400, seed=3)
+        got = paired.table()
+        assert got.num_rows == expected.num_rows == 3  # class min, MPRT head, MPRT cascade
+        for name in COMPARISON_SCHEMA.names:
+            ours, theirs = got[name].to_pylist(), expected[name].to_pylist()
+            if isinstance(theirs[0], float):
+                np.testing.assert_allclose(ours, theirs, rtol=1e-12, err_msg=name)
+            else:
+                assert ours == theirs, name
+
+
+def test_summary_statistics_against_numpy_oracles():
+    """n, mean and std of the raw scores pooled over seeds and images; retention mean from the formula."""
+    table = _study(n_images=30)
+    summary = {(r["method"], r["state"]): r for r in summarize(table, n_boot=200).to_pylist()}
+    rows = [r for r in table.to_pylist() if r["method"] == "gradcampp" and r["state"] == "02:l2"]
+    values = np.array([r["value"] for r in rows])
+    finite = values[np.isfinite(values)]
+    got = summary[("gradcampp", "02:l2")]
+    assert got["n"] == finite.size and got["n_seeds"] == 3
+    assert got["mean"] == pytest.approx(finite.mean(), rel=1e-12)
+    assert got["std"] == pytest.approx(finite.std(ddof=1), rel=1e-10)
+    r = retention(values, [row["chance"] for row in rows], 1.0)
+    assert got["retention_mean"] == pytest.approx(np.nanmean(r), rel=1e-12)
+
+
+def test_poisson_weights_depend_only_on_the_image_the_resample_and_the_seed():
+    from saliency.statistics import image_weights
+
+    a = image_weights(["x", "y", "z"], 4000, seed=1)
+    b = image_weights(["z", "x"], 4000, seed=1)
+    np.testing.assert_array_equal(a[:, [2, 0]], b)  # same image, same column, whatever the company
+    assert not np.array_equal(image_weights(["x"], 4000, seed=2)[:, 0], a[:, 0])
+    assert a.mean() == pytest.approx(1.0, abs=0.03) and a.var() == pytest.approx(1.0, abs=0.06)  # Poisson(1)
+    assert np.mean(a == 0) == pytest.approx(math.exp(-1), abs=0.01)

@@ -201,7 +201,7 @@ def test_the_progress_board_keeps_each_shards_furthest_count_whatever_the_order(
 
 
 @pytest.mark.slow
-def test_the_bar_moves_after_every_batch_not_every_shard(ray_local):
+def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
     """The bar sat at 0 until a whole 100-image shard was done: now the actors count every batch and the
     bar follows their count while the shard runs."""
     import threading
@@ -209,10 +209,11 @@ def test_the_bar_moves_after_every_batch_not_every_shard(ray_local):
     from flows.sanity_check import shard_progress
     from tasks.actor import ActorPool
     from tasks.shards import Shard, load_configured_model
+    from tasks.storage import RunDir
 
     cfg = load_config(None, ["data.limit=8", "methods.ids=gradient", "compute.batch_size=2",
                              "randomization.seeds=0", "metrics.names=ssim", "tests.others=min"])
-    pool = ActorPool(cfg, load_configured_model(cfg), "test", 1, False)
+    pool = ActorPool(cfg, load_configured_model(cfg), "test", 1, False, RunDir(str(tmp_path)))
     try:
         seen, outcome = [], {}
         with shard_progress(True, pool, 8, "0/1", seconds=0.02) as (bar, job):
