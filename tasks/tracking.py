@@ -1,6 +1,7 @@
 """track_mlflow: one MLflow run per flow run — params, tags, summary metrics, MPRT curves, artifacts."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shlex
@@ -196,7 +197,11 @@ def ensure_sqlite_store(uri: str) -> None:
     import mlflow.store.db.utils as db_utils
 
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    chatty = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]  # INFO lines per table
+    levels = [logger.level for logger in chatty]
     try:
+        for logger in chatty:
+            logger.setLevel(logging.WARNING)
         engine = db_utils.create_sqlalchemy_engine_with_retry(f"sqlite:///{temporary}")
         try:
             db_utils._initialize_tables(engine)
@@ -208,6 +213,8 @@ def ensure_sqlite_store(uri: str) -> None:
             pass
     finally:
         temporary.unlink(missing_ok=True)
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
 
 
 def logged_run(client, experiment_id: str, run_dir: RunDir) -> str | None:
