@@ -8,7 +8,8 @@ Prefect server first and the run limped on for minutes. So (Linux; elsewhere onl
 * every process the run starts inherits ``$SALIENCY_SANITY_RUN = "<pid>:<start time>"`` of the CLI
   process that owns it (readable in /proc/<pid>/environ);
 * a watchdog process, in its own session (a Ctrl-C or a kill of the CLI's process group misses it),
-  waits for the CLI to exit, then SIGKILLs every process still carrying that marker;
+  remembers the CLI's descendants while it runs and, once the CLI has exited, SIGKILLs them and every
+  process still carrying that marker;
 * at start, processes whose marker names a CLI process that no longer exists are killed (leftovers of
   a run whose watchdog was killed too); processes without our marker are never touched;
 * the Prefect server runs in its own session, so Ctrl-C reaches the CLI and not the server, and with
@@ -83,14 +84,62 @@ def kill_marked(owner: str | None) -> list[int]:
     return killed
 
 
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every process."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def run_tree(owner: str) -> dict[int, str]:
+    """{pid: start ticks} of the owner's descendants and of the processes carrying its marker, with
+    theirs. Ray's agents do not always carry the marker (seen on a loaded machine), but they are the
+    raylet's children: the tree finds them."""
+    parents = _parents()
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    owner_pid = int(owner.partition(":")[0])
+    stack = [owner_pid, *(pid for pid, marker in marked_processes().items() if marker == owner)]
+    tree: dict[int, str] = {}
+    while stack:
+        pid = stack.pop()
+        if pid in tree or pid == os.getpid():
+            continue
+        ticks = _start_ticks(pid)
+        if ticks is not None and pid != owner_pid:
+            tree[pid] = ticks
+        stack += children.get(pid, [])
+    return tree
+
+
 def watch(owner: str, poll: float = 0.2) -> None:
-    """The watchdog: wait until the owner has exited, then kill what it left, until nothing has been
-    left for five seconds (a dying raylet may still start a worker or an agent)."""
+    """The watchdog: while the owner lives, remember the processes of its run (its descendants and the
+    processes carrying its marker); once it has exited, kill those and anything newly marked, until
+    nothing has been left for five seconds (a dying raylet may still start a worker or an agent)."""
+    known: dict[int, str] = {}
     while owner_alive(owner):
+        known.update(run_tree(owner))
         time.sleep(poll)
     last_kill = died = time.monotonic()
     while time.monotonic() - last_kill < 5 and time.monotonic() - died < 60:
-        if kill_marked(owner):
+        known.update(run_tree(owner))
+        killed = kill_marked(owner)
+        for pid, ticks in list(known.items()):
+            if _start_ticks(pid) != ticks:  # gone (or the pid now names another process)
+                del known[pid]
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+        if killed:
             last_kill = time.monotonic()
         time.sleep(poll)
 
