@@ -304,8 +304,12 @@ class ActorPool:
             self._free.put(actor)
 
     def images_done(self) -> int | None:
-        """Images explained so far by the pool's actors (None if the board cannot be read now)."""
+        """Images explained so far by the pool's actors (None if the board cannot be read now, or the pool
+        is shut down: ray.kill is asynchronous, so the killed board may still answer for a moment)."""
         import ray
+
+        if self.closed:
+            return None
 
         try:
             return ray.get(self.progress.images.remote(), timeout=5)
