@@ -21,31 +21,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saliency.engine import explain  # noqa: E402
-from saliency.models import reference_cnn  # noqa: E402
 from saliency.randomize import parameter_layers  # noqa: E402
 from saliency.sanity import parameter_randomization  # noqa: E402
 
+from explain_speed import build_model, timed  # noqa: E402  (beside this script; shared timing and models)
+
 AGGREGATION = [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad") for p in ("signed", "pos", "abs", "neg")]
 QUANTUS_AGGREGATION_METHOD = "gradcam/abs"  # quantus refuses all-negative maps, which /signed can give
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def quantus_mprt(model, x, top, explain_func, explain_kwargs, device):
@@ -85,14 +76,6 @@ def pass_split(model, x, top, repeats: int) -> tuple[float, float]:
         fwd.append(timed(forward))
         both.append(timed(forward_backward))
     return statistics.median(fwd), statistics.median(both)
-
-
-def build_model(name: str, batch: int, size: int, device: str):
-    """(model, input batch): torchvision resnet18 at size² (random init), or the bundled reference CNN at its
-    own 1×28×28 (random init; the quick case the test suite's smoke test runs)."""
-    model = torchvision.models.resnet18() if name == "resnet18" else reference_cnn()
-    shape = (3, size, size) if name == "resnet18" else (1, 28, 28)
-    return model.eval().to(device), torch.randn(batch, *shape, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:
