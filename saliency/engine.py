@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from saliency.choices import check_choice
 from saliency.methods import get_method
+from saliency.prefix import FrozenPrefix
 from saliency.passes import (CHANNEL_REDUCTIONS, Pass, ReLURule, check_input, check_layer, default_cam_layer,
                              evaluation, forward_logits, normalize_targets, reduce_channels, run_pass)
 
@@ -51,8 +52,8 @@ class Context:
     """One explain call: the inputs, the options, and the passes shared between methods (cached)."""
 
     def __init__(self, model: nn.Module, x: Tensor, targets: Tensor, options: Options,
-                 needs_layer: bool, needs_biases: bool):
-        self.model, self.x, self.targets, self.options = model, x, targets, options
+                 needs_layer: bool, needs_biases: bool, prefix: FrozenPrefix | None = None):
+        self.model, self.x, self.targets, self.options, self.prefix = model, x, targets, options, prefix
         self._needs_layer, self._needs_biases = needs_layer, needs_biases
         self._passes: dict[tuple, Pass] = {}
         self._derived: dict[str, object] = {}
@@ -72,7 +73,7 @@ class Context:
             self._passes[key] = run_pass(
                 self.model, self.x, self.targets,
                 layer=self.options.layer if self._needs_layer else None,
-                bias_layers=self._needs_biases, positive=self.positive_propagation)
+                bias_layers=self._needs_biases, positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
     def derived(self, key: str, compute):
@@ -87,7 +88,7 @@ class Context:
         key = ("rule", rule)
         if key not in self._passes:
             self._passes[key] = run_pass(self.model, self.x, self.targets, rule=rule,
-                                         positive=self.positive_propagation)
+                                         positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
     def gradients_at(self, inputs: Tensor, repeats: int) -> Tensor:
@@ -115,7 +116,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
             layer: str | None = None, *, channel_reduction: str = "sum", propagation: str = "signed",
             relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
             sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
-            internal_batch_size: int | None = None) -> dict[str, Tensor]:
+            internal_batch_size: int | None = None, prefix: FrozenPrefix | None = None) -> dict[str, Tensor]:
     """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
 
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
@@ -126,7 +127,9 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
     random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
     each image's range), ``rectgrad_q`` (percentile), ``internal_batch_size`` (images per chunk for
-    IG/SmoothGrad; None = automatic).
+    IG/SmoothGrad; None = automatic), ``prefix`` (a ``FrozenPrefix`` of the original model on this ``x``:
+    passes on x take the calls below the first changed module from it instead of running them; MPRT
+    states use it).
     """
     method_ids = [methods] if isinstance(methods, str) else list(methods)
     if not method_ids:
@@ -153,7 +156,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
                           sg_samples=sg_samples, sg_noise=sg_noise, rectgrad_q=rectgrad_q,
                           internal_batch_size=internal_batch_size)
         ctx = Context(model, x, target_matrix, options, needs_layer,
-                      any(m.needs_biases for m in resolved))
+                      any(m.needs_biases for m in resolved), prefix)
         maps: dict[str, Tensor] = {}
         for method_id, method in zip(method_ids, resolved):
             result = method.compute(ctx)

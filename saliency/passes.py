@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from saliency.choices import choice_error
+from saliency.prefix import ForwardDiffers, FrozenPrefix, answered, check_calls
 
 CHANNEL_REDUCTIONS = ("sum", "abs_sum", "abs_max", "none")
 BIAS_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d)
@@ -128,7 +129,7 @@ def implicit_bias(module: nn.Module) -> Tensor | None:
     return bias.detach() if isinstance(bias, Tensor) else None
 
 
-def _batched_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+def _batched_grad(outputs: Tensor, inputs: list[Tensor], keep_graph: bool = False) -> list[Tensor]:
     """Gradients of each column of ``outputs`` (B×T) w.r.t. ``inputs``, stacked as B×T×…: one
     backward with T batched grad_outputs (vmap); one backward per target where vmap cannot batch.
 
@@ -136,32 +137,58 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     0.33–0.39 s looped vs 0.40–0.54 s batched), so ``run_pass`` batches only on accelerators."""
     batch, num_targets = outputs.shape
     if num_targets == 1:
-        return _looped_grad(outputs, inputs)
+        return _looped_grad(outputs, inputs, keep_graph)
     eye = torch.eye(num_targets, dtype=outputs.dtype, device=outputs.device)
     grad_outputs = eye[:, None, :].expand(num_targets, batch, num_targets)
     try:
         grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
                                     retain_graph=True, allow_unused=True)
     except RuntimeError:  # an op without a vmap rule: one backward per target instead
-        return _looped_grad(outputs, inputs)
+        return _looped_grad(outputs, inputs, keep_graph)
     return [None if g is None else g.transpose(0, 1) for g in grads]
 
 
 def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None = None,
              bias_layers: bool = False, linear_biases: bool = False, rule: ReLURule = GRADIENT,
-             positive: bool = False, batched: bool | None = None) -> Pass:
+             positive: bool = False, batched: bool | None = None, prefix: FrozenPrefix | None = None) -> Pass:
     """One forward and one backward for all targets, capturing what the methods asked for.
 
     ``targets`` is B×T. ``rule``/``positive`` set the ReLU backward (SPEC §1.3). The model must be in
     eval mode already (``explain`` takes care of it). ``batched`` picks vmap over the T targets
     (default: on accelerators) or one backward per target over the retained graph (default on CPU).
-    Custom ReLU rules always loop: their autograd Function has no vmap rule.
+    Custom ReLU rules always loop: their autograd Function has no vmap rule. ``prefix``: module calls
+    that finish before the first call of a module changed from the prefix's model are taken from its
+    recorded forward instead of run (``saliency.prefix``); the result is the same. A forward that does
+    not run as the recorded one did switches the prefix off (logged) and the pass is run whole.
     """
+    options = {"layer": layer, "bias_layers": bias_layers, "linear_biases": linear_biases, "rule": rule,
+               "positive": positive, "batched": batched}
+    if prefix is not None:
+        try:
+            return _run_pass(model, x, targets, prefix=prefix, **options)
+        except ForwardDiffers as error:
+            prefix.disable(str(error))
+    return _run_pass(model, x, targets, prefix=None, **options)
+
+
+def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None, bias_layers: bool,
+              linear_biases: bool, rule: ReLURule, positive: bool, batched: bool | None,
+              prefix: FrozenPrefix | None) -> Pass:
     if batched is None:
         batched = x.device.type != "cpu" and rule == GRADIENT and not positive
     captured: dict[str, Tensor] = {}
     bias_calls: list[tuple[Tensor, Tensor]] = []
     handles = []
+    kinds = (BIAS_LAYER_TYPES if bias_layers else ()) + ((nn.Linear,) if linear_biases else ())
+    # plain input gradients need no routing: the model's own (in-place) ReLUs are faster
+    plain = rule == GRADIENT and not positive and layer is None and not kinds
+    routing = (lambda: contextlib.nullcontext()) if plain else (lambda: _ReLURouting(rule, positive))
+
+    def forward(model: nn.Module, x: Tensor) -> Tensor:  # as this pass runs it; recorded by the prefix
+        with evaluation(model), routing():
+            return run_model(model, x)
+
+    reuse = None if prefix is None else prefix.plan(model, x, forward, (rule, positive, plain), layer)
 
     def capture_layer(_module, _inputs, output):
         if not isinstance(output, Tensor):
@@ -169,25 +196,41 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
         captured["act"] = output
         return output.clone()  # later in-place ops act on the copy, never on what we differentiate
 
-    def capture_bias(module, _inputs, output):
-        bias = implicit_bias(module)
-        if bias is not None and isinstance(output, Tensor):
-            bias_calls.append((bias, output))
+    def capture_bias(name):
+        def hook(module, _inputs, output):
+            if reuse is not None and name in reuse.answering:  # a recorded call: its bias is added below
+                reuse.answering.discard(name)
+                return
+            bias = implicit_bias(module)
+            if bias is not None and isinstance(output, Tensor):
+                bias_calls.append((bias, output))
+        return hook
 
     try:
         if layer is not None:
             handles.append(dict(model.named_modules())[layer].register_forward_hook(capture_layer))
-        kinds = (BIAS_LAYER_TYPES if bias_layers else ()) + ((nn.Linear,) if linear_biases else ())
         if kinds:
-            for module in model.modules():
+            for name, module in model.named_modules():
                 if isinstance(module, kinds):
-                    handles.append(module.register_forward_hook(capture_bias))
-        x = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
-        # plain input gradients need no routing: the model's own (in-place) ReLUs are faster
-        plain = rule == GRADIENT and not positive and layer is None and not handles
-        routing = contextlib.nullcontext() if plain else _ReLURouting(rule, positive)
-        with torch.enable_grad(), routing:
-            logits = run_model(model, x)
+                    handles.append(module.register_forward_hook(capture_bias(name)))
+        if reuse is not None:  # the recorded calls' biases first: they finished first
+            x = reuse.x
+            modules = dict(model.named_modules())
+            bias_calls += [(bias, call.output) for call in reuse.covered if isinstance(modules[call.name], kinds)
+                           and (bias := implicit_bias(modules[call.name])) is not None]
+        else:
+            x = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
+        with torch.enable_grad(), routing():
+            with answered(model, reuse) as calls:
+                try:
+                    logits = run_model(model, x)
+                except Exception as error:  # re-run whole: a real error of the model comes back from there
+                    if reuse is None:
+                        raise
+                    raise ForwardDiffers(f"the forward failed with recorded answers: {error}") from error
+            check_calls(reuse, calls)
+            if layer is not None and reuse is not None and (recorded := reuse.last_output(layer)) is not None:
+                captured["act"] = recorded
             check_logits(logits)
             check_targets(targets, logits.shape[1], x.shape[0])
             selected = logits.gather(1, targets)
@@ -200,10 +243,11 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
                                      f"a convolutional layer whose output is B×K×h×w")
                 inputs.append(act)
             inputs += [out for _, out in bias_calls]
+            keep = reuse is not None  # the recorded graph serves the next pass too
             if batched:
-                grads = _batched_grad(selected, inputs)
+                grads = _batched_grad(selected, inputs, keep)
             else:
-                grads = _looped_grad(selected, inputs)
+                grads = _looped_grad(selected, inputs, keep)
     finally:
         for handle in handles:
             handle.remove()
@@ -216,10 +260,12 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
     return result
 
 
-def _looped_grad(outputs: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    """One backward per target column over the same graph (freed after the last), stacked B×T×…"""
+def _looped_grad(outputs: Tensor, inputs: list[Tensor], keep_graph: bool = False) -> list[Tensor]:
+    """One backward per target column over the same graph (freed after the last unless ``keep_graph``),
+    stacked B×T×…"""
     last = outputs.shape[1] - 1
-    per_target = [torch.autograd.grad(outputs[:, t].sum(), inputs, retain_graph=t < last, allow_unused=True)
+    per_target = [torch.autograd.grad(outputs[:, t].sum(), inputs, retain_graph=keep_graph or t < last,
+                                      allow_unused=True)
                   for t in range(outputs.shape[1])]
     return [None if per_target[0][i] is None else torch.stack([p[i] for p in per_target], dim=1)
             for i in range(len(inputs))]
