@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
-import saliency
-from saliency.methods.lrp import canonizers_for
-from saliency.models import reference_cnn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import saliency  # noqa: E402
+from saliency.methods.lrp import canonizers_for  # noqa: E402
+from tasks.allocator import keep_freed_memory  # noqa: E402
+from saliency.models import reference_cnn  # noqa: E402
 
 SHARED = ["gradient", "input_x_gradient"] + [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad")
                                             for p in ("signed", "pos", "abs", "neg")]
@@ -69,6 +74,17 @@ class Case:
                 f"{'met' if verdict else 'MISSED'}")
 
 
+def set_allocator(system_malloc: bool, device: str) -> str:
+    """Keep freed memory as the pipeline's CPU workers do (tasks.allocator), unless asked for the system's
+    default; both sides of every comparison run in this one process, so under the same allocator.
+    Returns the line that says which."""
+    if system_malloc or not device.startswith("cpu"):
+        return "allocator: the system's default"
+    kept = keep_freed_memory()
+    return ("allocator: freed memory kept (glibc thresholds raised, as in the pipeline's CPU workers; "
+            "--system-malloc for the default)" if kept else "allocator: the system's default (not glibc)")
+
+
 def build_model(name: str, batch: int, size: int, device: str):
     """(model, input batch): torchvision resnet18 at size² (random init), or the bundled reference CNN at its
     own 1×28×28 (random init; the quick case the test suite's smoke test runs)."""
@@ -87,10 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--with-captum", action="store_true", help="also time captum's IG and SmoothGrad")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (default: keep freed memory, as the workers do)")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = set_allocator(args.system_malloc, args.device)
     torch.manual_seed(0)
     model, x = build_model(args.model, args.batch, args.size, args.device)
     with torch.no_grad():
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{case.times['reference'][-1]:.3f} s", flush=True)
 
     print(f"{args.model} (random init), batch {args.batch}, {tuple(x.shape[1:])}, {args.device}, "
-          f"torch threads {torch.get_num_threads()}, medians of {args.repeats} interleaved runs")
+          f"torch threads {torch.get_num_threads()}, medians of {args.repeats} interleaved runs; {allocator}")
     for case in cases:
         print(case.line())
 

@@ -1,6 +1,7 @@
 """MPRT against quantus.MPRT: resnet18 (random init, no downloads), its 41-state top-down cascade.
 
     .venv/bin/python benchmarks/mprt_speed.py [--batch 4] [--size 224] [--repeats 3] [--device cpu]
+                                              [--skip-aggregation] [--system-malloc]
 
 Both sides score the same thing: Spearman of |map| (quantus's default similarity; our ``spearman_abs``)
 of the original map against each state's map, BatchNorm statistics reset with the layer (quantus's
@@ -12,9 +13,11 @@ of the original map against each state's map, BatchNorm statistics reset with th
   aggregation method (``gradcam/abs``, one of the cheapest of the twelve, through our ``explain``) and
   multiplied by 12 — a lower bound on quantus's real cost.
 
-Sides run interleaved in one process, ``--repeats`` times; the medians and their ratios are printed.
-The pass bound (states + 1 forward+backward passes) and the share of a pass that is the forward are
-printed too: reusing the unchanged prefix's forward could save at most that share of the forward.
+Sides run interleaved in one process, under the same allocator (by default freed memory is kept, as in
+the pipeline's CPU workers: ``tasks.allocator``; ``--system-malloc`` for glibc's default), ``--repeats``
+times; the medians and their ratios are printed. The pass bound (states + 1 forward+backward passes) and
+the share of a pass that is the forward are printed too: ours reuses the forward below each state's
+randomised layers (``saliency.prefix``), so it can beat that bound by at most the forward's share.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from saliency.engine import explain  # noqa: E402
 from saliency.randomize import parameter_layers  # noqa: E402
 from saliency.sanity import parameter_randomization  # noqa: E402
 
-from explain_speed import build_model, timed  # noqa: E402  (beside this script; shared timing and models)
+from explain_speed import build_model, set_allocator, timed  # noqa: E402  (beside this script; shared)
 
 AGGREGATION = [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad") for p in ("signed", "pos", "abs", "neg")]
 QUANTUS_AGGREGATION_METHOD = "gradcam/abs"  # quantus refuses all-negative maps, which /signed can give
@@ -87,11 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-aggregation", action="store_true", help="time the one-method case only")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (default: keep freed memory, as the workers do)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = set_allocator(args.system_malloc, args.device)
     torch.manual_seed(0)
     model, x = build_model(args.model, args.batch, args.size, args.device)
     with torch.no_grad():
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     forward, forward_backward = (statistics.median(p[i] for p in passes) for i in (0, 1))
 
     print(f"MPRT, {args.model} (random init), batch {args.batch}, {tuple(x.shape[1:])}, {n_states} states, top-down "
-          f"cascade, {args.device}, torch threads {torch.get_num_threads()}, medians of {args.repeats}")
+          f"cascade, {args.device}, torch threads {torch.get_num_threads()}, medians of {args.repeats}; {allocator}")
     print(f"one forward {forward:.3f} s, forward+backward {forward_backward:.3f} s "
           f"(forward = {forward / forward_backward:.0%} of a pass); pass bound of one method: "
           f"{n_states + 1} passes = {(n_states + 1) * forward_backward:.2f} s")

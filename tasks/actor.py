@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
+from tasks.allocator import keep_freed_memory
 from tasks.config import Config, ConfigError
 from tasks.shards import Shard, load_data
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
@@ -40,6 +41,8 @@ class ShardWorker:
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
         self.run_id = run_id
         self.device = torch.device(device)
+        # CPU passes allocate a forward's activations each time: keep freed pages (tasks.allocator)
+        self.keeps_freed_memory = self.device.type == "cpu" and keep_freed_memory()
         self.dataset = load_data(self.cfg)
         self.model: nn.Module | None = None
         self.healthy = False  # True once a batch has succeeded here

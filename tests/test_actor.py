@@ -53,3 +53,14 @@ def test_storing_every_map_adds_no_explain_call(monkeypatch):
                                         pc.equal(every["maps"]["method"], "gradient"))).to_pylist()
     stored = [r for r in rows if r["image_id"] == image.image_id][0]["map"]
     np.testing.assert_allclose(np.asarray(stored, dtype=np.float32), fresh.flatten().numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_a_cpu_worker_keeps_freed_memory_where_glibc_allows_it(monkeypatch):
+    import platform
+
+    from tasks import allocator
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert worker("none").keeps_freed_memory is on_glibc
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert allocator.keep_freed_memory() is False  # elsewhere nothing is changed, and nothing fails
