@@ -15,7 +15,6 @@ from typing import Iterator
 
 from saliency.choices import check_choice
 from saliency.passes import forward_logits
-from saliency.prefix import FrozenPrefix
 from saliency.randomize import ORDERS, parameter_layers, state_name, states_in_place
 from saliency.sanity.base import Block, SanityTest
 
@@ -55,12 +54,9 @@ class ParameterRandomization(SanityTest):
         layers = parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity)
         states = states_in_place(run.model, layers, s.order, _state_indices(s.states, len(layers)),
                                  randomization_seeds(s), init=s.init, bn_stats=s.bn_stats, sigma=s.sigma)
-        # below the randomised layers a state computes what the original computed: record that forward
-        # once per batch (bottom-up states change the first layer, so there is nothing to reuse)
-        prefix = FrozenPrefix(run.model, run.x) if s.order != "cascade_bottom_up" else None
         for seed, k, model in states:
             targets = forward_logits(model, run.x).argmax(dim=1) if s.target == "recompute" else run.top
-            maps = run.explain(model, targets[:, None], prefix=prefix)
+            maps = run.explain(model, targets[:, None])  # below its randomised layers, from run.prefix
             yield Block(self.id, state_name(k, state_layer(layers, s.order, k)), k, targets,
                         {m: v[:, 0] for m, v in maps.items()}, seed=seed)
 

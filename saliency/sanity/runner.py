@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from saliency.engine import cam_layer, explain
 from saliency.methods import get_method
 from saliency.passes import check_input, forward_logits
+from saliency.prefix import FrozenPrefix
 from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, retest_seed
 from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, Prepared, prepare, similarity
@@ -23,7 +24,10 @@ class SanityRun:
 
     Shared by every test: ``logits``, ``top`` (the top class), ``original`` (its maps, B×H×W per method),
     ``retest`` per (method, metric) (1 for deterministic methods; two draws of a stochastic one),
-    ``partners`` (the chance-level pairing), ``layer`` (the resolved CAM layer) and ``rows``.
+    ``partners`` (the chance-level pairing), ``layer`` (the resolved CAM layer), ``rows`` and, while
+    the blocks are made, ``prefix``: the original model's forward on the batch, recorded once, which every
+    explain call answers from as far as its model is unchanged (the original pass whole; an MPRT state
+    below its randomised layers).
     """
 
     def __init__(self, model: nn.Module, x: Tensor, settings: Settings, *,
@@ -56,12 +60,13 @@ class SanityRun:
         self.invalid: dict[str, Tensor] = {}  # method → B bool: its original map is not finite
         self.failures: list[dict] = []  # non-finite maps: image_id, method, test, state, seed, reason
         self.explain_calls = 0
+        self.prefix: FrozenPrefix | None = None
 
     def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
         """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options."""
         self.explain_calls += 1
         return explain(model, self.x, self.methods, targets, layer=self.layer,
-                       **{**self.explain_kwargs, **overrides})
+                       **{**self.explain_kwargs, "prefix": self.prefix, **overrides})
 
     def prepared_original(self, method: str, metric: str) -> Prepared:
         """The original maps of ``method`` prepared for ``metric`` once, for every block that scores them."""
@@ -72,6 +77,13 @@ class SanityRun:
 
     def blocks(self) -> Iterator[Block]:
         """The original block, then every state's block, each already scored."""
+        self.prefix = FrozenPrefix(self.model, self.x)
+        try:
+            yield from self._blocks()
+        finally:
+            self.prefix = None  # the recorded forward holds a pass's worth of activations
+
+    def _blocks(self) -> Iterator[Block]:
         self.logits = forward_logits(self.model, self.x)
         self.top = self.logits.argmax(dim=1)
         extra = [(source.id, index, state, targets) for source in self.sources
