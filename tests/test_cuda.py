@@ -105,3 +105,32 @@ def test_shard_worker_on_cuda_writes_the_cpu_scores(tmp_path):
     assert gpu.select(keys).equals(cpu.select(keys))
     finite = pc.is_finite(cpu["value"]).to_numpy(zero_copy_only=False)
     np.testing.assert_allclose(gpu["value"].to_numpy()[finite], cpu["value"].to_numpy()[finite], atol=2e-3)
+
+
+def _prefix_against_whole_passes(device: str, batched: bool) -> None:
+    """Top-down MPRT states with the recorded forward (saliency.prefix) against whole passes."""
+    from saliency.prefix import FrozenPrefix
+    from saliency.randomize import parameter_layers, states_in_place
+
+    model = _resnet().to(device)
+    x = torch.randn(3, 3, 48, 48, device=device)
+    targets = torch.tensor([[1, 2], [3, 4], [5, 6]], device=device)
+    prefix = FrozenPrefix(model, x)
+    for _, k, state in states_in_place(model, parameter_layers(model, x[:1]), "cascade_top_down", [0, 3, 20], [0]):
+        whole = run_pass(state, x, targets, layer="layer4", bias_layers=True, batched=batched)
+        reused = run_pass(state, x, targets, layer="layer4", bias_layers=True, batched=batched, prefix=prefix)
+        for a, b in [(whole.input_grad, reused.input_grad), (whole.layer_grad, reused.layer_grad)] + \
+                [(ga, gb) for (_, ga), (_, gb) in zip(whole.bias_terms, reused.bias_terms)]:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=f"state {k}")
+        assert len(whole.bias_terms) == len(reused.bias_terms)
+    assert prefix.disabled is None
+
+
+def test_the_recorded_forward_serves_the_batched_backward_too_on_cpu():
+    _prefix_against_whole_passes("cpu", batched=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_the_recorded_forward_on_cuda_equals_whole_passes():
+    _prefix_against_whole_passes(DEVICE, batched=DEVICE != "cpu")
