@@ -229,8 +229,8 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
                         raise
                     raise ForwardDiffers(f"the forward failed with recorded answers: {error}") from error
             check_calls(reuse, calls)
-            if layer is not None and reuse is not None and (recorded := reuse.last_output(layer)) is not None:
-                captured["act"] = recorded
+            if reuse is not None and reuse.layer_output is not None:  # the CAM layer was answered
+                captured["act"] = reuse.layer_output
             check_logits(logits)
             check_targets(targets, logits.shape[1], x.shape[0])
             selected = logits.gather(1, targets)

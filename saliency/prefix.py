@@ -65,13 +65,9 @@ class Reuse:
     stubs: list[_Call]
     covered: list[_Call]
     recorded_calls: Counter  # calls per module in the recorded forward
+    layer_output: Tensor | None = None  # the CAM layer's output when its last call is answered (else it runs)
     answering: set[str] = field(default_factory=set)  # modules whose current call a stub answered; the
     # pass's forward hooks take the name out again (hooks run right after their call's forward)
-
-    def last_output(self, name: str) -> Tensor | None:
-        """The recorded output of the last covered call of module ``name`` (None if it runs live)."""
-        outputs = [c.output for c in self.covered if c.name == name]
-        return outputs[-1] if outputs else None
 
 
 class FrozenPrefix:
@@ -146,7 +142,10 @@ class FrozenPrefix:
         for stub in stubs:
             covered += [stub, *stub.inside]
         covered.sort(key=lambda c: c.end)
-        return Reuse(record.x, stubs, covered, Counter(call.name for call in record.calls))
+        layer_calls = [c for c in record.calls if c.name == layer]
+        last = max(layer_calls, key=lambda c: c.start) if layer_calls else None
+        return Reuse(record.x, stubs, covered, Counter(call.name for call in record.calls),
+                     last.output if last is not None and any(c is last for c in covered) else None)
 
 
 @contextlib.contextmanager

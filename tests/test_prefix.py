@@ -191,3 +191,29 @@ def test_a_cam_layer_changed_in_place_by_its_caller_is_recomputed():
         reused = explain(state, x, methods, targets=1, layer=layer, prefix=prefix)
         plain = explain(state, x, methods, targets=1, layer=layer)
         assert _max_difference(reused, plain) == dict.fromkeys(methods, 0.0), layer
+
+
+class _CamLayerCalledTwice(nn.Module):
+    """``conv`` runs before and after ``mid``: when only ``mid`` changes, its first call is answered from the
+    record and its second runs; CAM methods read the last call, which must be the live one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.mid = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.conv(torch.relu(self.mid(self.conv(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_cam_layer_called_twice_is_read_at_its_last_call_when_only_the_first_is_answered():
+    torch.manual_seed(0)
+    model, x = _CamLayerCalledTwice().eval(), torch.randn(2, 3, 8, 8)
+    state = copy.deepcopy(model)
+    with torch.no_grad():
+        state.mid.weight.neg_()
+    methods = ["gradcam", "gradcampp/abs", "fullgrad/signed"]
+    reused = explain(state, x, methods, targets=1, layer="conv", prefix=FrozenPrefix(model, x))
+    assert _max_difference(reused, explain(state, x, methods, targets=1, layer="conv")) == dict.fromkeys(methods, 0.0)
