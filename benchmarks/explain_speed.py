@@ -93,18 +93,24 @@ def build_model(name: str, batch: int, size: int, device: str):
     return model.eval().to(device), torch.randn(batch, *shape, device=device)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(description: str, batch: int) -> argparse.ArgumentParser:
+    """The options every speed benchmark takes (model, batch, size, repeats, device, threads, allocator)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=("resnet18", "reference_cnn"), default="resnet18")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-peers", action="store_true")
-    parser.add_argument("--with-captum", action="store_true", help="also time captum's IG and SmoothGrad")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (default: keep freed memory, as the workers do)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common_parser(__doc__.splitlines()[0], batch=8)
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--with-captum", action="store_true", help="also time captum's IG and SmoothGrad")
     args = parser.parse_args(argv)
 
     if args.threads:

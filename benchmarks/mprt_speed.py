@@ -21,7 +21,6 @@ randomised layers (``saliency.prefix``), so it can beat that bound by at most th
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import warnings
@@ -36,7 +35,7 @@ from saliency.engine import explain  # noqa: E402
 from saliency.randomize import parameter_layers  # noqa: E402
 from saliency.sanity import parameter_randomization  # noqa: E402
 
-from explain_speed import build_model, set_allocator, timed  # noqa: E402  (beside this script; shared)
+from explain_speed import build_model, common_parser, set_allocator, timed  # noqa: E402  (beside this script)
 
 AGGREGATION = [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad") for p in ("signed", "pos", "abs", "neg")]
 QUANTUS_AGGREGATION_METHOD = "gradcam/abs"  # quantus refuses all-negative maps, which /signed can give
@@ -82,16 +81,8 @@ def pass_split(model, x, top, repeats: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("resnet18", "reference_cnn"), default="resnet18")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser = common_parser(__doc__.splitlines()[0], batch=4)
     parser.add_argument("--skip-aggregation", action="store_true", help="time the one-method case only")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (default: keep freed memory, as the workers do)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 

@@ -22,6 +22,14 @@ def _max_difference(a: dict, b: dict) -> dict[str, float]:
     return {m: (a[m] - b[m]).abs().max().item() for m in a}
 
 
+def _with_negated(model: nn.Module, parameter: str) -> nn.Module:
+    """A copy of ``model`` whose ``parameter`` (a dotted name) is negated: one changed module."""
+    state = copy.deepcopy(model)
+    with torch.no_grad():
+        state.get_parameter(parameter).neg_()
+    return state
+
+
 @pytest.mark.parametrize("order", ["cascade_top_down", "independent", "cascade_bottom_up"])
 def test_maps_with_the_prefix_equal_maps_without_it_bit_for_bit(order):
     model, x = resnet18(), torch.randn(2, 3, 32, 32)
@@ -115,9 +123,7 @@ def test_a_forward_that_calls_modules_differently_switches_the_reuse_off_and_sta
     model, x = _ParameterDependentLoop().eval(), torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         model.head.weight.abs_()
-    state = copy.deepcopy(model)
-    with torch.no_grad():
-        state.head.weight.neg_()
+    state = _with_negated(model, "head.weight")
     prefix = FrozenPrefix(model, x)
     reused = explain(state, x, "gradient", targets=0, prefix=prefix)["gradient"]
     assert torch.equal(reused, explain(state, x, "gradient", targets=0)["gradient"])
@@ -182,9 +188,7 @@ class _InPlaceAfterTheCamLayer(nn.Module):
 def test_a_cam_layer_changed_in_place_by_its_caller_is_recomputed():
     torch.manual_seed(0)
     model, x = _InPlaceAfterTheCamLayer().eval(), torch.randn(2, 3, 8, 8)
-    state = copy.deepcopy(model)
-    with torch.no_grad():
-        state.head.weight.neg_()
+    state = _with_negated(model, "head.weight")
     methods = ["gradcam", "gradcampp/abs", "fullgrad/signed", "gradient"]
     prefix = FrozenPrefix(model, x)
     for layer in ("block.bn", "block.conv", "block"):
@@ -211,9 +215,7 @@ class _CamLayerCalledTwice(nn.Module):
 def test_a_cam_layer_called_twice_is_read_at_its_last_call_when_only_the_first_is_answered():
     torch.manual_seed(0)
     model, x = _CamLayerCalledTwice().eval(), torch.randn(2, 3, 8, 8)
-    state = copy.deepcopy(model)
-    with torch.no_grad():
-        state.mid.weight.neg_()
+    state = _with_negated(model, "mid.weight")
     methods = ["gradcam", "gradcampp/abs", "fullgrad/signed"]
     reused = explain(state, x, methods, targets=1, layer="conv", prefix=FrozenPrefix(model, x))
     assert _max_difference(reused, explain(state, x, methods, targets=1, layer="conv")) == dict.fromkeys(methods, 0.0)
