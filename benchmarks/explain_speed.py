@@ -107,17 +107,21 @@ def common_parser(description: str, batch: int) -> argparse.ArgumentParser:
     return parser
 
 
+def common_setup(args) -> tuple[str, torch.nn.Module, torch.Tensor]:
+    """Threads, allocator, seed and model from ``common_parser``'s options: (allocator line, model, batch)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    allocator = set_allocator(args.system_malloc, args.device)
+    torch.manual_seed(0)
+    return (allocator, *build_model(args.model, args.batch, args.size, args.device))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = common_parser(__doc__.splitlines()[0], batch=8)
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--with-captum", action="store_true", help="also time captum's IG and SmoothGrad")
     args = parser.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    allocator = set_allocator(args.system_malloc, args.device)
-    torch.manual_seed(0)
-    model, x = build_model(args.model, args.batch, args.size, args.device)
+    allocator, model, x = common_setup(args)
     with torch.no_grad():
         classes = model(x[:1]).shape[1]
     targets1 = torch.randint(0, classes, (args.batch,), device=args.device)

@@ -35,7 +35,7 @@ from saliency.engine import explain  # noqa: E402
 from saliency.randomize import parameter_layers  # noqa: E402
 from saliency.sanity import parameter_randomization  # noqa: E402
 
-from explain_speed import build_model, common_parser, set_allocator, timed  # noqa: E402  (beside this script)
+from explain_speed import common_parser, common_setup, timed  # noqa: E402  (beside this script)
 
 AGGREGATION = [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad") for p in ("signed", "pos", "abs", "neg")]
 QUANTUS_AGGREGATION_METHOD = "gradcam/abs"  # quantus refuses all-negative maps, which /signed can give
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-aggregation", action="store_true", help="time the one-method case only")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    allocator = set_allocator(args.system_malloc, args.device)
-    torch.manual_seed(0)
-    model, x = build_model(args.model, args.batch, args.size, args.device)
+    allocator, model, x = common_setup(args)
     with torch.no_grad():
         top = model(x).argmax(dim=1)
     n_states = len(parameter_layers(model, x[:1]))
