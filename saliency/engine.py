@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from saliency.choices import check_choice
 from saliency.methods import get_method
+from saliency.methods.cam import FULLGRAD_SCALINGS
 from saliency.prefix import FrozenPrefix
 from saliency.passes import (CHANNEL_REDUCTIONS, Pass, ReLURule, check_input, check_layer, default_cam_layer,
                              evaluation, forward_logits, normalize_targets, reduce_channels, run_pass)
@@ -45,6 +46,7 @@ class Options:
     sg_samples: int = 16
     sg_noise: float = 0.15
     rectgrad_q: float = 98.0  # RectGrad's percentile (saliency.methods.propagation)
+    fullgrad_scaling: str = "layer"  # the bare fullgrad's min-max: per layer (authors) or per channel
     internal_batch_size: int | None = None
 
 
@@ -116,7 +118,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
             layer: str | None = None, *, channel_reduction: str = "sum", propagation: str = "signed",
             relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
             sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
-            internal_batch_size: int | None = None, prefix: FrozenPrefix | None = None) -> dict[str, Tensor]:
+            fullgrad_scaling: str = "layer", internal_batch_size: int | None = None, prefix: FrozenPrefix | None = None) -> dict[str, Tensor]:
     """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
 
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
@@ -126,7 +128,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     convolutional block), ``propagation`` ("pos" = only positive
     signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
     random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
-    each image's range), ``rectgrad_q`` (percentile), ``internal_batch_size`` (images per chunk for
+    each image's range), ``rectgrad_q`` (percentile), ``fullgrad_scaling`` (the bare ``fullgrad``'s
+    min-max: "layer" over C×H×W as its authors' code, or "channel" as pytorch-grad-cam), ``internal_batch_size`` (images per chunk for
     IG/SmoothGrad; None = automatic), ``prefix`` (a ``FrozenPrefix`` of the original model on this ``x``:
     passes on x take the calls below the first changed module from it instead of running them; MPRT
     states use it).
@@ -140,6 +143,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     resolved = [get_method(m) for m in method_ids]
     check_choice("channel_reduction", channel_reduction, CHANNEL_REDUCTIONS)
     check_choice("propagation", propagation, PROPAGATION_POLICIES)
+    check_choice("fullgrad_scaling", fullgrad_scaling, FULLGRAD_SCALINGS)
     if internal_batch_size is not None and internal_batch_size < 1:
         raise ValueError(f"internal_batch_size must be ≥ 1 (or None for automatic), got {internal_batch_size}")
     if not 0.0 <= rectgrad_q <= 100.0:
@@ -154,7 +158,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
         options = Options(layer=layer, channel_reduction=channel_reduction, propagation=propagation,
                           relu_map=relu_map, seed=seed, ig_steps=ig_steps, ig_baseline=ig_baseline,
                           sg_samples=sg_samples, sg_noise=sg_noise, rectgrad_q=rectgrad_q,
-                          internal_batch_size=internal_batch_size)
+                          fullgrad_scaling=fullgrad_scaling, internal_batch_size=internal_batch_size)
         ctx = Context(model, x, target_matrix, options, needs_layer,
                       any(m.needs_biases for m in resolved), prefix)
         maps: dict[str, Tensor] = {}

@@ -174,9 +174,26 @@ def test_lrp_epsilon_conserves_the_logit_on_a_bias_free_net():
         sums = relevance.flatten(2).sum(dim=2)
         if method == "lrp_epsilon":
             assert torch.allclose(sums, logits, rtol=1e-4, atol=1e-5)
-        else:  # z+ conserves only where positive contributions exist at every layer
+        else:  # z+ starts from |y_c| and conserves only where positive contributions exist at every layer
             positive = logits > 0
             assert torch.allclose(sums[positive], logits[positive], rtol=1e-3, atol=1e-5)
+
+
+def test_positive_only_lrp_starts_from_the_absolute_logit():
+    """SPEC §1.3: z⁺ and α2β1 start from |y_c|, so the least-likely class (y_c < 0) is not scored as a
+    sign flip of the top class's map; ε keeps y_c (and so equals input × gradient)."""
+    model = small_cnn(bias=False, batchnorm=False)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    logits = model(x).detach()
+    targets = torch.stack([logits.argmax(1), logits.argmin(1)], dim=1)
+    assert (logits.gather(1, targets)[:, 1] < 0).all()
+    maps = saliency.explain(model, x, ["lrp_zplus", "lrp_alpha2beta1", "lrp_epsilon"], targets)
+    zplus = maps["lrp_zplus"]
+    assert (zplus[:, 0] >= 0).all() and (zplus[:, 1] >= 0).all() and (zplus[:, 1] > 0).any()
+    alpha_beta = maps["lrp_alpha2beta1"].flatten(2).sum(2)  # α − β = 1: conserves |y_c| on this net
+    torch.testing.assert_close(alpha_beta, logits.gather(1, targets).abs(), rtol=1e-3, atol=1e-5)
+    epsilon = maps["lrp_epsilon"].flatten(2).sum(2)
+    torch.testing.assert_close(epsilon, logits.gather(1, targets), rtol=1e-4, atol=1e-5)
 
 
 def test_integrated_gradients_completeness_delta_shrinks_with_steps(small):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import saliency
 from models_for_tests import resnet18, small_cnn, vgg11_bn, vgg16, without_inplace
@@ -105,14 +106,14 @@ def test_cams_agree_with_pytorch_grad_cam(model_fn, size, layer, method, cam_nam
 
 
 @pytest.mark.parametrize("model_fn,size", [(resnet18, 224), (vgg11_bn, 64)])
-def test_fullgrad_agrees_with_pytorch_grad_cam(model_fn, size):
+def test_fullgrad_per_channel_agrees_with_pytorch_grad_cam(model_fn, size):
     from pytorch_grad_cam import FullGrad
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = model_fn()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor([2, 8])
-    ours = saliency.explain(model, x, "fullgrad", targets)["fullgrad"][:, 0]
+    ours = saliency.explain(model, x, "fullgrad", targets, fullgrad_scaling="channel")["fullgrad"][:, 0]
     oracle_model = without_inplace(model)
     cam = FullGrad(model=oracle_model, target_layers=[])
     try:
@@ -125,6 +126,59 @@ def test_fullgrad_agrees_with_pytorch_grad_cam(model_fn, size):
         cam.activations_and_grads.release()
     assert min(_pearson_per_image(ours, theirs)) >= 0.999
     assert_close_to_max(ours, theirs, atol=1e-4)
+
+
+def _authors_post_process(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """idiap/fullgrad-saliency, saliency/fullgrad.py ``FullGrad._postProcess``, transcribed."""
+    values = abs(values)
+    flat = values.view((values.size(0), -1))
+    low, _ = flat.min(1, keepdim=True)
+    values = values - low.unsqueeze(1).unsqueeze(1)
+    flat = values.view((values.size(0), -1))
+    high, _ = flat.max(1, keepdim=True)
+    return values / (high.unsqueeze(1).unsqueeze(1) + eps)
+
+
+def test_bare_fullgrad_is_the_authors_fullgrad():
+    """SPEC §1.2: the bare id post-processes as the authors' code — per image and layer over C×H×W,
+    abs then min-max — on bias gradients b ⊙ ∂y_c/∂out taken here with plain autograd (BatchNorm's
+    implicit bias β − μγ/σ, conv biases; their FullGradExtractor's layers). Upsampling as ours
+    (half-pixel bilinear; the authors' script uses align_corners=True)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    for bn in (model[1], model[5]):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.data.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 3, 4])
+    ours = saliency.explain(model, x, "fullgrad", targets)["fullgrad"][:, 0]
+
+    outputs = {}
+    handles = [m.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o))
+               for k, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    try:
+        xg = x.clone().requires_grad_(True)
+        logits = model(xg)
+        keys = sorted(outputs)
+        grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), [xg] + [outputs[k] for k in keys])
+    finally:
+        for h in handles:
+            h.remove()
+    cam = _authors_post_process(grads[0] * x).sum(1, keepdim=True)
+    for k, grad in zip(keys, grads[1:]):
+        module = model[k]
+        if isinstance(module, nn.BatchNorm2d):
+            bias = module.bias - module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)
+        elif module.bias is not None:
+            bias = module.bias
+        else:
+            continue
+        term = _authors_post_process(grad * bias.detach().view(1, -1, 1, 1))
+        cam = cam + F.interpolate(term, size=x.shape[-2:], mode="bilinear", align_corners=False).sum(1, keepdim=True)
+    torch.testing.assert_close(ours, cam[:, 0], atol=1e-5, rtol=1e-5)
+    channel = saliency.explain(model, x, "fullgrad", targets, fullgrad_scaling="channel")["fullgrad"][:, 0]
+    assert (channel - ours).abs().max() > 0.1  # the per-channel map is another map
 
 
 # ------------------------------------------------------------------------------- zennit
@@ -148,8 +202,10 @@ def _zennit_relevance(model, x, targets, method):
         composite = composites.LayerMapComposite(
             layer_map=composites.layer_map_base() + [(types.Convolution, rule()), (torch.nn.Linear, rule())],
             canonizers=canonizers)
-    def start(logits):  # relevance y_c at the target logit of the (canonized) model
-        return torch.zeros_like(logits).scatter_(1, targets[:, None], logits.gather(1, targets[:, None]))
+    def start(logits):  # relevance y_c at the target logit of the (canonized) model; |y_c| for z⁺, α2β1
+        logit = logits.gather(1, targets[:, None])
+        logit = logit.abs() if method in ("lrp_zplus", "lrp_alpha2beta1") else logit
+        return torch.zeros_like(logits).scatter_(1, targets[:, None], logit)
 
     with Gradient(model=model, composite=composite) as attributor:
         _, relevance = attributor(x, start)

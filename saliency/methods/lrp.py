@@ -2,7 +2,9 @@
 
 Rules and canonizers are zennit's: BatchNorm is merged into the preceding convolution and ResNet
 residual sums become explicit modules that split relevance. The relevance at the logits starts as
-y_c (not 1), so for a bias-free network under ε/z⁺ the input relevance sums to the logit.
+y_c (not 1), so for a bias-free network under ε the input relevance sums to the logit; the
+positive-only rules (z⁺, α2β1) start from |y_c| (SPEC §1.3): their map's sign is only sign(y_c), and
+the least-likely class always has y_c < 0, so a class change would otherwise score as a sign flip.
 Everything runs on a private copy: zennit's canonizers edit the model they are given.
 """
 from __future__ import annotations
@@ -58,8 +60,13 @@ def private_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
+#: Rules whose relevance starts from |y_c| instead of y_c (positive-only propagation).
+FROM_ABSOLUTE_LOGIT = ("lrp_zplus", "lrp_alpha2beta1")
+
+
 def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str) -> Tensor:
-    """Input relevance B×T×C×H×W for targets B×T, starting from R = y_c at the target logit."""
+    """Input relevance B×T×C×H×W for targets B×T, starting from R = y_c at the target logit
+    (|y_c| for ``FROM_ABSOLUTE_LOGIT``)."""
     clone = private_copy(model)
     comp = composite(name, canonizers_for(clone))
     inputs = x.detach().requires_grad_(True)
@@ -68,7 +75,8 @@ def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str) -> Te
         relevance = []
         for t in range(targets.shape[1]):
             start = torch.zeros_like(logits)
-            start.scatter_(1, targets[:, t:t + 1], logits.gather(1, targets[:, t:t + 1]).detach())
+            logit = logits.gather(1, targets[:, t:t + 1]).detach()
+            start.scatter_(1, targets[:, t:t + 1], logit.abs() if name in FROM_ABSOLUTE_LOGIT else logit)
             (grad,) = torch.autograd.grad(logits, inputs, grad_outputs=start,
                                           retain_graph=t + 1 < targets.shape[1])
             relevance.append(grad)
