@@ -72,7 +72,7 @@ def randomized_state(
     k: int,
     init: str = "reset",
     seed: int = 0,
-    bn_stats: str = "keep",
+    bn_stats: str = "reset",
     sigma: float = 0.01,
 ) -> nn.Module:
     """State k on its own: an eval-mode deep copy of model with the layers of state k randomised.
@@ -85,8 +85,10 @@ def randomized_state(
     init "reset" calls each module's own reset_parameters(); "normal" draws every parameter of the
     module (weights and biases, BatchNorm's included) from N(0, sigma²). Each module is seeded from
     (seed, module name) by a stable hash and its values are drawn on the CPU, so they do not depend
-    on the state, the worker or the device. bn_stats "keep" leaves running statistics (all buffers)
-    as trained; "reset" calls reset_running_stats() on the randomised norm layers.
+    on the state, the worker or the device. bn_stats "reset" (default) calls reset_running_stats() on
+    the randomised norm layers: mean 0, variance 1, as Quantus's reset_parameters() leaves them;
+    "keep" leaves running statistics (all buffers) as trained, which makes activations explode down
+    a cascade (SPEC §2.2).
     A listed layer owns the parameter modules in its subtree that no deeper listed layer owns.
     """
     _check_options(order, init, bn_stats, seed, sigma)
@@ -107,7 +109,7 @@ def randomization_states(
     granularity: str = "module",
     init: str = "reset",
     seed: int = 0,
-    bn_stats: str = "keep",
+    bn_stats: str = "reset",
     sigma: float = 0.01,
     example_input: Tensor | None = None,
 ) -> Iterator[tuple[str, nn.Module]]:
@@ -132,7 +134,7 @@ def states_in_place(
     states: list[int],
     seeds: list[int],
     init: str = "reset",
-    bn_stats: str = "keep",
+    bn_stats: str = "reset",
     sigma: float = 0.01,
 ) -> Iterator[tuple[int, int, nn.Module]]:
     """Yield (seed, k, model) for every seed and every state k of ``states`` (ascending), all on one

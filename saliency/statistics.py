@@ -2,9 +2,11 @@
 paper's paired pos/abs-vs-signed comparisons.
 
 A raw similarity s means little on its own (an edge detector scores 1, noise 0), so every score row
-carries its chance level c (the same comparison against another image's map) and its retest level r
-(1, or two draws of a stochastic method). The normalised retention R = (s − c)/(r − c) is 0 when the map
-changed as much as if it were another image's, 1 when it did not change at all.
+carries its chance level c (the same comparison against other images' maps) and its retest level r
+(1, or two draws of a stochastic method). The normalised retention R = (s̄ − c̄)/(r̄ − c̄) is 0 when the
+maps changed as much as if they were other images', 1 when they did not change at all. It is a ratio of
+means over the images (per randomisation seed, then averaged over seeds): the mean of per-image ratios
+is dominated by the images with a small r − c (SPEC §4). Per-image R is kept for the paired comparisons.
 
 Confidence intervals resample randomisation seeds (multinomially), then images (a two-level percentile
 bootstrap). An image's resample weights are Poisson(1) draws hashed from (seed, image id, resample), so
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +31,10 @@ from saliency.sanity import CASCADE, CASCADE_INDEX, SCORE_SCHEMA, get_test, sani
 from saliency.seeds import stable_seed
 
 GROUP_KEYS = ("model", "method", "test", "state", "state_index", "metric")
-QUANTITIES = ("value", "chance", "retest", "gap", "retention")  # gap = r − c, retention = R
+#: Summed per group, seed and resample. gap = r − c and excess = s − c are taken over the rows where s, c
+#: and r are all finite, so that R = Σ excess / Σ gap compares the same images.
+QUANTITIES = ("value", "chance", "retest", "gap", "excess")
+_GAP, _EXCESS = QUANTITIES.index("gap"), QUANTITIES.index("excess")
 VERDICTS = ("pass", "fail", "inconclusive", "uninformative")
 
 _STAT_FIELDS = [("n", pa.int64()), ("n_seeds", pa.int64()), ("mean", pa.float64()), ("std", pa.float64()),
@@ -46,6 +51,7 @@ VERDICT_SCHEMA = pa.schema([
     ("chance_mean", pa.float64()), ("retest_mean", pa.float64()), ("gap_mean", pa.float64()),
     ("retention_mean", pa.float64()), ("retention_ci_low", pa.float64()), ("retention_ci_high", pa.float64()),
     ("verdict", pa.string()), ("reason", pa.string()),
+    ("verdict_at_low", pa.string()), ("verdict_at_high", pa.string()), ("threshold_sensitive", pa.bool_()),
 ])
 COMPARISON_SCHEMA = pa.schema([
     ("model", pa.string()), ("variant", pa.string()), ("signed", pa.string()), ("test", pa.string()),
@@ -65,12 +71,15 @@ class VerdictRules:
     r − c is below it is uninformative (the metric cannot tell its maps from another image's).
     entropy_rise: eMPRT passes when the CI of the entropy rise is above it, fails when at or below.
     alpha: family-wise level of the Holm-corrected paired comparisons.
+    retention_spread: the 0.5 has no source in the literature, so every retention verdict is also read
+    at retention ± this (0.4 and 0.6 by default); one that changes there is threshold-sensitive.
     """
 
     retention: float = 0.5
     min_gap: float = 0.2
     entropy_rise: float = 0.0
     alpha: float = 0.05
+    retention_spread: float = 0.1
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -91,21 +100,22 @@ def _nan_to_null(array: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 def _working_table(scores: pa.Table) -> pa.Table:
-    """Score rows with gap and retention columns (NaN → null), seed filled with −1 where the test has
-    none, plus one "cascade" row per (model, method, test, metric, seed, image) of each normalised curve test (MPRT):
-    the means over its states."""
+    """Score rows with gap, excess and per-image retention columns (NaN → null), seed filled with −1
+    where the test has none, plus one "cascade" row per (model, method, test, metric, seed, image) of each
+    normalised curve test (MPRT): the means over its states."""
     missing = [c for c in (*GROUP_KEYS, "image_id", "value", "chance", "retest", "seed")
                if c not in scores.column_names]
     if missing:
         raise ValueError(f"scores lacks columns {missing}; expected the score schema {SCORE_SCHEMA.names}")
     value, chance, retest = (scores[c].to_numpy(zero_copy_only=False).astype(np.float64)
                              for c in ("value", "chance", "retest"))
+    joint = np.isfinite(value) & np.isfinite(chance) & np.isfinite(retest)
     with np.errstate(invalid="ignore"):
-        gap = retest - chance
+        gap, excess = np.where(joint, retest - chance, np.nan), np.where(joint, value - chance, np.nan)
     columns = {k: scores[k] for k in (*GROUP_KEYS, "image_id")}
     columns["seed"] = pc.fill_null(scores["seed"], -1)
     for name, array in (("value", value), ("chance", chance), ("retest", retest), ("gap", gap),
-                        ("retention", retention(value, chance, retest))):
+                        ("excess", excess), ("retention", retention(value, chance, retest))):
         columns[name] = _nan_to_null(pa.array(array, pa.float64()))
     table = pa.table(columns)
     curves = [test.id for test in sanity_tests() if test.curve and test.normalised]
@@ -113,7 +123,7 @@ def _working_table(scores: pa.Table) -> pa.Table:
     if mprt.num_rows:
         keys = ["model", "method", "test", "metric", "seed", "image_id"]
         mprt = mprt.sort_by([(k, "ascending") for k in (*keys, "state_index")])  # sums in state order
-        cascade = mprt.group_by(keys, use_threads=False).aggregate([(q, "mean") for q in QUANTITIES])
+        cascade = mprt.group_by(keys, use_threads=False).aggregate([(q, "mean") for q in (*QUANTITIES, "retention")])
         cascade = cascade.rename_columns([c.removesuffix("_mean") for c in cascade.column_names])
         n = cascade.num_rows
         cascade = cascade.append_column("state", pa.array([CASCADE] * n, pa.string()))
@@ -193,11 +203,13 @@ class SummaryAccumulator:
     a time in memory that does not grow with the number of images.
 
     Per group (model, method, test, state, state_index, metric) and randomisation seed, and per quantity
-    (s, c, r, r − c, R): the count, sum and (for s) the sum of squared deviations of the finite values,
+    (s, c, r, r − c, s − c): the count, sum and (for s) the sum of squared deviations of the finite values,
     and for every bootstrap resample b the weighted sum Σ_i w_bi v_i and weight Σ_i w_bi m_i (m = finite)
     with Poisson(1) image weights w_bi that depend only on (seed, image id, b). ``summary`` then draws
-    the seeds (multinomial) and takes percentile CIs of Σ_s u_bs Σ_i w_bi v_si / Σ_s u_bs Σ_i w_bi m_si.
-    ``add`` must receive every row of its images (one shard): the MPRT cascade is a mean over states.
+    the seeds (multinomial) and takes percentile CIs of Σ_s u_bs Σ_i w_bi v_si / Σ_s u_bs Σ_i w_bi m_si,
+    and of R: per seed the ratio of means Σ_i w_bi (s − c)_i / Σ_i w_bi (r − c)_i, averaged over the
+    drawn seeds (``_retention``). ``add`` must receive every row of its images (one shard): the MPRT
+    cascade is a mean over states.
     """
 
     def __init__(self, n_boot: int = 1000, seed: int = 0) -> None:
@@ -274,6 +286,7 @@ class SummaryAccumulator:
         by_group: dict[tuple, list[int]] = {}
         for key in sorted(self._rows):
             by_group.setdefault(key[:-1], []).append(self._rows[key])
+        retentions = {group: self._retention(rows) for group, rows in by_group.items()}
         for group, rows in by_group.items():
             counts = self._count[rows]
             weights = seed_weights(len(rows), self.n_boot, self.seed)  # B × seeds
@@ -289,13 +302,51 @@ class SummaryAccumulator:
             columns["n"].append(n)
             columns["n_seeds"].append(int((counts[:, 0] > 0).sum()))
             columns["std"].append(math.sqrt(m2 / (n - 1)) if n > 1 else math.nan)
-            for q, name in enumerate(QUANTITIES):
+            for q, name in enumerate(QUANTITIES[:_EXCESS]):
                 label = "" if name == "value" else f"{name}_"
                 present = counts[:, q].sum() > 0
                 columns[f"{label}mean"].append(float(means[q]))
                 columns[f"{label}ci_low"].append(float(intervals[0, q]) if present else math.nan)
                 columns[f"{label}ci_high"].append(float(intervals[1, q]) if present else math.nan)
+            point, resamples = _cascade_mean(group, retentions) if group[4] == CASCADE_INDEX else retentions[group]
+            low, high = _percentile_interval(resamples[:, None])[:, 0] if np.isfinite(resamples).any() else (math.nan,) * 2
+            columns["retention_mean"].append(float(point))
+            columns["retention_ci_low"].append(float(low))
+            columns["retention_ci_high"].append(float(high))
         return pa.table(columns, schema=SUMMARY_SCHEMA)
+
+    def _retention(self, rows: list[int]) -> tuple[float, np.ndarray]:
+        """R of one group: (point estimate, B resamples). Per seed the ratio of means Σ(s − c)/Σ(r − c) over
+        the images (the resample's weighted sums in the bootstrap), then the mean over the seeds (drawn
+        multinomially in the bootstrap); seeds whose ratio is undefined are left out."""
+        per_seed = _ratio_any_sign(self._sum[rows, _EXCESS], self._sum[rows, _GAP])  # seeds
+        point = float(np.nanmean(per_seed)) if np.isfinite(per_seed).any() else math.nan
+        ratios = _ratio_any_sign(self._numerator[rows, _EXCESS], self._numerator[rows, _GAP])  # seeds × B
+        weights = seed_weights(len(rows), self.n_boot, self.seed).T * np.isfinite(ratios)  # seeds × B
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resamples = (weights * np.nan_to_num(ratios)).sum(axis=0) / weights.sum(axis=0)
+        return point, np.where(np.isfinite(resamples), resamples, np.nan)
+
+
+def _cascade_mean(group: tuple, retentions: dict[tuple, tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """R of a cascade summary row: the mean over the curve's states of their R (SPEC §4), point and
+    resamples alike (every group's resamples use the same image and seed weights, so they pair up)."""
+    model, method, test, _, _, metric = group
+    states = [value for key, value in retentions.items()
+              if key[4] >= 0 and (key[0], key[1], key[2], key[5]) == (model, method, test, metric)]
+    if not states:
+        return math.nan, np.full(1, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (float(np.nanmean([point for point, _ in states])),
+                np.nanmean(np.stack([resamples for _, resamples in states]), axis=0))
+
+
+def _ratio_any_sign(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator/denominator, NaN where the denominator is 0 (either sign allowed)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = numerator / np.where(denominator != 0, denominator, np.nan)
+    return np.where(np.isfinite(out), out, np.nan)
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -317,10 +368,11 @@ def _merged_m2(counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- summary
 def summarize(scores: pa.Table, n_boot: int = 1000, seed: int = 0) -> pa.Table:
     """Per (model, method, test, state, state_index, metric): n (finite scores), n_seeds, mean, sample std
-    and bootstrap 95% CI of the raw score; mean and CI of chance, retest, gap = r − c and retention R.
+    and bootstrap 95% CI of the raw score; mean and CI of chance, retest, gap = r − c and of the retention
+    R = (s̄ − c̄)/(r̄ − c̄), a ratio of means per seed, averaged over seeds.
 
     MPRT also gets state "cascade" (state_index −1): per seed and image, the mean over states of every
-    quantity (R included: the mean R over states, SPEC §4). NaN scores are left out of every statistic.
+    quantity; its R is the mean of the states' R (SPEC §4). NaN scores are left out of every statistic.
     One table at once; ``SummaryAccumulator`` builds the same summary one shard at a time.
     """
     accumulator = SummaryAccumulator(n_boot, seed)
@@ -365,7 +417,9 @@ def verdicts(summary: pa.Table, rules: VerdictRules = VerdictRules(), order: str
     classifier head is randomised) and "cascade" (the mean R over states), per metric. A test whose low
     score passes is read by the CI of its retention R; one whose high score passes (eMPRT, scope "full":
     the fully randomised model) by the CI of its value, and is uninformative when the test whose maps it
-    scores is uninformative at that state on every metric.
+    scores is uninformative at that state on every metric. Each retention verdict is also read at
+    ``rules.retention`` ∓ ``rules.retention_spread`` (``verdict_at_low``/``_high``): one that changes
+    there is ``threshold_sensitive``.
     """
     rows = summary.to_pylist()
     n_states: dict[tuple[str, str], int] = {}
@@ -385,15 +439,21 @@ def verdicts(summary: pa.Table, rules: VerdictRules = VerdictRules(), order: str
             continue
         if test.direction == "lower":
             verdict, reason = _retention_verdict(r, rules)
+            at_low = _retention_verdict(r, replace(rules, retention=rules.retention - rules.retention_spread))[0]
+            at_high = _retention_verdict(r, replace(rules, retention=rules.retention + rules.retention_spread))[0]
         else:
             source_gaps = gaps.get((r["model"], r["method"], test.source, r["state_index"]), [])
             verdict, reason = _entropy_verdict(r, source_gaps, rules)
+            at_low = at_high = verdict  # its threshold (no rise) is not a free choice
         for name in VERDICT_SCHEMA.names:
             if name in r:
                 columns[name].append(r[name])
         columns["scope"].append(scope)
         columns["verdict"].append(verdict)
         columns["reason"].append(reason)
+        columns["verdict_at_low"].append(at_low)
+        columns["verdict_at_high"].append(at_high)
+        columns["threshold_sensitive"].append(at_low != verdict or at_high != verdict)
     return pa.table(columns, schema=VERDICT_SCHEMA)
 
 

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from saliency.data import DATASETS, SPLITS
 from saliency.engine import PROPAGATION_POLICIES
+from saliency.methods.cam import FULLGRAD_SCALINGS
 from saliency.passes import CHANNEL_REDUCTIONS
 from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
-from saliency.sanity import OTHERS, TARGET_MODES, Settings, sanity_tests
+from saliency.sanity import CHANCE_PARTNERS, OTHERS, TARGET_MODES, Settings, sanity_tests
 from saliency.similarity import METRICS
 from saliency.statistics import VerdictRules
 
@@ -99,6 +100,9 @@ class MethodsConfig(Section):
     sg_samples: int = Field(16, ge=1, description="smoothgrad: number of noisy samples")
     sg_noise: float = Field(0.15, gt=0, description="smoothgrad: noise std as a share of the image range")
     rectgrad_q: float = Field(98.0, ge=0, le=100, description="rectgrad: percentile threshold")
+    fullgrad_scaling: Literal[FULLGRAD_SCALINGS] = Field(
+        "layer", description="fullgrad (bare id): min-max per layer over C×H×W as its authors' code, or per "
+        "channel as pytorch-grad-cam")
 
     _split = field_validator("ids", mode="before")(_split_commas)
 
@@ -141,7 +145,7 @@ class RandomizationConfig(Section):
     granularity: Literal[GRANULARITIES] = Field("module", description="one state per module or per block")
     init: Literal[INITS] = Field("reset", description="reset_parameters() or normal(sigma)")
     sigma: float = Field(0.01, gt=0, description="std of the normal init")
-    bn_stats: Literal[BN_STATS] = Field("keep", description="BatchNorm running statistics: keep or reset")
+    bn_stats: Literal[BN_STATS] = Field("reset", description="BatchNorm running statistics of a randomised layer: reset (mean 0, var 1, as Quantus) or keep the trained ones")
     target: Literal[TARGET_MODES] = Field("original", description="explain the original top class, or "
                                           "recompute the argmax of each randomised model")
     seeds: list[int] = Field([0, 1, 2], description="randomisation seeds: every MPRT state is computed once per "
@@ -161,6 +165,8 @@ class VerdictConfig(Section):
     retention: float = Field(0.5, gt=0, lt=1, description="R threshold: fail when CI_low(R) is above it, pass "
                              "when CI_high(R) is below it (R = (s − chance)/(retest − chance))")
     min_gap: float = Field(0.2, ge=0, description="uninformative when mean(retest − chance) is below it")
+    retention_spread: float = Field(0.1, ge=0, lt=0.5, description="every retention verdict is also read at "
+                                    "retention ± this; one that changes there is marked threshold-sensitive")
     entropy_rise: float = Field(0.0, description="eMPRT passes when the entropy rise's CI is above it")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise level of the Holm-corrected paired "
                          "pos/abs-vs-signed comparisons")
@@ -172,6 +178,9 @@ class VerdictConfig(Section):
 class MetricsConfig(Section):
     names: list[str] = Field(["ssim", "spearman_abs"], description="similarity metrics")
     n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% CI of the summary")
+    chance_partners: int = Field(CHANCE_PARTNERS, ge=1, description="chance level c = the mean similarity to "
+                                 "this many other images of the batch (all others if the batch is smaller); "
+                                 "a seeded choice per image")
 
     _split = field_validator("names", mode="before")(_split_commas)
 
@@ -227,7 +236,7 @@ class Config(Section):
         """What determines the results: everything but where and how fast they are computed.
 
         Batching and sharding are part of it because they fix which images share a batch and a part
-        (and so each image's chance partner). Verdict thresholds are not: they only re-read the scores.
+        (and so each image's chance partners). Verdict thresholds are not: they only re-read the scores.
         """
         data = self.model_dump(mode="json", exclude={"compute", "tracking", "verdicts"})
         data["storage"] = {k: data["storage"][k] for k in ("store_maps", "sample_images")}
@@ -251,7 +260,8 @@ class Config(Section):
         return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
                         seed=self.seed, layer=self.model.layer, explain_kwargs=self.methods.explain_kwargs(),
                         others=self.tests.others, order=r.order, granularity=r.granularity, init=r.init,
-                        target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds)
+                        target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds,
+                        chance_partners=self.metrics.chance_partners)
 
     def flat(self) -> dict[str, Any]:
         """``{"data.limit": 1000, ...}``: dotted keys, lists joined by commas (for MLflow params)."""

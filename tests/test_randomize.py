@@ -1,6 +1,7 @@
 """Layer discovery and seeded randomisation states (SPEC §2.2)."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -181,11 +182,11 @@ def test_resnet18_top_down_states_leave_the_user_model_untouched():
 @pytest.mark.parametrize("init", ["reset", "normal"])
 def test_each_state_changes_exactly_its_layers(order, init):
     model = small_net()
-    states = list(randomization_states(model, order, init=init, example_input=SMALL_INPUT))
+    states = list(randomization_states(model, order, init=init, example_input=SMALL_INPUT, bn_stats="keep"))
     assert len(states) == len(SMALL_LAYERS)
     for k, (_, state) in enumerate(states):  # kept together: no state aliases another
         assert changed_modules(model, state) == expected_changed(SMALL_LAYERS, order, k)
-        assert_same_tensors(dict(state.named_buffers()), dict(model.named_buffers()))
+        assert_same_tensors(dict(state.named_buffers()), dict(model.named_buffers()))  # kept statistics
 
 
 def test_block_state_changes_the_whole_block():
@@ -358,6 +359,18 @@ def test_bn_stats_keep_leaves_running_statistics_and_reset_resets_them(init):
     assert reset[1].num_batches_tracked.item() == 0
     assert torch.equal(reset[3][1].running_mean, model[3][1].running_mean)  # not randomised
     assert torch.equal(kept[1].weight, reset[1].weight)
+
+
+def test_default_randomisation_leaves_a_batchnorm_as_its_own_reset_parameters_does():
+    """SPEC §2.2: bn_stats="reset" by default — what Quantus's randomisation (the module's
+    reset_parameters(), which resets running statistics too) leaves: mean 0, var 1, γ 1, β 0."""
+    model = small_net()
+    state = randomized_state(model, SMALL_LAYERS, "independent", 3)  # defaults: init reset, bn_stats reset
+    quantus_like = copy.deepcopy(model[1])
+    quantus_like.reset_parameters()
+    assert not torch.equal(model[1].running_var, torch.ones(8))  # the trained statistics differ
+    for name, tensor in quantus_like.state_dict().items():
+        assert torch.equal(state[1].state_dict()[name], tensor), name
 
 
 def test_reset_init_uses_the_modules_own_reset_parameters():

@@ -117,21 +117,58 @@ def test_parameter_randomization_schema_counts_and_state_names(model, x):
                                                                     for k, layer in enumerate(layers)]
 
 
-def test_chance_is_the_same_comparison_against_the_partner_images_map(model, x):
-    """chance_i = similarity(map_i, other map of image i+1 mod B); retest = 1 for deterministic methods."""
+def test_chance_is_the_mean_comparison_against_k_partner_images_maps(model):
+    """SPEC §4: chance_i = mean over image i's K partners j of similarity(map_i, other map of image j),
+    computed here by hand pair by pair; retest = 1 for deterministic methods."""
     from saliency.similarity import similarity
 
-    table = class_sensitivity(model, x, ["gradient"], others=("min",), metrics=("pearson",))
+    x = torch.randn(7, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    ids = [f"img{i}" for i in range(7)]
+    table = class_sensitivity(model, x, ["gradient"], others=("min",), metrics=("pearson",), image_ids=ids,
+                              chance_partners=4, seed=3)
     targets = torch.stack([model(x).argmax(1), model(x).argmin(1)], dim=1)
     maps = explain(model, x, "gradient", targets)["gradient"]
-    partner = [1, 2, 0]
-    expected_chance = similarity(maps[:, 0], maps[partner, 1], "pearson")
-    rows = sorted(table.to_pylist(), key=lambda r: int(r["image_id"]))
-    np.testing.assert_allclose([r["chance"] for r in rows], expected_chance.numpy(), atol=1e-6)
-    assert [r["retest"] for r in rows] == [1.0, 1.0, 1.0]
-    assert all(r["seed"] is None for r in rows)
+    partners = sanity.chance_partners(ids, 4, seed=3)
+    assert partners.shape == (7, 4)
+    by_id = {r["image_id"]: r for r in table.to_pylist()}
+    for i, image_id in enumerate(ids):
+        chosen = partners[i].tolist()
+        assert i not in chosen and len(set(chosen)) == 4
+        by_hand = [similarity(maps[i:i + 1, 0], maps[j:j + 1, 1], "pearson").item() for j in chosen]
+        assert by_id[image_id]["chance"] == pytest.approx(float(np.mean(by_hand)), abs=1e-6)
+        assert by_id[image_id]["retest"] == 1.0
+    assert all(r["seed"] is None for r in table.to_pylist())
     single = class_sensitivity(model, x[:1], ["gradient"], others=("min",), metrics=("pearson",))
     assert math.isnan(single.column("chance")[0].as_py())  # no other image in the batch
+
+
+def test_chance_partners_are_seeded_per_image_and_all_others_in_a_small_batch():
+    ids = [str(i) for i in range(12)]
+    first, again = sanity.chance_partners(ids, 10, seed=0), sanity.chance_partners(ids, 10, seed=0)
+    assert torch.equal(first, again) and first.shape == (12, 10)
+    assert not torch.equal(first, sanity.chance_partners(ids, 10, seed=1))
+    small = sanity.chance_partners(ids[:5], 10, seed=0)  # fewer than K others: all of them
+    assert [sorted(row) for row in small.tolist()] == [[j for j in range(5) if j != i] for i in range(5)]
+    assert sanity.chance_partners(ids[:1]) is None
+    with pytest.raises(ValueError, match="chance_partners must be at least 1"):
+        sanity.chance_partners(ids, 0)
+
+
+def test_a_non_finite_partner_map_is_left_out_of_the_chance_level():
+    """An image whose map is not finite loses its own rows; for the others, it is skipped as a partner
+    (the mean runs over the remaining partners), not counted as a zero map."""
+    from saliency.sanity.base import paired
+
+    maps = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1))
+    partners = torch.tensor([[1, 2], [0, 2], [3, 0], [1, 2]])
+    valid = torch.tensor([True, True, False, True])
+    _, chance = paired(maps, other, "pearson", partners, valid)
+    _, everyone = paired(maps, other, "pearson", partners)
+    from saliency.similarity import similarity
+    assert chance[0].item() == pytest.approx(similarity(maps[:1], other[1:2], "pearson").item(), abs=1e-6)
+    assert chance[2].item() == pytest.approx(everyone[2].item(), abs=1e-6)  # its partners are fine
+    assert math.isnan(paired(maps, other, "pearson", torch.tensor([[2], [2], [2], [2]]), valid)[1][0].item())
 
 
 def test_stochastic_methods_get_a_retest_from_a_second_draw(model, x):

@@ -32,9 +32,10 @@ def _table(rows: list[dict]) -> pa.Table:
 # --------------------------------------------------------------------------------------------- retention
 def _scores_of(maps: torch.Tensor, other: torch.Tensor, metric: str = "ssim") -> tuple[np.ndarray, ...]:
     """s, c as saliency.sanity computes them: image i against its own other map and its partner's."""
-    partners = chance_partners(maps.shape[0])
+    partners = chance_partners([str(i) for i in range(maps.shape[0])])
     s = similarity(maps, other, metric).numpy()
-    c = similarity(maps, other[partners], metric).numpy()
+    c = np.mean([similarity(maps, other[partners[:, k]], metric).numpy() for k in range(partners.shape[1])],
+                axis=0)
     return s, c
 
 
@@ -145,13 +146,44 @@ def test_the_ci_covers_seed_variance():
     assert one["ci_high"] - one["ci_low"] < 0.03
 
 
-def test_cascade_is_the_mean_retention_over_states_per_seed_and_image():
+def test_cascade_is_the_mean_of_the_states_retention():
     rows = [_row(image=i, state=f"{k:02d}:l", state_index=k, seed=0, value=v, chance=c)
             for i, k, v, c in (("a", 0, 0.9, 0.1), ("a", 1, 0.5, 0.5), ("b", 0, 0.7, 0.3), ("b", 1, 0.4, 0.2))]
-    cascade = [r for r in summarize(_table(rows), n_boot=100).to_pylist() if r["state"] == CASCADE][0]
-    r_a = np.mean([(0.9 - 0.1) / 0.9, 0.0])
-    r_b = np.mean([(0.7 - 0.3) / 0.7, (0.4 - 0.2) / 0.8])
-    assert cascade["state_index"] == -1 and cascade["retention_mean"] == pytest.approx((r_a + r_b) / 2)
+    summary = summarize(_table(rows), n_boot=100).to_pylist()
+    cascade = [r for r in summary if r["state"] == CASCADE][0]
+    r_0 = ((0.9 - 0.1) + (0.7 - 0.3)) / ((1 - 0.1) + (1 - 0.3))  # state 0: Σ(s − c)/Σ(r − c)
+    r_1 = ((0.5 - 0.5) + (0.4 - 0.2)) / ((1 - 0.5) + (1 - 0.2))
+    states = {r["state_index"]: r["retention_mean"] for r in summary}
+    assert states[0] == pytest.approx(r_0) and states[1] == pytest.approx(r_1)
+    assert cascade["state_index"] == -1 and cascade["retention_mean"] == pytest.approx((r_0 + r_1) / 2)
+    assert cascade["retention_ci_low"] <= cascade["retention_mean"] <= cascade["retention_ci_high"]
+
+
+def test_retention_is_a_ratio_of_means_not_a_mean_of_ratios():
+    """SPEC §4. Nine images with a wide gap r − c that keep a quarter of it, one with a tiny gap that keeps
+    all of it: the mean of per-image ratios (0.325) is pulled up by the tiny-gap image; the ratio of
+    means Σ(s − c)/Σ(r − c) is not (≈ 0.251)."""
+    rows = [_row(image=f"wide{i}", state="min", state_index=0, test="class_sensitivity", value=0.25, chance=0.0)
+            for i in range(9)]
+    rows.append(_row(image="tiny", state="min", state_index=0, test="class_sensitivity", value=1.0, chance=0.99))
+    per_image = np.array([0.25] * 9 + [1.0])
+    ratio_of_means = (9 * 0.25 + 0.01) / (9 * 1.0 + 0.01)
+    r = summarize(_table(rows), n_boot=500).to_pylist()[0]
+    assert per_image.mean() == pytest.approx(0.325)
+    assert r["retention_mean"] == pytest.approx(ratio_of_means)
+    assert r["retention_ci_high"] < 0.3  # the tiny-gap image cannot drag the CI up to the mean of ratios
+    verdict = verdicts(summarize(_table(rows), n_boot=500)).to_pylist()[0]
+    assert verdict["verdict"] == "pass"
+
+
+def test_retention_is_per_seed_then_averaged_over_seeds():
+    """Seed 0 keeps 0.2 of a gap of 1, seed 1 keeps 0.3 of a gap of 0.1 (a ratio of 0.6 after c): R is
+    the mean of the two seeds' ratios, 0.4, not the ratio of the pooled sums."""
+    rows = [_row(image=f"i{i}", seed=0, value=0.2, chance=0.0) for i in range(5)]
+    rows += [_row(image=f"i{i}", seed=1, value=0.96, chance=0.9) for i in range(5)]
+    r = [r for r in summarize(_table(rows), n_boot=400).to_pylist() if r["state"] != CASCADE][0]
+    assert r["retention_mean"] == pytest.approx((0.2 + 0.6) / 2)
+    assert r["retention_ci_low"] == pytest.approx(0.2) and r["retention_ci_high"] == pytest.approx(0.6)
 
 
 def test_summarize_rejects_bad_input():
@@ -184,6 +216,20 @@ def test_verdict_thresholds_are_honoured():
                       VerdictRules(retention=0.35, min_gap=0.1))
     got = {r["method"]: r["verdict"] for r in strict.to_pylist()}
     assert got["passes"] == "inconclusive" and got["straddles"] == "fail" and got["flat"] == "fail"
+
+
+def test_every_retention_verdict_says_whether_it_holds_at_the_thresholds_around_it():
+    rows = [_summary_row("firm", low=0.1, high=0.3), _summary_row("near", low=0.2, high=0.45),
+            _summary_row("fails_near", low=0.55, high=0.8), _summary_row("flat", gap=0.1, low=0.45, high=0.55)]
+    table = {r["method"]: r for r in verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)).to_pylist()}
+    assert (table["firm"]["verdict_at_low"], table["firm"]["verdict_at_high"]) == ("pass", "pass")
+    assert not table["firm"]["threshold_sensitive"]
+    assert (table["near"]["verdict"], table["near"]["verdict_at_low"]) == ("pass", "inconclusive")
+    assert table["near"]["threshold_sensitive"]
+    assert (table["fails_near"]["verdict_at_high"], table["fails_near"]["threshold_sensitive"]) == ("inconclusive", True)
+    assert not table["flat"]["threshold_sensitive"]  # uninformative at every threshold
+    wide = verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), VerdictRules(retention_spread=0.25))
+    assert {r["method"]: r["threshold_sensitive"] for r in wide.to_pylist()}["firm"]
 
 
 def test_mprt_verdicts_at_the_head_and_for_the_cascade_emprt_at_the_last_state():
@@ -314,7 +360,8 @@ def test_partial_statistics_merged_over_shards_equal_the_whole_table():
 
 
 def test_summary_statistics_against_numpy_oracles():
-    """n, mean and std of the raw scores pooled over seeds and images; retention mean from the formula."""
+    """n, mean and std of the raw scores pooled over seeds and images; R = the mean over seeds of
+    Σ(s − c)/Σ(r − c) over the images whose s, c and r are finite."""
     table = _study(n_images=30)
     summary = {(r["method"], r["state"]): r for r in summarize(table, n_boot=200).to_pylist()}
     rows = [r for r in table.to_pylist() if r["method"] == "gradcampp" and r["state"] == "02:l2"]
@@ -324,8 +371,14 @@ def test_summary_statistics_against_numpy_oracles():
     assert got["n"] == finite.size and got["n_seeds"] == 3
     assert got["mean"] == pytest.approx(finite.mean(), rel=1e-12)
     assert got["std"] == pytest.approx(finite.std(ddof=1), rel=1e-10)
+    per_seed = []
+    for seed in sorted({row["seed"] for row in rows}):
+        s_, c_ = (np.array([row[k] for row in rows if row["seed"] == seed], dtype=float) for k in ("value", "chance"))
+        keep = np.isfinite(s_) & np.isfinite(c_)
+        per_seed.append((s_[keep] - c_[keep]).sum() / (1.0 - c_[keep]).sum())
+    assert got["retention_mean"] == pytest.approx(np.mean(per_seed), rel=1e-12)
     r = retention(values, [row["chance"] for row in rows], 1.0)
-    assert got["retention_mean"] == pytest.approx(np.nanmean(r), rel=1e-12)
+    assert got["retention_mean"] != pytest.approx(np.nanmean(r), rel=1e-3)  # not the mean of ratios
 
 
 def test_poisson_weights_depend_only_on_the_image_the_resample_and_the_seed():

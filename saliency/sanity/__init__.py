@@ -3,8 +3,8 @@
 - ``class_sensitivity``: similarity between the map for the top class and maps for other classes.
 - ``mprt``: similarity between maps of the trained model and of randomised states (Adebayo et al. 2018);
   ``emprt``: the relative rise of map entropy on the same states (Hedström et al. 2023).
-Each similarity row carries its two references (SPEC §4): ``chance`` (the same comparison against another
-image's map, image i paired with image i+1 of the batch) and ``retest`` (1 for deterministic methods, the
+Each similarity row carries its two references (SPEC §4): ``chance`` (the same comparison against other
+images' maps: the mean over K = 10 partners of the batch, a seeded choice per image) and ``retest`` (1 for deterministic methods, the
 similarity of two draws with different seeds for stochastic ones). ``saliency.statistics`` turns them into
 the normalised retention R = (s − c)/(r − c), verdicts and the paper's paired comparisons.
 
@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 from torch import Tensor, nn
 
-from saliency.sanity.base import (ORIGINAL, SCORE_SCHEMA, Block, SanityTest, Settings, as_2d, chance_partners,
-                                  random_other_classes, retest_seed)
+from saliency.sanity.base import (CHANCE_PARTNERS, ORIGINAL, SCORE_SCHEMA, Block, SanityTest, Settings, as_2d,
+                                  chance_partners, paired, random_other_classes, retest_seed)
 from saliency.sanity.classes import OTHERS, class_targets
 from saliency.sanity.emprt import ENTROPY_BINS, ENTROPY_METRIC, discrete_entropy, entropy_rise
 from saliency.sanity.mprt import CASCADE, CASCADE_INDEX, TARGET_MODES, head_state_index
@@ -27,7 +27,7 @@ from saliency.sanity.registry import available_tests, get_test, register, sanity
 from saliency.sanity.runner import SanityRun, run_sanity
 
 __all__ = [
-    "ORIGINAL", "SCORE_SCHEMA", "Block", "SanityTest", "Settings", "SanityRun", "run_sanity", "as_2d",
+    "CHANCE_PARTNERS", "ORIGINAL", "SCORE_SCHEMA", "paired", "Block", "SanityTest", "Settings", "SanityRun", "run_sanity", "as_2d",
     "chance_partners", "random_other_classes", "retest_seed", "OTHERS", "class_targets", "ENTROPY_BINS",
     "ENTROPY_METRIC", "discrete_entropy", "entropy_rise", "CASCADE", "CASCADE_INDEX", "TARGET_MODES",
     "head_state_index", "available_tests", "get_test", "register", "sanity_tests", "class_sensitivity",
@@ -39,7 +39,8 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
                       others: Sequence[str] = ("min", "random", "second"),
                       metrics: str | Sequence[str] = ("ssim", "spearman_abs"), seed: int = 0, *,
                       image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
-                      layer: str | None = None, explain_kwargs: dict | None = None) -> pa.Table:
+                      layer: str | None = None, explain_kwargs: dict | None = None,
+                      chance_partners: int = CHANCE_PARTNERS) -> pa.Table:
     """Similarity of each image's map for its top class with its maps for other classes (SPEC §2.1).
 
     One forward pass picks the classes; one explain call computes the maps for all of them. See
@@ -47,18 +48,19 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     ``image_ids`` so that the draw does not depend on batch position.
     """
     settings = Settings(methods=methods, tests=["class_sensitivity"], metrics=metrics, seed=seed, layer=layer,
-                        explain_kwargs=explain_kwargs or {}, others=others)
+                        explain_kwargs=explain_kwargs or {}, others=others, chance_partners=chance_partners)
     return run_sanity(model, x, settings, image_ids=image_ids, labels=labels, model_name=model_name)
 
 
 def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence[str],
                             order: str = "cascade_top_down", granularity: str = "module",
                             init: str = "reset", metrics: str | Sequence[str] = ("ssim", "spearman_abs"),
-                            target: str = "original", seed: int = 0, *, bn_stats: str = "keep",
+                            target: str = "original", seed: int = 0, *, bn_stats: str = "reset",
                             sigma: float = 0.01, states: Iterable[int] | None = None, emprt: bool = True,
                             randomization_seeds: Sequence[int] | None = None,
                             image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
-                            layer: str | None = None, explain_kwargs: dict | None = None) -> pa.Table:
+                            layer: str | None = None, explain_kwargs: dict | None = None,
+                            chance_partners: int = CHANCE_PARTNERS) -> pa.Table:
     """MPRT and (if ``emprt``) eMPRT scores of each image for each randomisation state and seed (SPEC §2.2).
 
     The original maps are computed once under the trained model for its top class; each state k (all,
@@ -69,5 +71,5 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
                         seed=seed, layer=layer, explain_kwargs=explain_kwargs or {}, order=order,
                         granularity=granularity, init=init, target=target, bn_stats=bn_stats, sigma=sigma,
                         randomization_seeds=randomization_seeds,
-                        states=None if states is None else list(states))
+                        states=None if states is None else list(states), chance_partners=chance_partners)
     return run_sanity(model, x, settings, image_ids=image_ids, labels=labels, model_name=model_name)

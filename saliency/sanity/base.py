@@ -6,8 +6,8 @@ the blocks of its map source against the original; the same blocks can be stored
 and stored maps always come from one explain call.
 
 Every score depends only on its own image (per-image seeds, per-image normalisation) and, for the
-chance level, on its partner in the batch (image i with image i+1); so a table is the same whatever
-the number of workers.
+chance level, on its K partners in the batch (a seeded choice per image id); so a table is the same
+whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -97,8 +97,7 @@ class SanityTest:
     def score(self, run: "SanityRun", block: Block) -> None:
         for method in run.methods:
             for metric in run.metrics:
-                value, chance = paired(run.prepared_original(method, metric), block.maps[method], metric,
-                                       run.partners)
+                value, chance = run.paired(method, metric, block)
                 run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
 
     def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
@@ -116,21 +115,45 @@ def as_2d(maps: Tensor) -> Tensor:
     return maps.sum(dim=1) if maps.dim() == 4 else maps
 
 
-def chance_partners(batch: int) -> Tensor | None:
-    """π(i) = (i + 1) mod B: the fixed other image each image is compared with for the chance level
-    (None for a single image, whose chance level is then NaN)."""
-    return None if batch < 2 else torch.arange(1, batch + 1) % batch
+#: Other images of the batch each image's chance level is averaged over (SPEC §4): one partner is too
+#: noisy, and R is concave in c, so that noise biases R down.
+CHANCE_PARTNERS = 10
 
 
-def paired(a: Tensor | Prepared, b: Tensor | Prepared, metric: str,
-           partners: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(similarity of a and b per image, chance: similarity of a and b's map of the partner image).
-    Maps may come prepared (``saliency.similarity.prepare``), so that each is prepared only once."""
+def chance_partners(image_ids: Sequence[str], k: int = CHANCE_PARTNERS, seed: int = 0) -> Tensor | None:
+    """B×K' batch positions: for each image, K' = min(k, B − 1) distinct other images of the batch,
+    drawn by a generator seeded by (seed, image id), so the choice is fixed per image and batch. None
+    for a single image, whose chance level is then NaN."""
+    if k < 1:
+        raise ValueError(f"chance_partners must be at least 1, got {k}")
+    batch = len(image_ids)
+    if batch < 2:
+        return None
+    chosen = []
+    for i, image_id in enumerate(image_ids):
+        others = np.delete(np.arange(batch), i)
+        rng = np.random.default_rng([seed, stable_seed("chance-partners", str(image_id))])
+        chosen.append(rng.choice(others, size=min(k, batch - 1), replace=False))
+    return torch.from_numpy(np.stack(chosen)).long()
+
+
+def paired(a: Tensor | Prepared, b: Tensor | Prepared, metric: str, partners: Tensor | None,
+           valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(similarity of a and b per image, chance: the mean similarity of a with b's maps of the image's
+    partners, B×K from ``chance_partners``). ``valid`` (B bool) marks b's maps that may serve as a
+    partner; the mean skips the others (NaN when none is left). Maps may come prepared
+    (``saliency.similarity.prepare``), so that each is prepared only once."""
     a, b = (m if isinstance(m, Prepared) else prepare(m, metric) for m in (a, b))
     score = compare(a, b)
     if partners is None:
         return score, torch.full_like(score, math.nan)
-    return score, compare(a, b.select(partners))
+    batch, k = partners.shape
+    own = torch.arange(batch).repeat_interleave(k)
+    others = compare(a.select(own), b.select(partners.flatten())).view(batch, k).double()
+    if valid is not None:
+        others = torch.where(valid.to(others.device)[partners.to(others.device)], others,
+                             torch.full_like(others, math.nan))
+    return score, others.nanmean(dim=1).to(score.dtype)
 
 
 def retest_seed(seed: int) -> int:
@@ -179,18 +202,12 @@ class Rows:
         c["chance"] += [None] * batch if chance is None else chance.double().cpu().tolist()
         c["retest"] += [None] * batch if retest is None else retest.double().cpu().tolist()
 
-    def drop_invalid(self, start: int, invalid: dict[str, list[bool]], partners: Tensor | None) -> None:
-        """Of the rows added since ``start``: drop those of an invalid (method, image), and set the chance
-        level to NaN where the partner image's map is invalid."""
+    def drop_invalid(self, start: int, invalid: dict[str, list[bool]]) -> None:
+        """Of the rows added since ``start``: drop those of an invalid (method, image). (Invalid partner
+        maps are left out of the chance level when it is computed: ``SanityRun.paired``.)"""
         index = {image_id: b for b, image_id in enumerate(self.image_ids)}
-        partner = None if partners is None else partners.tolist()
-        keep = []
-        for i in range(start, len(self.columns["method"])):
-            flags = invalid[self.columns["method"][i]]
-            b = index[self.columns["image_id"][i]]
-            keep.append(not flags[b])
-            if partner is not None and flags[partner[b]] and self.columns["chance"][i] is not None:
-                self.columns["chance"][i] = math.nan
+        keep = [not invalid[self.columns["method"][i]][index[self.columns["image_id"][i]]]
+                for i in range(start, len(self.columns["method"]))]
         for name, values in self.columns.items():
             values[start:] = [v for v, k in zip(values[start:], keep) if k]
 
@@ -214,7 +231,8 @@ class Settings:
     granularity: str = "module"
     init: str = "reset"
     target: str = "original"
-    bn_stats: str = "keep"
+    bn_stats: str = "reset"
+    chance_partners: int = CHANCE_PARTNERS
     sigma: float = 0.01
     randomization_seeds: Sequence[int] | None = None  # None: ``seed`` alone
     states: Sequence[int] | None = None  # None: every randomisation state

@@ -2,7 +2,7 @@
 
 The other classes are explained in the same call as the top class. Rows: test="class_sensitivity",
 state = the other's name ("min", "random", "second"), state_index = its position in ``others``,
-target_class = the other class; ``chance`` compares the top-class map with the partner image's map for
+target_class = the other class; ``chance`` compares the top-class map with the partner images' maps for
 its own other class; ``retest`` is the top-class map against a second draw (stochastic methods). High
 similarity means the method ignores the output.
 """

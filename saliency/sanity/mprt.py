@@ -5,7 +5,7 @@ Each state k (all, or ``settings.states`` so that workers can share them out) is
 randomisation seed on one working copy changed in place (``states_in_place``: bit-identical to
 ``randomized_state``), explained and scored. ``target="original"``
 keeps the original top class (Quantus's choice); ``"recompute"`` uses each state's own argmax. Rows:
-one per metric, with ``chance`` (the original map against the partner image's map in the same state)
+one per metric, with ``chance`` (the original map against the partner images' maps in the same state)
 and ``retest``; the ``seed`` column holds the randomisation seed.
 """
 from __future__ import annotations

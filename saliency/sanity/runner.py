@@ -13,7 +13,7 @@ from saliency.engine import cam_layer, explain
 from saliency.methods import get_method
 from saliency.passes import check_input, forward_logits
 from saliency.prefix import FrozenPrefix
-from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, retest_seed
+from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, paired, retest_seed
 from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, Prepared, prepare, similarity
 
@@ -24,7 +24,7 @@ class SanityRun:
 
     Shared by every test: ``logits``, ``top`` (the top class), ``original`` (its maps, B×H×W per method),
     ``retest`` per (method, metric) (1 for deterministic methods; two draws of a stochastic one),
-    ``partners`` (the chance-level pairing), ``layer`` (the resolved CAM layer), ``rows`` and, while
+    ``partners`` (B×K: the other images of the batch each chance level averages over), ``layer`` (the resolved CAM layer), ``rows`` and, while
     the blocks are made, ``prefix``: the original model's forward on the batch, recorded once, which every
     explain call answers from as far as its model is unchanged (the original pass whole; an MPRT state
     below its randomised layers).
@@ -48,7 +48,7 @@ class SanityRun:
             test.check(self)  # bad settings are refused before any work
         self.image_ids = _image_ids(image_ids, x.shape[0])
         self.rows = Rows(self.image_ids, _labels(labels, x.shape[0]), model_name)
-        self.partners = chance_partners(x.shape[0])
+        self.partners = chance_partners(self.image_ids, settings.chance_partners, settings.seed)
         self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
         check_input(model, x)
         self.layer = cam_layer(model, x, self.methods, settings.layer)
@@ -61,12 +61,19 @@ class SanityRun:
         self.failures: list[dict] = []  # non-finite maps: image_id, method, test, state, seed, reason
         self.explain_calls = 0
         self.prefix: FrozenPrefix | None = None
+        self._bad: dict[str, Tensor] | None = None  # while a block is scored: its non-finite maps
 
     def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
         """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options."""
         self.explain_calls += 1
         return explain(model, self.x, self.methods, targets, layer=self.layer,
                        **{**self.explain_kwargs, "prefix": self.prefix, **overrides})
+
+    def paired(self, method: str, metric: str, block: Block) -> tuple[Tensor, Tensor]:
+        """(similarity of each original map of ``method`` with its map in ``block``, chance level: the
+        mean similarity with the block's maps of the image's partners whose maps are finite)."""
+        valid = None if self._bad is None else ~self._bad[method]
+        return paired(self.prepared_original(method, metric), block.maps[method], metric, self.partners, valid)
 
     def prepared_original(self, method: str, metric: str) -> Prepared:
         """The original maps of ``method`` prepared for ``metric`` once, for every block that scores them."""
@@ -108,12 +115,15 @@ class SanityRun:
         out (failure rows say why) and a chance level against a non-finite partner map is NaN."""
         bad = self._non_finite(block)
         start = len(self.rows.columns["method"])
-        for test in self.tests:
-            if test.source == block.test:
-                test.score(self, block)
+        self._bad = bad
+        try:
+            for test in self.tests:
+                if test.source == block.test:
+                    test.score(self, block)
+        finally:
+            self._bad = None
         if any(mask.any() for mask in bad.values()) or any(mask.any() for mask in self.invalid.values()):
-            self.rows.drop_invalid(start, {m: (self.invalid[m] | bad[m]).tolist() for m in self.methods},
-                                   self.partners)
+            self.rows.drop_invalid(start, {m: (self.invalid[m] | bad[m]).tolist() for m in self.methods})
         return block
 
     def _non_finite(self, block: Block) -> dict[str, Tensor]:
