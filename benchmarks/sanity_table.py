@@ -50,7 +50,7 @@ def verdict_markdown(table: pa.Table, metric: str) -> str:
             value = f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         else:
             value = f"{r['retention_mean']:.2f} [{r['retention_ci_low']:.2f}, {r['retention_ci_high']:.2f}]"
-        cells[(r["method"], r["test"], r["scope"])] = f"{value} {r['verdict']}"
+        cells[(r["method"], r["test"], r["scope"])] = f"{value} {r['verdict']}" + (" †" if r.get("threshold_sensitive") else "")
     methods = list(dict.fromkeys(r["method"] for r in table.to_pylist()))
     lines = ["| method | " + " | ".join(f"{t} {s}" for t, s in COLUMNS) + " |", "|---" * (1 + len(COLUMNS)) + "|"]
     for method in methods:

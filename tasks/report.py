@@ -133,8 +133,10 @@ def _facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None
         ("tests", ", ".join(manifest.tests)),
         ("randomization", f"seeds {', '.join(map(str, r.seeds))}; order {r.order}; "
                           f"{len(manifest.states)} MPRT states"),
-        ("verdict rules", f"fail when CI_low(R) > {rules['retention']:g}, pass when CI_high(R) < "
-                          f"{rules['retention']:g}, uninformative when mean(r − c) < {rules['min_gap']:g}; "
+        ("verdict rules", f"R = (s̄ − c̄)/(r̄ − c̄) per seed, averaged over seeds; fail when CI_low(R) > "
+                          f"{rules['retention']:g}, pass when CI_high(R) < "
+                          f"{rules['retention']:g} (also read at ± {rules.get('retention_spread', 0.1):g}: † marks "
+                          f"a verdict that changes there), uninformative when mean(r − c) < {rules['min_gap']:g}; "
                           f"eMPRT passes when CI(entropy rise) > {rules['entropy_rise']:g}; comparisons "
                           f"Holm-corrected at α = {rules['alpha']:g}"),
         ("code version", manifest.code_version),
@@ -221,7 +223,12 @@ def matrix_cell(row: dict | None) -> dict | None:
     else:
         label, value = "", (f"{_fmt(row['retention_mean'], 2)} [{_fmt(row['retention_ci_low'], 2)}, "
                             f"{_fmt(row['retention_ci_high'], 2)}]")
-    return {"verdict": verdict, "label": label, "value": value, "reason": f"{verdict}: {row['reason']}"}
+    sensitive = bool(row.get("threshold_sensitive"))
+    reason = f"{verdict}: {row['reason']}"
+    if sensitive:
+        reason += (f"; threshold-sensitive: {row['verdict_at_low']} at the lower threshold, "
+                   f"{row['verdict_at_high']} at the higher")
+    return {"verdict": verdict, "label": label, "value": value, "reason": reason, "sensitive": sensitive}
 
 
 def _reading(verdicts: pa.Table, comparisons: pa.Table | None) -> str:
@@ -244,6 +251,12 @@ def _reading(verdicts: pa.Table, comparisons: pa.Table | None) -> str:
             text += f": {', '.join(by['fail'])}" if by["fail"] else ""
             rest = [f"{len(by[v])} {v}" for v in ("pass", "inconclusive", "uninformative") if by[v]]
             sentences.append(text + (f"; {', '.join(rest)}" if rest else "") + ".")
+    sensitive = [r for r in rows if r.get("threshold_sensitive")]
+    if sensitive:
+        sentences.append(f"{len(sensitive)} of these verdicts are threshold-sensitive (†: another verdict at R "
+                         f"threshold ± the spread): " + "; ".join(_cell_name(r) for r in sensitive) + ".")
+    sentences += _sign_invariant_reading(verdicts, headline)
+    sentences += _complexity_reading(verdicts)
     if comparisons is not None and comparisons.num_rows:
         pairs = [r for r in comparisons.to_pylist() if r["metric"] == headline.get(r["test"])]
         more = [r for r in pairs if r["significant"] and (r["mean_difference"] or 0) > 0]
@@ -259,13 +272,59 @@ def _reading(verdicts: pa.Table, comparisons: pa.Table | None) -> str:
     return " ".join(sentences)
 
 
+SIGN_INVARIANT = "spearman_abs"
+"""The metric a sign flip does not change: every claim is also read on it (SPEC §4)."""
+
+
+def _cell_name(row: dict) -> str:
+    return f"{row['method']} {row['test']}/{row['scope']} {row['verdict']} ({row['verdict_at_low']} / {row['verdict_at_high']})"
+
+
+def _sign_invariant_reading(verdicts: pa.Table, headline: dict[str, str]) -> list[str]:
+    """Where the headline metric and the sign-invariant one give different verdicts, named: a signed
+    metric counts a sign flip of the map as a change."""
+    rows = verdicts.to_pylist()
+    invariant = {(r["model"], r["method"], r["test"], r["scope"]): r["verdict"] for r in rows
+                 if r["metric"] == SIGN_INVARIANT}
+    compared = [r for r in rows if r["metric"] == headline[r["test"]] != SIGN_INVARIANT and r["method"] not in CONTROLS
+                and (r["model"], r["method"], r["test"], r["scope"]) in invariant]
+    if not compared:
+        return []
+    differ = [f"{r['method']} {r['test']}/{r['scope']} ({r['metric']} {r['verdict']}, {SIGN_INVARIANT} "
+              f"{invariant[(r['model'], r['method'], r['test'], r['scope'])]})" for r in compared
+              if r["verdict"] != invariant[(r["model"], r["method"], r["test"], r["scope"])]]
+    if not differ:
+        return [f"The sign-invariant {SIGN_INVARIANT} gives the same verdict in all {len(compared)} cells."]
+    return [f"The sign-invariant {SIGN_INVARIANT} disagrees in {len(differ)} of {len(compared)} cells: "
+            + "; ".join(differ) + "."]
+
+
+def _complexity_reading(verdicts: pa.Table) -> list[str]:
+    """eMPRT measures a rise in map complexity (Hedström et al. 2023), not how much of the map is kept:
+    where it disagrees with MPRT over the cascade, say so rather than read it as support or refutation."""
+    rows = verdicts.to_pylist()
+    headline = headline_metrics(verdicts)
+    mprt = {(r["model"], r["method"]): r["verdict"] for r in rows
+            if r["test"] == "mprt" and r["scope"] == "cascade" and r["metric"] == headline.get("mprt")}
+    judged = [(r, mprt[(r["model"], r["method"])]) for r in rows if r["test"] == "emprt" and r["method"] not in CONTROLS
+              and (r["model"], r["method"]) in mprt and {r["verdict"], mprt[(r["model"], r["method"])]} <= {"pass", "fail"}]
+    if not judged:
+        return []
+    differ = [f"{r['method']} (eMPRT {r['verdict']}, MPRT {verdict})" for r, verdict in judged if r["verdict"] != verdict]
+    text = ("eMPRT measures a rise in map complexity (entropy), not retention, so it neither supports nor refutes "
+            "an MPRT verdict")
+    return [text + (f"; it differs from MPRT over the cascade for {len(differ)} of {len(judged)} methods: "
+                    + "; ".join(differ) + "." if differ else f"; it agrees with MPRT for all {len(judged)} methods.")]
+
+
 def _paired(verdicts: pa.Table, comparisons: pa.Table) -> dict:
     """The paper's table: per signed method its pos/abs variants beside it, per (test, scope) at the
     headline metric: R [CI] from the verdicts, and ΔR, Holm p and rank-biserial r from the comparisons."""
     headline = headline_metrics(verdicts)
-    judged = {(r["model"], r["method"], r["test"], r["scope"]): r for r in verdicts.to_pylist()
-              if r["metric"] == headline[r["test"]]}
-    pairs = [r for r in comparisons.to_pylist() if r["metric"] == headline.get(r["test"])]
+    judged = {(r["model"], r["method"], r["test"], r["scope"], r["metric"]): r for r in verdicts.to_pylist()}
+    metrics = {test: list(dict.fromkeys([metric, SIGN_INVARIANT])) for test, metric in headline.items()}
+    every = comparisons.to_pylist()
+    pairs = [r for r in every if r["metric"] == headline.get(r["test"])]
     columns = [c for c in matrix_columns([r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]]])
                if any((r["test"], r["scope"]) == c for r in pairs)]
     several = len({r["model"] for r in pairs}) > 1
@@ -279,13 +338,19 @@ def _paired(verdicts: pa.Table, comparisons: pa.Table) -> dict:
             for method in [signed] + variants:
                 cells = []
                 for test, scope in columns:
-                    verdict = judged.get((model, method, test, scope))
-                    pair = next((r for r in mine if (r["variant"], r["signed"], r["test"], r["scope"])
-                                 == (method, signed, test, scope)), None)
-                    cells.append({"verdict": verdict["verdict"] if verdict else "", "r": matrix_cell(verdict)["value"]
-                                  if verdict else "–", "pair": None if pair is None else
-                                  f"ΔR {_signed(pair['mean_difference'])}, p {_p(pair['p_holm'])}, "
-                                  f"r {_signed(pair['rank_biserial'])}"})
+                    lines = []
+                    for metric in metrics[test]:
+                        verdict = judged.get((model, method, test, scope, metric))
+                        pair = next((r for r in every if (r["model"], r["variant"], r["signed"], r["test"], r["scope"],
+                                                          r["metric"]) == (model, method, signed, test, scope, metric)), None)
+                        if verdict is None and pair is None:
+                            continue
+                        lines.append({"metric": metric, "verdict": verdict["verdict"] if verdict else "",
+                                      "r": matrix_cell(verdict)["value"] if verdict else "–",
+                                      "pair": None if pair is None else
+                                      f"ΔR {_signed(pair['mean_difference'])}, p {_p(pair['p_holm'])}, "
+                                      f"r {_signed(pair['rank_biserial'])}"})
+                    cells.append({"verdict": lines[0]["verdict"] if lines else "", "lines": lines})
                 rows.append({"method": method, "role": "signed" if method == signed else "variant", "cells": cells})
             blocks.append({"model": model if several else None, "rows": rows})
     return {"columns": [{"test": get_test(t).title, "scope": s, "words": SCOPE_WORDS.get(s, "")} for t, s in columns],
@@ -297,9 +362,10 @@ def _verdict_table(verdicts: pa.Table) -> dict:
     tests = [t.id for t in sanity_tests()]
     rows = sorted(verdicts.to_pylist(), key=lambda r: (r["model"], rank[r["method"]], _rank(r["test"], tests),
                                                      r["scope"], r["metric"]))
-    head = ("model", "method", "test", "scope", "metric", "verdict", "n", "R [95% CI]", "value [95% CI]",
-            "r − c", "reason")
-    body = [[r["model"], r["method"], r["test"], r["scope"], r["metric"], r["verdict"], _fmt(r["n"]),
+    head = ("model", "method", "test", "scope", "metric", "verdict", "at R threshold − / +", "n", "R [95% CI]",
+            "value [95% CI]", "r − c", "reason")
+    body = [[r["model"], r["method"], r["test"], r["scope"], r["metric"], r["verdict"],
+             f"{r['verdict_at_low']} / {r['verdict_at_high']}" + (" †" if r["threshold_sensitive"] else ""), _fmt(r["n"]),
              f"{_fmt(r['retention_mean'])} [{_fmt(r['retention_ci_low'])}, {_fmt(r['retention_ci_high'])}]",
              f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["gap_mean"]), r["reason"]]
             for r in rows]

@@ -66,10 +66,11 @@ def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
 
 
 def verdict_rows(verdicts: pa.Table, comparisons: pa.Table | None) -> list[tuple[str, float, int]]:
-    """Verdict counts (``verdicts/fail``, …), and the paper's comparison: mean ΔR per pair
-    (``compare/gradcampp-vs-gradcampp_signed/class_sensitivity/min/ssim``)."""
+    """Verdict counts (``verdicts/fail``, …, and ``verdicts/threshold_sensitive``), and the paper's
+    comparison: mean ΔR per pair (``compare/gradcampp-vs-gradcampp_signed/class_sensitivity/min/ssim``)."""
     kinds = verdicts["verdict"].to_pylist()
     rows = [(f"verdicts/{kind}", float(kinds.count(kind)), 0) for kind in VERDICTS]
+    rows.append(("verdicts/threshold_sensitive", float(sum(verdicts["threshold_sensitive"].to_pylist())), 0))
     for r in (comparisons.to_pylist() if comparisons is not None else []):
         pair = f"{r['variant']}-vs-{r['signed']}".replace("/", "_")
         rows.append((f"compare/{pair}/{r['test']}/{r['scope']}/{r['metric']}", r["mean_difference"], 0))

@@ -47,3 +47,33 @@ def test_gpu_check_script_dry_runs_on_the_cpu():
     summary = done.stdout.split("== summary (CPU dry run) ==")[1]
     assert summary.count("ok ") == 3 and "FAILED" not in summary, summary
     assert "efficiency" in done.stdout and '"images_per_second"' in done.stdout
+
+
+def test_verdict_changes_lists_exactly_the_cells_whose_verdict_differs(tmp_path):
+    """benchmarks/verdict_changes.py: the before/after table of issue 19's re-measurement."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import verdict_changes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def row(method, verdict, r, test="mprt", scope="head", sensitive=False):
+        return dict(model="m", method=method, test=test, scope=scope, metric="ssim", verdict=verdict,
+                    retention_mean=r, retention_ci_low=r - 0.1, retention_ci_high=r + 0.1, mean=r, ci_low=r - 0.1,
+                    ci_high=r + 0.1, threshold_sensitive=sensitive)
+
+    pq.write_table(pa.Table.from_pylist([row("a", "pass", 0.2), row("b", "fail", 0.8), row("c", "pass", 0.1)]),
+                   tmp_path / "before.parquet")
+    pq.write_table(pa.Table.from_pylist([row("a", "inconclusive", 0.45, sensitive=True), row("b", "fail", 0.7),
+                                         row("d", "pass", 0.1)]), tmp_path / "after.parquet")
+    done = subprocess.run([sys.executable, "benchmarks/verdict_changes.py", str(tmp_path / "before.parquet"),
+                           str(tmp_path / "after.parquet")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "| m | a | mprt | head | ssim | pass 0.20 [0.10, 0.30] | inconclusive 0.45 [0.35, 0.55] † |" in lines
+    assert not any("| b |" in line for line in lines)
+    assert "cells compared: 2; changed: 1; only before: 1; only after: 1" in lines
+    assert verdict_changes.changes(pq.read_table(tmp_path / "before.parquet"),
+                                   pq.read_table(tmp_path / "after.parquet"), {"spearman_abs"})[1]["changed"] == 0

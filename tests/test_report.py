@@ -324,6 +324,36 @@ def test_reading_counts_the_failures_it_names(tmp_path):
     assert re.search(r"In \d+ of \d+ paired comparisons", reading)
 
 
+def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads_emprt_as_complexity(tmp_path):
+    """SPEC §4 / issue 19: a verdict that changes at R threshold ± spread gets † in the matrix and is
+    named; where ssim and the sign-invariant spearman_abs disagree, the reading says so; eMPRT is read
+    as a rise in map complexity, and its disagreement with MPRT over the cascade is named."""
+    from saliency.statistics import VERDICT_SCHEMA
+
+    summary, verdict, paired = run_tables()
+    rows = verdict.to_pylist()
+    for r in rows:
+        if (r["method"], r["test"], r["scope"]) == ("gradcampp", "class_sensitivity", "min") and r["metric"] == "ssim":
+            r.update(verdict_at_low="inconclusive", threshold_sensitive=True)
+        if (r["method"], r["test"], r["scope"], r["metric"]) == ("gradient", "mprt", "head", "spearman_abs"):
+            r.update(verdict="fail")
+        if (r["method"], r["test"]) == ("gradient", "emprt"):
+            r.update(verdict="fail")
+    edited = pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)
+    page = page_report.write_report(summary, tmp_path, verdicts=edited, comparisons=paired,
+                                    manifest=manifest()).read_text(encoding="utf-8")
+    _, cells, _ = matrix_cells(page)
+    assert cells["gradcampp"][0] == ("fail", "fail 0.90 [0.90, 0.90] †")
+    assert "†" not in cells["gradcampp"][1][1]
+    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
+    assert ("1 of these verdicts are threshold-sensitive (†: another verdict at R threshold ± the spread): "
+            "gradcampp class_sensitivity/min fail (inconclusive / fail).") in reading
+    assert "disagrees in 1 of " in reading and "gradient mprt/head (ssim pass, spearman_abs fail)" in reading
+    assert "eMPRT measures a rise in map complexity" in reading
+    assert "gradient (eMPRT fail, MPRT pass)" in reading
+    assert 'title="fail: CI_low(R) = 0.900 &gt; 0.5; threshold-sensitive: inconclusive at the lower threshold' in page
+
+
 def test_a_failing_control_is_shown_as_a_warning(tmp_path):
     summary, verdict, _ = run_tables(levels=LEVELS | {"edge_sobel": 0.1})
     page = page_report.write_report(summary, tmp_path, verdicts=verdict).read_text(encoding="utf-8")
@@ -348,8 +378,11 @@ def test_paired_table_puts_variants_under_their_signed_method(tmp_path):
                                                  ("Model parameter randomisation (MPRT)", "cascade")]
     row = next(r for r in paired.to_pylist() if (r["test"], r["scope"], r["metric"]) == ("mprt", "head", "ssim"))
     variant_cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1][2])
-    assert variant_cells[3].startswith("0.90 [0.90, 0.90]<br><small>ΔR +0.40, p ")
-    assert f"r {row['rank_biserial']:+.2f}" in variant_cells[3]
+    headline, invariant = re.findall(r'<span class="(\w+)" data-metric="([^"]+)"><small>[^<]+</small> (.*?)</span>',
+                                     variant_cells[3], re.S)
+    assert headline[:2] == ("fail", "ssim") and invariant[:2] == ("fail", "spearman_abs")  # both metrics, headline first
+    assert headline[2].startswith("0.90 [0.90, 0.90]<br><small>ΔR +0.40, p ")
+    assert f"r {row['rank_biserial']:+.2f}" in headline[2]
     full = re.search(r"<summary>All paired comparisons.*?</details>", page, re.S).group()
     assert re.search(r"<td>gradcampp vs gradcampp/signed</td><td>mprt</td><td>head</td><td>ssim</td><td>6</td>"
                      r"<td>0.900</td><td>0.500</td><td>0.400 \[[-0-9.]+, [-0-9.]+\]</td>", full)

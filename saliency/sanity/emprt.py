@@ -60,5 +60,6 @@ EMPRT = EntropyRise(
     id="emprt", title="eMPRT (entropy rise)", direction="higher", normalised=False, curve=True,
     figure="value", maps_from="mprt",
     description="eMPRT (Hedström et al. 2023): relative rise of the 100-bin histogram entropy of the map "
-                "from the trained to the randomised model; the verdict reads the fully randomised state. "
-                "A rise passes (the map became noise); no rise fails.")
+                "from the trained to the randomised model, i.e. a rise in map complexity; the verdict reads the "
+                "fully randomised state. A rise passes (the map became noise); no rise fails. It measures "
+                "complexity, not retention, so it neither supports nor refutes an MPRT verdict.")
