@@ -94,10 +94,14 @@ def test_positive_methods_fail_on_the_reference_cnn(cnn):
     assert _verdicts(table, "guided_backprop", "class_sensitivity") == {"min": "fail", "random": "fail"}
     assert _verdicts(table, "gradcampp", "class_sensitivity") == {"min": "fail", "random": "fail"}
     assert _verdicts(table, "gradcampp", "mprt")["head"] == "fail"
-    # measured: z⁺'s R against the lowest class sits at the threshold (0.51 [0.51, 0.51] on 1000 digits)
-    zplus = _verdicts(table, "lrp_zplus", "class_sensitivity")
-    assert zplus["random"] == "fail" and zplus["min"] in ("fail", "inconclusive")
+    # measured: z⁺ started from |y_c| keeps its map for the lowest class (R 0.96 [0.95, 0.96] at ssim); started
+    # from y_c < 0 its map flipped sign and R sat at the threshold (0.51 on 1000 digits before issue 19)
+    assert _verdicts(table, "lrp_zplus", "class_sensitivity") == {"min": "fail", "random": "fail"}
     assert _verdicts(table, "lrp_zplus", "class_sensitivity", "spearman_abs") == {"min": "fail", "random": "fail"}
+    # measured: guided backprop's cascade R straddles 0.5 (0.54 [0.52, 0.55] ssim, 0.49 [0.48, 0.51] spearman_abs)
+    cascade = [r for r in table.to_pylist() if (r["method"], r["test"], r["scope"]) == ("guided_backprop", "mprt", "cascade")]
+    assert {r["metric"]: (r["verdict"], r["threshold_sensitive"]) for r in cascade} == {
+        "ssim": ("fail", True), "spearman_abs": ("inconclusive", True)}
     rows = _rows(paired)
     for scope in ("min", "random"):
         row = rows[("gradcampp", "gradcampp/signed", "class_sensitivity", scope, "ssim")]
@@ -111,13 +115,16 @@ def test_on_the_reference_resnet_positive_aggregation_fails_mprt_but_not_class_s
     """At layer3 of a network ending in global average pooling + fc, ∂y_c/∂A^k = w_ck/(h·w) at every
     position, so φ = pos keeps the channels with w_ck > 0: a class-specific choice. Measured: GradCAM++
     stays class-sensitive (R ≈ 0 against the lowest class, more sensitive than signed), but keeps its map
-    when the head is randomised; guided backprop fails both; z⁺ fails the head MPRT on spearman_abs."""
+    when the head is randomised; guided backprop fails both; z⁺ fails the head MPRT on spearman_abs.
+    z⁺ against the lowest class, started from |y_c| (issue 19): R 0.58 [0.54, 0.63] at ssim (fail, threshold-
+    sensitive), 0.51 [0.45, 0.56] at spearman_abs; started from y_c (before) its sign flip read as a pass."""
     table, paired = resnet
     assert _verdicts(table, "gradcampp", "class_sensitivity") == {"min": "pass", "random": "pass"}
     assert _verdicts(table, "gradcampp", "mprt")["head"] == "fail"
     assert _verdicts(table, "guided_backprop", "class_sensitivity") == {"min": "fail", "random": "fail"}
     assert _verdicts(table, "guided_backprop", "mprt")["head"] == "fail"
-    assert _verdicts(table, "lrp_zplus", "class_sensitivity")["min"] == "pass"
+    assert _verdicts(table, "lrp_zplus", "class_sensitivity")["min"] == "fail"
+    assert _verdicts(table, "lrp_zplus", "class_sensitivity", "spearman_abs")["min"] == "inconclusive"
     assert _verdicts(table, "lrp_zplus", "mprt", "spearman_abs")["head"] == "fail"
     rows = _rows(paired)
     head = rows[("gradcampp", "gradcampp/signed", "mprt", "head", "ssim")]
