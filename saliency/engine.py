@@ -17,7 +17,8 @@ from saliency.methods import get_method
 from saliency.methods.cam import FULLGRAD_SCALINGS
 from saliency.prefix import FrozenPrefix
 from saliency.passes import (CHANNEL_REDUCTIONS, Pass, ReLURule, check_input, check_layer, default_cam_layer,
-                             evaluation, forward_logits, normalize_targets, reduce_channels, run_pass)
+                             evaluation, forward_logits, normalize_targets, other_activations, reduce_channels,
+                             run_pass)
 
 PROPAGATION_POLICIES = ("signed", "pos")
 
@@ -31,6 +32,28 @@ def cam_layer(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | 
     check_layer(model, layer)
     return layer
 
+
+#: Families ``propagation="pos"`` does not reach (LRP refuses it; the controls ignore the model).
+_OWN_BACKWARD_FAMILIES = ("lrp", "control")
+
+
+def check_relu_rules(model: nn.Module, x: Tensor, methods: Sequence[str], propagation: str = "signed") -> None:
+    """Refuse, before any map is computed, a ReLU backward rule (guided backprop, deconvnet, RectGrad,
+    ``propagation="pos"``) on a model that also runs other activations (GELU, SiLU, Hardswish, ReLU6, …):
+    no rule is defined for them, so the map would be mostly a plain gradient (SPEC §1.3)."""
+    resolved = [get_method(m) for m in methods]
+    users = [m.id for m in resolved if m.relu_backward]
+    if propagation == "pos":
+        users += [f"{m.id} with propagation='pos'" for m in resolved
+                  if not m.relu_backward and m.family not in _OWN_BACKWARD_FAMILIES]
+    if not users:
+        return
+    found = other_activations(model, x)
+    if found:
+        listed = ", ".join(f"{name} ×{count}" for name, count in found.items())
+        raise ValueError(f"{', '.join(users)}: a ReLU backward rule is defined for ReLU only, and this model also "
+                         f"runs {listed} (calls in one forward); the rule would be skipped there and the map be "
+                         f"mostly a plain gradient, so it is refused. Drop these methods for this model")
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -149,6 +172,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     if not 0.0 <= rectgrad_q <= 100.0:
         raise ValueError(f"rectgrad_q must be a percentile in [0, 100], got {rectgrad_q}")
     check_input(model, x)
+    check_relu_rules(model, x, method_ids, propagation)
     layer = cam_layer(model, x, method_ids, layer)
     needs_layer = any(m.needs_layer for m in resolved)
     with evaluation(model):

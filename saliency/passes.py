@@ -90,6 +90,41 @@ class _ReLURouting(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+#: Nonlinearities a ReLU backward rule does not define (SPEC §1.3): a forward that meets them would
+#: differentiate them as usual, so a "guided" map would be mostly a plain gradient.
+_OTHER_ACTIVATIONS = {
+    F.gelu: "GELU", F.silu: "SiLU", F.hardswish: "Hardswish", F.mish: "Mish", F.hardtanh: "Hardtanh/ReLU6",
+    F.hardtanh_: "Hardtanh/ReLU6", F.relu6: "ReLU6", F.elu: "ELU", F.elu_: "ELU", F.selu: "SELU",
+    F.celu: "CELU", F.leaky_relu: "LeakyReLU", F.leaky_relu_: "LeakyReLU", F.rrelu: "RReLU", F.prelu: "PReLU",
+    F.glu: "GLU", F.softplus: "Softplus", F.softsign: "Softsign", F.logsigmoid: "LogSigmoid",
+    F.hardsigmoid: "Hardsigmoid", torch.sigmoid: "sigmoid", Tensor.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
+    Tensor.sigmoid_: "sigmoid", torch.tanh: "tanh", Tensor.tanh: "tanh", torch.tanh_: "tanh", Tensor.tanh_: "tanh",
+    F.softmax: "softmax", torch.softmax: "softmax", Tensor.softmax: "softmax",
+}
+
+
+class _ActivationCensus(TorchFunctionMode):
+    """Counts the calls of ``_OTHER_ACTIVATIONS`` in a forward (modules and functional calls alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _OTHER_ACTIVATIONS.get(func)
+        if name is not None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def other_activations(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """{activation: calls} of the nonlinearities other than ReLU that one forward of ``x[:1]`` runs."""
+    census = _ActivationCensus()
+    with torch.no_grad(), evaluation(model), census:
+        run_model(model, x[:1])
+    return dict(sorted(census.counts.items()))
+
+
 # --------------------------------------------------------------------------------------------- passes
 @dataclass
 class Pass:

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from saliency.engine import cam_layer
+from saliency.engine import cam_layer, check_relu_rules
 from saliency.passes import check_input, forward_logits
 from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
@@ -98,6 +98,10 @@ def _example_input(dataset):
 def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> Manifest:
     example = _example_input(dataset)
     check_model_on_data(cfg, model, example)
+    try:
+        check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
+    except ValueError as error:
+        raise ConfigError(f"config field `methods.ids`: {error}") from None
     layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
     r = cfg.randomization

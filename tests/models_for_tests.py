@@ -178,3 +178,26 @@ def broken_backward(num_classes: int = 10) -> nn.Module:
     $SALIENCY_TEST_COUNT_FILE, then raises ValueError."""
     torch.manual_seed(0)
     return BrokenBackward(os.environ["SALIENCY_TEST_COUNT_FILE"], num_classes).eval()
+
+
+class MixedActivations(nn.Module):
+    """A small CNN whose nonlinearities are GELU (module), SiLU (functional) and ReLU6, beside one ReLU:
+    what a ReLU backward rule must refuse (SPEC §1.3)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act3 = nn.ReLU6()
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv1(x))
+        x = torch.nn.functional.silu(self.conv2(x))
+        return self.head(self.act3(x))
+
+
+def mixed_activations(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return MixedActivations(num_classes=num_classes).eval()

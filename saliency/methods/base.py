@@ -45,6 +45,7 @@ class Method:
     needs_biases: bool = False
     stochastic: bool = False
     signed_counterpart: str | None = None
+    relu_backward: bool = False  # its rule replaces the backward at ReLUs (refused where other activations run)
 
     def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
         raise NotImplementedError

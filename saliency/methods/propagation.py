@@ -69,6 +69,7 @@ class PropagationMethod(Method):
     """Input gradient under a ReLU backward rule; ``times_input``: input ⊙ that gradient instead."""
 
     times_input: bool = False
+    relu_backward: bool = True
 
     def relu_rule(self, ctx) -> ReLURule:  # pragma: no cover - every method overrides it
         raise NotImplementedError

@@ -1,0 +1,71 @@
+"""A user's own model (issue 18): every method is right on it or refused before any compute, naming why.
+
+Here: ReLU backward rules (guided backprop, deconvnet, RectGrad, ``propagation="pos"``) on models that run
+other activations, refused with the activation types and their counts (SPEC §1.3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import saliency
+from models_for_tests import assert_model_untouched, mixed_activations, state_snapshot
+from saliency.passes import other_activations
+
+RULES = ["guided_backprop", "deconvnet", "rectgrad", "rectgrad/abs"]
+
+
+@pytest.mark.parametrize("method", RULES)
+def test_a_relu_rule_on_other_activations_is_refused_naming_them(method):
+    model = mixed_activations()
+    snapshot = state_snapshot(model)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError) as error:
+        saliency.explain(model, x, ["gradient", method])
+    message = str(error.value)
+    assert message.startswith(f"{method}: a ReLU backward rule is defined for ReLU only")
+    assert "GELU ×1, Hardtanh/ReLU6 ×1, SiLU ×1" in message and "refused" in message
+    assert_model_untouched(model, snapshot)
+
+
+def test_positive_propagation_is_refused_there_too_but_plain_gradients_run():
+    model = mixed_activations()
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"gradient with propagation='pos', gradcam with propagation='pos': a ReLU"):
+        saliency.explain(model, x, ["gradient", "gradcam", "edge_sobel"], propagation="pos", layer="conv2")
+    maps = saliency.explain(model, x, ["gradient", "gradcam", "lrp_epsilon"], layer="conv2")
+    assert all(torch.isfinite(m).all() for m in maps.values())
+
+
+def test_the_census_sees_modules_and_functional_calls_and_nothing_on_relu_nets():
+    assert other_activations(mixed_activations(), torch.zeros(1, 1, 8, 8)) == {
+        "GELU": 1, "Hardtanh/ReLU6": 1, "SiLU": 1}
+    resnet = torchvision.models.resnet18(num_classes=4).eval()
+    assert other_activations(resnet, torch.zeros(1, 3, 32, 32)) == {}
+    maps = saliency.explain(resnet, torch.randn(1, 3, 32, 32), ["guided_backprop"], [[0, 1]])
+    assert maps["guided_backprop"].shape == (1, 2, 32, 32)
+
+
+@pytest.mark.parametrize("name, found", [
+    ("efficientnet_b0", "SiLU ×49, sigmoid ×16"),
+    ("mobilenet_v3_small", "Hardsigmoid ×9, Hardswish ×19"),
+    ("convnext_tiny", "GELU ×18"),
+])
+def test_torchvision_models_with_other_activations_are_refused(name, found):
+    model = getattr(torchvision.models, name)(num_classes=5).eval()
+    with pytest.raises(ValueError, match=f"this model also runs {found} "):
+        saliency.explain(model, torch.randn(1, 3, 64, 64), "guided_backprop")
+
+
+def test_the_pipeline_refuses_a_relu_rule_before_any_shard(prefect_server, tmp_path):
+    """The planner runs the same check on the first image, before Ray starts: one error naming the field."""
+    from flows.sanity_check import sanity_check
+    from tasks.config import ConfigError
+    from test_pipeline import tiny
+
+    config = tiny(model={"name": "models_for_tests:mixed_activations"},
+                  methods={"ids": ["gradient", "guided_backprop"]})
+    with pytest.raises(ConfigError, match=r"config field `methods.ids`: guided_backprop: a ReLU backward rule .* "
+                                          r"also runs GELU ×1, Hardtanh/ReLU6 ×1, SiLU ×1"):
+        sanity_check(config=config, out=str(tmp_path))
+    assert not any(tmp_path.rglob("*.parquet"))
