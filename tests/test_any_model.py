@@ -69,3 +69,46 @@ def test_the_pipeline_refuses_a_relu_rule_before_any_shard(prefect_server, tmp_p
                                           r"also runs GELU ×1, Hardtanh/ReLU6 ×1, SiLU ×1"):
         sanity_check(config=config, out=str(tmp_path))
     assert not any(tmp_path.rglob("*.parquet"))
+
+
+class _HugeGradient(torch.nn.Module):
+    """Finite logits, finite float32 input gradients of ±2e38: their range (4e38) overflows float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 3, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.stack([torch.tensor([1.0, -1.0] * 32), torch.tensor([-1.0, 1.0] * 32),
+                                                  torch.tensor([1.0, 1.0, -1.0, -1.0] * 16)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1)) * 2e38
+
+
+def test_extreme_finite_maps_are_scored_not_lost():
+    """Issue 18, item 5: eMPRT's histogram took np.histogram's "Too many bins for data range" on a finite
+    map whose range overflows float32, and the whole call was lost. Now every row comes back, and the
+    entropy equals that of the same map scaled down (histogram bins are scale- and shift-invariant)."""
+    from saliency.sanity import discrete_entropy, parameter_randomization
+
+    huge = torch.tensor([[[-2e38, 0.0, 2e38, 1e37]]])
+    torch.testing.assert_close(discrete_entropy(huge), discrete_entropy(huge / 1e30))
+    model = _HugeGradient().eval()
+    x = torch.rand(3, 1, 8, 8) * 1e-3
+    maps = saliency.explain(model, x, "gradient")["gradient"]
+    assert torch.isfinite(maps).all() and (maps.amax() - maps.amin()).isinf()
+    table = parameter_randomization(model, x, "gradient", metrics=("ssim", "spearman_abs"))
+    emprt = [r for r in table.to_pylist() if r["test"] == "emprt"]
+    assert table.num_rows == 3 * (1 * 2 + 1) and len(emprt) == 3  # one state (the linear layer)
+    assert all(r["value"] == r["value"] for r in emprt)  # finite, not NaN
+
+
+def test_the_library_says_how_many_maps_failed_and_returns_the_rest():
+    from models_for_tests import deep_residual
+    from saliency.sanity import parameter_randomization
+    from saliency.sanity.runner import NonFiniteMapsWarning
+
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.warns(NonFiniteMapsWarning, match=r"maps were not finite and their rows are left out \(lrp_epsilon: "):
+        table = parameter_randomization(deep_residual(), x, ["gradient", "lrp_epsilon"], emprt=False)
+    assert set(table["method"].to_pylist()) == {"gradient"} and table.num_rows > 0

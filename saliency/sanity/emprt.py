@@ -23,15 +23,29 @@ def discrete_entropy(maps: Tensor, bins: int = ENTROPY_BINS) -> Tensor:
     scipy.stats.entropy). np.histogram on the map's own dtype is used so that values on a bin edge
     fall in the same bin as in Quantus.
 
-    maps: B×H×W (or B×…); returns float64 B on the maps' device. A constant map has entropy 0.
+    maps: B×H×W (or B×…); returns float64 B on the maps' device. A constant map has entropy 0. A finite
+    map whose range overflows its dtype (np.histogram: "Too many bins for data range") is binned after
+    the affine rescaling (v − min)/(max − min) in float64, which puts every value in the same bin in
+    exact arithmetic, instead of losing the whole call (issue 18).
     """
     flat = maps.detach().flatten(1).cpu().numpy()
     entropies = []
     for row in flat:
-        counts = np.histogram(row, bins=bins)[0]
+        counts = _histogram(row, bins)
         p = counts[counts > 0] / counts.sum()
         entropies.append(float(-(p * np.log(p)).sum()))
     return torch.tensor(entropies, dtype=torch.float64, device=maps.device)
+
+
+def _histogram(row: np.ndarray, bins: int) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            return np.histogram(row, bins=bins)[0]
+        except ValueError:
+            if not np.isfinite(row).all():
+                raise
+    shifted = row.astype(np.float64) - float(row.min())
+    return np.histogram(shifted / max(float(shifted.max()), np.finfo(np.float64).tiny), bins=bins)[0]
 
 
 def entropy_rise(original: Tensor, randomized: Tensor, bins: int = ENTROPY_BINS) -> Tensor:

@@ -2,6 +2,7 @@
 class, then the other map sources' blocks, each scored by every test that reads it, in one pass."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -167,7 +168,19 @@ def run_sanity(model: nn.Module, x: Tensor, settings: Settings, **identity) -> p
     run = SanityRun(model, x, settings, **identity)
     for _ in run.blocks():
         pass
+    if run.failures:
+        counts: dict[str, int] = {}
+        for failure in run.failures:
+            counts[failure["method"]] = counts.get(failure["method"], 0) + 1
+        warnings.warn(f"{len(run.failures)} maps were not finite and their rows are left out ("
+                      + ", ".join(f"{method}: {n}" for method, n in counts.items())
+                      + "); SanityRun(...).failures lists each image, state and reason", NonFiniteMapsWarning,
+                      stacklevel=3)
     return run.table()
+
+
+class NonFiniteMapsWarning(UserWarning):
+    """Some maps were NaN/Inf: their score rows were left out, every other row is returned."""
 
 
 def _distinct_list(values, name: str, what: str, hint: str) -> list[str]:
