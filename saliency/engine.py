@@ -16,7 +16,8 @@ from saliency.choices import check_choice
 from saliency.methods import get_method
 from saliency.methods.cam import FULLGRAD_SCALINGS
 from saliency.prefix import FrozenPrefix
-from saliency.passes import (CHANNEL_REDUCTIONS, Pass, ReLURule, check_input, check_layer, default_cam_layer,
+from saliency.passes import (CHANNEL_REDUCTIONS, LAYER_LAYOUTS, Pass, ReLURule, cam_layout, check_input,
+                             check_layer, default_cam_layer,
                              evaluation, forward_logits, normalize_targets, other_activations, reduce_channels,
                              run_pass)
 
@@ -60,6 +61,7 @@ def check_relu_rules(model: nn.Module, x: Tensor, methods: Sequence[str], propag
 @dataclass
 class Options:
     layer: str | None = None
+    layer_layout: str = "channels_first"
     channel_reduction: str = "sum"
     propagation: str = "signed"
     relu_map: bool = False
@@ -97,7 +99,7 @@ class Context:
         if key not in self._passes:
             self._passes[key] = run_pass(
                 self.model, self.x, self.targets,
-                layer=self.options.layer if self._needs_layer else None,
+                layer=self.options.layer if self._needs_layer else None, layout=self.options.layer_layout,
                 bias_layers=self._needs_biases, positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
@@ -138,7 +140,8 @@ class Context:
 
 # --------------------------------------------------------------------------------------------- explain
 def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=None,
-            layer: str | None = None, *, channel_reduction: str = "sum", propagation: str = "signed",
+            layer: str | None = None, *, layer_layout: str | None = None, channel_reduction: str = "sum",
+            propagation: str = "signed",
             relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
             sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
             fullgrad_scaling: str = "layer", internal_batch_size: int | None = None, prefix: FrozenPrefix | None = None) -> dict[str, Tensor]:
@@ -148,7 +151,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     (B×T×C×H×W for input-space methods when ``channel_reduction="none"``; CAM-style maps then get C=1).
     Methods that need the same forward/backward share it. The model is left unchanged.
     Options: ``layer`` (CAM layer, default ``default_cam_layer``: the rectified output of the last
-    convolutional block), ``propagation`` ("pos" = only positive
+    convolutional block), ``layer_layout`` (how that layer's output is laid out: "channels_first",
+    "channels_last" or "tokens"; None = found by ``cam_layout``), ``propagation`` ("pos" = only positive
     signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
     random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
     each image's range), ``rectgrad_q`` (percentile), ``fullgrad_scaling`` (the bare ``fullgrad``'s
@@ -175,11 +179,16 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     check_relu_rules(model, x, method_ids, propagation)
     layer = cam_layer(model, x, method_ids, layer)
     needs_layer = any(m.needs_layer for m in resolved)
+    if layer_layout is not None:
+        check_choice("layer_layout", layer_layout, LAYER_LAYOUTS)
+    elif needs_layer:
+        layer_layout = cam_layout(model, x, layer)
     with evaluation(model):
         if targets is None:
             targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
-        options = Options(layer=layer, channel_reduction=channel_reduction, propagation=propagation,
+        options = Options(layer=layer, layer_layout=layer_layout or "channels_first",
+                          channel_reduction=channel_reduction, propagation=propagation,
                           relu_map=relu_map, seed=seed, ig_steps=ig_steps, ig_baseline=ig_baseline,
                           sg_samples=sg_samples, sg_noise=sg_noise, rectgrad_q=rectgrad_q,
                           fullgrad_scaling=fullgrad_scaling, internal_batch_size=internal_batch_size)

@@ -11,6 +11,7 @@ this module knows only the plain gradient.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -185,10 +186,12 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor], keep_graph: bool = Fals
 
 def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None = None,
              bias_layers: bool = False, linear_biases: bool = False, rule: ReLURule = GRADIENT,
-             positive: bool = False, batched: bool | None = None, prefix: FrozenPrefix | None = None) -> Pass:
+             positive: bool = False, batched: bool | None = None, prefix: FrozenPrefix | None = None,
+             layout: str = "channels_first") -> Pass:
     """One forward and one backward for all targets, capturing what the methods asked for.
 
-    ``targets`` is B×T. ``rule``/``positive`` set the ReLU backward (SPEC §1.3). The model must be in
+    ``targets`` is B×T. ``rule``/``positive`` set the ReLU backward (SPEC §1.3). ``layout``: how the CAM
+    layer's output is laid out (``LAYER_LAYOUTS``); its activation and gradient come back B×K×h×w. The model must be in
     eval mode already (``explain`` takes care of it). ``batched`` picks vmap over the T targets
     (default: on accelerators) or one backward per target over the retained graph (default on CPU).
     Custom ReLU rules always loop: their autograd Function has no vmap rule. ``prefix``: module calls
@@ -197,7 +200,7 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
     not run as the recorded one did switches the prefix off (logged) and the pass is run whole.
     """
     options = {"layer": layer, "bias_layers": bias_layers, "linear_biases": linear_biases, "rule": rule,
-               "positive": positive, "batched": batched}
+               "positive": positive, "batched": batched, "layout": layout}
     if prefix is not None:
         try:
             return _run_pass(model, x, targets, prefix=prefix, **options)
@@ -208,7 +211,7 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
 
 def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None, bias_layers: bool,
               linear_biases: bool, rule: ReLURule, positive: bool, batched: bool | None,
-              prefix: FrozenPrefix | None) -> Pass:
+              prefix: FrozenPrefix | None, layout: str) -> Pass:
     if batched is None:
         batched = x.device.type != "cpu" and rule == GRADIENT and not positive
     captured: dict[str, Tensor] = {}
@@ -272,10 +275,10 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
             inputs = [x]
             if layer is not None:
                 act = captured.get("act")
-                if act is None or act.dim() != 4:
+                if act is None or as_channels_first(act, layout).dim() != 4:
                     shape = None if act is None else tuple(act.shape)
                     raise ValueError(f"layer {layer!r} gives output of shape {shape}; CAM methods need "
-                                     f"a convolutional layer whose output is B×K×h×w")
+                                     f"a layer whose output is B×K×h×w (or B×h×w×K, or B×tokens×K)")
                 inputs.append(act)
             inputs += [out for _, out in bias_calls]
             keep = reuse is not None  # the recorded graph serves the next pass too
@@ -289,7 +292,8 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
     result = Pass(logits=logits.detach(), input_grad=grads[0])
     rest = grads[1:]
     if layer is not None:
-        result.layer_act, result.layer_grad = captured["act"].detach(), rest[0]
+        result.layer_act = as_channels_first(captured["act"].detach(), layout)
+        result.layer_grad = as_channels_first(rest[0], layout)
         rest = rest[1:]
     result.bias_terms = [(bias, g) for (bias, _), g in zip(bias_calls, rest) if g is not None]
     return result
@@ -406,24 +410,36 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
     itself), the outermost whose output is B×K×h×w with h·w > 1 (torchvision ResNet ``layer4``,
     VGG/AlexNet ``features``, the reference models' ``features``/``layer3``). When the conv sits directly
     in the model (a flat Sequential), the last module run after it with such an output (its ReLU or
-    pool). Never the conv's own pre-BatchNorm/pre-ReLU output unless nothing follows it.
+    pool). Never the conv's own pre-BatchNorm/pre-ReLU output unless nothing follows it. A transformer
+    (``nn.MultiheadAttention`` modules run): the token output that feeds its last attention (ViT: the last
+    block's ``ln_1``, pytorch-grad-cam's documented choice — after it only the class token reaches the
+    classifier, so patch tokens get no gradient).
     """
     modules = {name: m for name, m in model.named_modules() if name}
     calls: list[tuple[str, bool]] = []  # (module name, output is B×K×h×w with h·w > 1), in finishing order
+    tokens: set[int] = set()  # positions in ``calls`` of outputs that are a grid of tokens
+    attention_starts: list[int] = []
 
     def record(name: str):
         def hook(_module, _inputs, output):
             spatial = isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1
+            if isinstance(output, Tensor) and output.dim() == 3 and _grid_side(output.shape[1]) is not None:
+                tokens.add(len(calls))
             calls.append((name, spatial))
         return hook
 
     handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    handles += [m.register_forward_pre_hook(lambda *_: attention_starts.append(len(calls)))
+                for m in modules.values() if isinstance(m, nn.MultiheadAttention)]
     try:
         with torch.no_grad(), evaluation(model), _ReLURouting():
             run_model(model, example_input[:1])
     finally:
         for handle in handles:
             handle.remove()
+    feeding = [i for i in tokens if attention_starts and i < attention_starts[-1]]
+    if feeding:
+        return calls[max(feeding)][0]
     conv_calls = [i for i, (name, _) in enumerate(calls) if isinstance(modules[name], nn.Conv2d)]
     if not conv_calls:
         raise ValueError("CAM methods need a convolutional layer, and the model runs no nn.Conv2d; "
@@ -438,6 +454,75 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
             return ancestor
     after = [name for name, spatial in calls[last + 1:] if spatial]
     return after[-1] if after else conv
+
+
+LAYER_LAYOUTS = ("channels_first", "channels_last", "tokens")
+"""How a CAM layer's output is laid out: B×K×h×w (CNNs), B×h×w×K (torchvision's Swin), or B×N×K tokens
+of a g×g patch grid, N = g² or g² + 1 with a class token first (ViT)."""
+
+
+def as_channels_first(values: Tensor, layout: str) -> Tensor:
+    """…×K×h×w from a layer output (or its gradient, with a target axis after the batch) in ``layout``:
+    channels-last is permuted; tokens drop the class token (when N = g² + 1) and become a g×g grid, as
+    pytorch-grad-cam's documented ``reshape_transform`` for ViT and Swin does."""
+    if layout == "channels_first":
+        return values
+    if layout == "channels_last":
+        return values.movedim(-1, -3)
+    tokens = values.shape[-2]
+    side = _grid_side(tokens)
+    if side is None:
+        raise ValueError(f"{tokens} tokens are not a square grid of patches (with or without a class token)")
+    grid = values[..., tokens - side * side:, :]
+    return grid.reshape(*values.shape[:-2], side, side, values.shape[-1]).movedim(-1, -3)
+
+
+def _grid_side(tokens: int) -> int | None:
+    for patches in (tokens, tokens - 1):
+        side = math.isqrt(max(patches, 0))
+        if side > 1 and side * side == patches:
+            return side
+    return None
+
+
+def cam_layout(model: nn.Module, example_input: Tensor, layer: str) -> str:
+    """The layout of ``layer``'s output (``LAYER_LAYOUTS``), from one traced forward: 3-D outputs whose
+    N is g² (+1) are tokens; a 4-D output is channels-first when its last two sizes fit in the input
+    (1×1 included) and its channels do not, channels-last when the reverse holds (h·w > 1); when both fit,
+    channels-last only if
+    the last module run inside the layer works on the last axis (LayerNorm, Linear). Anything else is
+    refused, naming the layer."""
+    module = dict(model.named_modules())[layer]
+    seen: dict[str, object] = {}
+
+    def leaf(child, _inputs, _output):
+        seen["last"] = child
+
+    def output(_module, _inputs, out):
+        seen["shape"] = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+
+    handles = [m.register_forward_hook(leaf) for m in module.modules() if not list(m.children())]
+    handles.append(module.register_forward_hook(output))
+    try:
+        with torch.no_grad(), evaluation(model), _ReLURouting():
+            run_model(model, example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    shape, (height, width) = seen.get("shape"), example_input.shape[-2:]
+    if isinstance(shape, tuple) and len(shape) == 3 and _grid_side(shape[1]) is not None:
+        return "tokens"
+    if isinstance(shape, tuple) and len(shape) == 4:
+        _, a, b, c = shape
+        first = b <= height and c <= width
+        last = a * b > 1 and a <= height and b <= width
+        if last and (not first or isinstance(seen.get("last"), (nn.LayerNorm, nn.Linear))):
+            return "channels_last"
+        if first:
+            return "channels_first"
+    raise ValueError(f"the layout of the output of layer {layer!r}, {shape}, cannot be established (channels-first "
+                     f"B×K×h×w, channels-last B×h×w×K or B×tokens×K); pass another layer (config: model.layer) "
+                     f"or declare its layout (layer_layout)")
 
 
 def check_layer(model: nn.Module, layer: str) -> None:

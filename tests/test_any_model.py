@@ -112,3 +112,66 @@ def test_the_library_says_how_many_maps_failed_and_returns_the_rest():
     with pytest.warns(NonFiniteMapsWarning, match=r"maps were not finite and their rows are left out \(lrp_epsilon: "):
         table = parameter_randomization(deep_residual(), x, ["gradient", "lrp_epsilon"], emprt=False)
     assert set(table["method"].to_pylist()) == {"gradient"} and table.num_rows > 0
+
+
+# ------------------------------------------------------------------------ CAM layers that are not channels-first
+def _vit_reshape(tensor, height=14, width=14):  # pytorch-grad-cam's docs (vision transformers)
+    result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+
+def _swin_reshape(tensor):  # torchvision's Swin blocks are already B×h×w×C
+    return tensor.permute(0, 3, 1, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layer, layout, reshape", [
+    ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", "tokens", _vit_reshape),
+    ("swin_t", "features", "channels_last", _swin_reshape),
+])
+@pytest.mark.parametrize("method, cam_name", [("gradcam", "GradCAM")])  # GradCAM++ reads the same layer
+def test_token_and_channels_last_layers_agree_with_pytorch_grad_cam(name, layer, layout, reshape, method, cam_name):
+    """Issue 18, item 4: the default CAM layer of a ViT is the input of its last attention (not the patch
+    embedding), and of torchvision's Swin its B×h×w×C features, permuted; both equal pytorch-grad-cam
+    with the reshape_transform its documentation gives for these models."""
+    import numpy as np
+    import pytorch_grad_cam
+    import torch.nn.functional as F
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from saliency.passes import cam_layout
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=6).eval()
+    if name == "vit_b_16":  # torchvision initialises the ViT head to zeros: every gradient would be 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    assert saliency.default_cam_layer(model, x) == layer and cam_layout(model, x, layer) == layout
+    targets = torch.tensor([3])
+    ours = saliency.explain(model, x, method, targets)[method][:, 0]
+    module = dict(model.named_modules())[layer]
+    cam = getattr(pytorch_grad_cam, cam_name)(model=model, target_layers=[module], reshape_transform=reshape)
+    try:
+        cam_targets = [ClassifierOutputTarget(3)]
+        outputs = cam.activations_and_grads(x)
+        model.zero_grad()
+        sum(t(o) for t, o in zip(cam_targets, outputs)).backward()
+        acts = cam.activations_and_grads.activations[0].numpy()
+        grads = cam.activations_and_grads.gradients[0].numpy()
+        raw = torch.from_numpy(cam.get_cam_image(x, module, cam_targets, acts, grads))
+    finally:
+        cam.activations_and_grads.release()
+    theirs = F.interpolate(raw[:, None], size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+    pearson = np.corrcoef(ours.flatten().double().numpy(), theirs.flatten().double().numpy())[0, 1]
+    assert pearson >= 0.999
+
+
+def test_a_layer_whose_layout_cannot_be_established_is_refused_naming_it():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(2), torch.nn.Identity(),
+                                torch.nn.Flatten(1), torch.nn.Linear(168, 3)).eval()
+    x = torch.randn(2, 1, 10, 9)
+    with pytest.raises(ValueError, match=r"the layout of the output of layer '2', \(1, 3, 56\), cannot be established .*"
+                                         r"\(config: model.layer\)"):
+        saliency.explain(model, x, "gradcam", layer="2")
+    declared = saliency.explain(model, x, "gradcam", layer="0", layer_layout="channels_first")
+    assert declared["gradcam"].shape == (2, 1, 10, 9)

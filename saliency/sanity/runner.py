@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from saliency.engine import cam_layer, explain
 from saliency.methods import get_method
-from saliency.passes import check_input, forward_logits
+from saliency.passes import cam_layout, check_input, forward_logits
 from saliency.prefix import FrozenPrefix
 from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, paired, retest_seed
 from saliency.sanity.registry import get_test
@@ -53,6 +53,8 @@ class SanityRun:
         self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
         check_input(model, x)
         self.layer = cam_layer(model, x, self.methods, settings.layer)
+        if self.layer is not None and any(get_method(m).needs_layer for m in self.methods):
+            self.explain_kwargs.setdefault("layer_layout", cam_layout(model, x, self.layer))
         self.logits: Tensor | None = None
         self.top: Tensor | None = None
         self.original: dict[str, Tensor] = {}
