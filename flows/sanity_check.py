@@ -232,6 +232,9 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                     len(plan.shards), len(plan.pending), len(plan.manifest.layers))
         if progress:  # the terminal's first lines: what is about to run, counted from the plan
             print(plan_line(plan), flush=True)
+        if plan.strays:
+            logger.warning("%d file(s) in %s are not parts of this run and are ignored (never read): %s",
+                           len(plan.strays), plan.run_dir, ", ".join(plan.strays))
         for index, reason in plan.rejected.items():
             logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
         results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
@@ -260,6 +263,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
             "stats": stats, "model_origin": plan.model_origin, "tracking_error": tracking_error,
+            "ignored_files": plan.strays,
             "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
                        for r in results},
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 PART_KINDS = ("scores", "maps", "failures")
+#: The only part names a run writes: part-00007.parquet (shard 7), part-dataset.parquet (failures found
+#: while listing the data). Anything else in scores/, maps/, failures/ was put there by someone else.
+PART_NAME = re.compile(r"part-(\d{5}|dataset)\.parquet")
 
 FAILURE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("stage", pa.string()),
@@ -167,21 +171,47 @@ class RunDir:
             raise ValueError(f"{self.file(*parts)} is not valid JSON ({error}); restore it, or start the "
                              "run afresh with another --out") from None
 
-    def parts(self, kind: str) -> dict[str, str]:
-        """{shard label ("00007" or "dataset"): path} of the finished parts of one kind."""
+    def parts(self, kind: str, shards: int | None = None) -> dict[str, str]:
+        """{shard label ("00007" or "dataset"): path} of the finished parts of one kind, named as a run
+        names them (a copy such as "part-00000 (copy).parquet" is not a part); with ``shards``, only
+        those of shards 0 … shards-1 (and "dataset")."""
         found = {}
         for info in self._listing(kind):
-            name = info.base_name
-            if info.is_file and name.startswith("part-") and name.endswith(".parquet"):
-                found[name.removeprefix("part-").removesuffix(".parquet")] = info.path
+            label = self._part_label(info, shards)
+            if label is not None:
+                found[label] = info.path
         return dict(sorted(found.items()))
 
-    def done_shards(self) -> set[int]:
-        return {int(label) for label in self.parts("scores") if label.isdigit()}
+    def stored_files(self) -> list[str]:
+        """Every file under scores/, maps/, failures/ (relative to the run directory) but the writer's
+        hidden temporaries (remove_temporaries deletes those)."""
+        return [f"{kind}/{info.base_name}" for kind in PART_KINDS for info in self._listing(kind)
+                if not (info.base_name.startswith(".") and info.base_name.endswith(".tmp"))]
 
-    def read_parts(self, kind: str) -> pa.Table | None:
-        """Every part of one kind, concatenated in shard order; None when there is none."""
-        tables = [pq.read_table(path, filesystem=self.fs) for path in self.parts(kind).values()]
+    def strays(self, shards: int) -> list[str]:
+        """The stored files that are not parts of a plan of ``shards`` shards (copies, parts of shards the
+        plan does not have, anything else): never read, left where they are."""
+        parts = {f"{kind}/{path.rpartition('/')[2]}" for kind in PART_KINDS
+                 for path in self.parts(kind, shards).values()}
+        return [name for name in self.stored_files() if name not in parts]
+
+    @staticmethod
+    def _part_label(info: pafs.FileInfo, shards: int | None) -> str | None:
+        match = PART_NAME.fullmatch(info.base_name) if info.is_file else None
+        if match is None:
+            return None
+        label = match.group(1)
+        if shards is not None and label != "dataset" and int(label) >= shards:
+            return None
+        return label
+
+    def done_shards(self, shards: int | None = None) -> set[int]:
+        return {int(label) for label in self.parts("scores", shards) if label.isdigit()}
+
+    def read_parts(self, kind: str, shards: int | None = None) -> pa.Table | None:
+        """Every part of one kind (of shards 0 … shards-1 when given), concatenated in shard order; None
+        when there is none."""
+        tables = [pq.read_table(path, filesystem=self.fs) for path in self.parts(kind, shards).values()]
         return pa.concat_tables(tables) if tables else None
 
     def remove_temporaries(self) -> int:
