@@ -106,3 +106,24 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
     resumed = sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
     assert resumed["stats"]["shards_skipped"] == 2 and resumed["stats"]["score_rows"] == expected
 
+
+@pytest.mark.parametrize("sets, message", [
+    (["tests.class_sensitivity=false", "tests.mprt=false", "tests.emprt=false"],
+     "config field `tests`: no sanity test is enabled; set at least one of class_sensitivity, mprt, emprt to true"),
+    (["methods.ids="], "config field `methods.ids`: at least one method ids is needed; allowed: gradient, "),
+    (["metrics.names="], "config field `metrics.names`: at least one metrics is needed; allowed: ssim, "),
+])
+def test_a_config_that_computes_nothing_is_refused_before_any_work(tmp_path, sets, message):
+    """Case 5: no test, no method or no metric is a config error (exit 2) at validation: no Ray, no Prefect,
+    no run directory, instead of a shard failing after a minute."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "out"),
+                                      *[arg for s in sets for arg in ("--set", s)]], env={"COLUMNS": "500"})
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"config error: {message}"), result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=message.split(": ", 1)[1][:40]):
+        load_config(overrides=sets)
