@@ -16,6 +16,8 @@ app = typer.Typer(help="Sanity checks for saliency maps at dataset scale: class 
                        "parameter randomisation, on Ray, Prefect, Parquet and MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)  # never break paths and commands across lines
+#: `run`'s exit status when the results are complete on disk but logging them to MLflow failed (README).
+EXIT_TRACKING_FAILED = 3
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config; omitted = the embedded default "
                                                      "(see `saliency-sanity config`)")]
@@ -117,6 +119,7 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     elif outcome.get("tracking_error"):
         console.print(f"[yellow]MLflow tracking failed[/yellow] ({outcome['tracking_error']}); the results above are "
                       f"complete on disk: log them later with [bold]saliency-sanity track {outcome['run_dir']}[/bold]")
+        raise typer.Exit(EXIT_TRACKING_FAILED)
 
 
 @app.command()
