@@ -91,7 +91,11 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     except Exception as error:
         if verbose:
             console.print_exception()
-        lines = str(error).strip().splitlines() or [type(error).__name__]
+        from tasks.storage import resource_error, resource_message
+
+        full = resource_error(error)  # e.g. the disk filled while writing the summary
+        lines = ([resource_message(full)] if full is not None else str(error).strip().splitlines()) or [
+            type(error).__name__]
         console.print(f"[red]run failed:[/red] {lines[0]}" + ("" if verbose else " (--verbose for details)"))
         raise typer.Exit(1) from None
     stats = outcome["stats"]

@@ -25,7 +25,7 @@ from tasks.config import ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
-from tasks.storage import RunDir, join
+from tasks.storage import RunDir, join, resource_error, resource_message
 from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
 
 DEPLOYMENT_NAME = "nightly"
@@ -125,7 +125,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                     except Exception as error:
                         computed = None
                         errors.append(error)
-                        if not transient(error):
+                        if not transient(error) or resource_error(error):
                             break  # every other shard would repeat it: stop before starting another
                     following = next(waiting, None)
                     if following is not None:
@@ -150,8 +150,11 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
 def shards_failed(errors: list[Exception], pending: int, written: int) -> RuntimeError:
     """One line: what failed, and whether re-running can help. An error of the computation itself (a
     model or method raising on every image) is not retried and stops the run at once; re-running would
-    repeat it."""
+    repeat it. A full disk (or another resource) stops it too, but re-running resumes once it is freed."""
     last = errors[-1]
+    full = resource_error(last)
+    if full is not None:
+        return RuntimeError(resource_message(full, written))
     if not transient(last):
         return RuntimeError(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
                             f"retried, the run stopped: fix its cause (config, model or data); {written} finished "

@@ -9,6 +9,7 @@ written first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -31,6 +32,36 @@ FAILURE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("stage", pa.string()),
     ("error_type", pa.string()), ("message", pa.string()), ("method", pa.string()), ("state", pa.string()),
 ])
+
+
+#: Errors of a full resource, not of the computation: {errno: (what happened, what to do before re-running)}.
+#: Re-running resumes once the resource is freed; the finished shards are kept.
+RESOURCE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "freeing space"),
+    errno.EDQUOT: ("the disk quota is exceeded", "freeing space or raising the quota"),
+    errno.EMFILE: ("too many files are open", "raising the open-files limit (ulimit -n)"),
+    errno.ENFILE: ("the system has too many files open", "closing other programs"),
+}
+
+
+def resource_error(error: BaseException | None) -> OSError | None:
+    """The resource error (RESOURCE_ERRORS) behind an error, following Ray's ``cause`` and ``__cause__``."""
+    for _ in range(10):
+        if error is None:
+            return None
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def resource_message(error: OSError, kept: int | None = None) -> str:
+    """'the disk is full (writing …/maps/part-00001.parquet: No space left on device); 2 finished shard(s)
+    are kept: re-run the same command after freeing space and it resumes'."""
+    what, remedy = RESOURCE_ERRORS[error.errno]
+    where = f"writing {error.filename}: " if error.filename else ""
+    shards = "the finished shards are kept" if kept is None else f"{kept} finished shard(s) are kept"
+    return f"{what} ({where}{error.strerror}); {shards}: re-run the same command after {remedy} and it resumes"
 
 
 def maps_schema(height: int, width: int) -> pa.Schema:
@@ -135,9 +166,11 @@ class RunDir:
         try:
             write(temporary)
             self.fs.move(temporary, final)
-        except BaseException:
+        except BaseException as error:
             if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
                 self.fs.delete_file(temporary)
+            if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:  # pyarrow's names no file
+                raise OSError(error.errno, os.strerror(error.errno), final) from error
             raise
 
     def write_table(self, table: pa.Table, *parts: str) -> str:

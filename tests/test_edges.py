@@ -2,16 +2,23 @@
 Prefect, MLflow and Parquet; CLI subprocesses where the terminal, the exit status or the processes matter."""
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tasks.config import ConfigError, load_config
 from tasks.storage import RunDir
-from test_fail_fast import rows_expected, small
+from test_fail_fast import ROOT, rows_expected, small
 
 # 4 digits in 2 shards; shard 0 stores its maps, so all three kinds of parts are on disk
 TWO_SHARDS = small(methods={"ids": ["gradient", "edge_sobel"]}, randomization={"seeds": [0]},
@@ -127,3 +134,124 @@ def test_a_config_that_computes_nothing_is_refused_before_any_work(tmp_path, set
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match=message.split(": ", 1)[1][:40]):
         load_config(overrides=sets)
+
+
+# ------------------------------------------------------------------ cases 4, 6, 7: one CLI run whose disk fills
+FULL_DISK = small(data={"limit": 8}, methods={"ids": ["gradient", "edge_sobel"]}, randomization={"seeds": [0]},
+                  storage={"store_maps": "all"})  # 4 shards of 2 images; maps/ is written first in each shard
+
+
+def listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(address:port, process name) of the TCP sockets these processes listen on (`ss -ltnp`)."""
+    found = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines():
+        if {int(pid) for pid in re.findall(r"pid=(\d+)", line)} & pids:
+            found.append((line.split()[3], (re.findall(r'\(\("([^"]+)"', line) or ["?"])[0]))
+    return found
+
+
+def with_descendants(pids: set[int]) -> set[int]:
+    """The processes and all their descendants (Ray's agents, started by the raylet, may lack the tag)."""
+    from flows.services import _parents
+
+    parents, found = _parents(), set(pids)
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in found} - found
+        if not more:
+            return found
+        found |= more
+
+
+def unauthenticated_answer(address: str) -> str:
+    """What a plain HTTP GET without Ray's token gets: 'HTTP <status>', or the error of a non-HTTP port."""
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host in ("*", "0.0.0.0", "[::]") else host.strip("[]")
+    try:
+        connection = http.client.HTTPConnection(host, int(port), timeout=3)
+        connection.request("GET", "/metrics")
+        return f"HTTP {connection.getresponse().status}"
+    except Exception as error:  # gRPC ports answer with binary frames
+        return type(error).__name__
+
+
+@dataclass
+class FullDiskRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: RunDir
+    done_before_full: set[int]
+    sockets: list[tuple[str, str, str]] | None  # (address, process, unauthenticated answer); None without ss
+
+
+@pytest.fixture(scope="module")
+def full_disk_run(tmp_path_factory):
+    """The CLI (its own Prefect server and local Ray) writing into a 4 MiB tmpfs that is filled up once
+    the first shard is written: the next shard's maps part meets a real ENOSPC. While its actors run, the
+    sockets of every process it started are listed with `ss -ltnp` and probed without the token."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount: Linux and root")
+    from test_fail_fast import cli_env, cli_run, tagged, wait_for_first_shard
+
+    tmp = tmp_path_factory.mktemp("full-disk")
+    disk = tmp / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        run_dir = RunDir(str(disk / load_config(FULL_DISK).run_name()))
+        process = subprocess.Popen(cli_run(FULL_DISK, disk), cwd=ROOT, env=cli_env(tmp, SALIENCY_TEST_TAG=tag),
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not any("ray::ShardWorker" in command for command in tagged(tag).values()):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its actors started"
+            time.sleep(0.05)
+        sockets = None
+        if shutil.which("ss"):
+            time.sleep(2)  # the agents' servers come up beside the first actors
+            sockets = [(address, name, unauthenticated_answer(address))
+                       for address, name in listening(with_descendants(set(tagged(tag))))]
+        wait_for_first_shard(process, run_dir)
+        with open(disk / "filler", "wb") as filler:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        done = run_dir.done_shards()
+        stdout, stderr = process.communicate(timeout=300)
+        yield FullDiskRun(process.returncode, stdout, stderr, run_dir, done, sockets)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_named_the_finished_shards_are_kept_and_a_rerun_resumes(full_disk_run, prefect_server,
+                                                                               ray_local):
+    """Case 4: ENOSPC while writing a part is not 'an error that re-running would repeat': the message
+    says the disk is full, which file, that the finished shards are kept and that re-running after
+    freeing space resumes. Freed, the re-run computes only the rest; rows exactly as planned."""
+    from flows.sanity_check import sanity_check
+
+    run = full_disk_run
+    assert run.returncode == 1, run.stdout + run.stderr[-3000:]
+    failed = [line for line in run.stdout.splitlines() if line.startswith("run failed")]
+    kept = run.run_dir.done_shards()
+    assert kept == run.done_before_full and 0 < len(kept) < 4
+    assert re.fullmatch(rf"run failed: the disk is full \(writing {re.escape(run.run_dir.path)}/maps/part-0000\d"
+                        rf"\.parquet: No space left on device\); {len(kept)} finished shard\(s\) are kept: re-run "
+                        r"the same command after freeing space and it resumes \(--verbose for details\)",
+                        failed[0]), failed
+    assert "re-running would repeat" not in run.stdout and "Traceback" not in run.stderr
+
+    (Path(run.run_dir.path).parent / "filler").unlink()
+    kept_bytes = {index: Path(run.run_dir.part_path("scores", index)).read_bytes() for index in kept}
+    outcome = sanity_check(config=FULL_DISK, out=str(Path(run.run_dir.path).parent))
+    assert outcome["stats"]["shards_skipped"] == len(kept) and set(outcome["shards"]) == set(range(4)) - kept
+    assert all(Path(run.run_dir.part_path("scores", i)).read_bytes() == data for i, data in kept_bytes.items())
+    rows = run.run_dir.read_parts("scores", 4).num_rows
+    print(f"rows expected {rows_expected(FULL_DISK)}, found {rows}")
+    assert rows == outcome["stats"]["score_rows"] == rows_expected(FULL_DISK)
+
