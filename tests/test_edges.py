@@ -255,3 +255,12 @@ def test_a_full_disk_is_named_the_finished_shards_are_kept_and_a_rerun_resumes(f
     print(f"rows expected {rows_expected(FULL_DISK)}, found {rows}")
     assert rows == outcome["stats"]["score_rows"] == rows_expected(FULL_DISK)
 
+
+@pytest.mark.slow
+def test_no_prefect_api_error_after_the_temporary_server_stops(full_disk_run):
+    """Case 6: a failed run's log records reach the temporary Prefect server before it stops, so the run
+    does not end with '--- Error logging to API --- All connection attempts failed'."""
+    assert full_disk_run.returncode == 1
+    assert "Error logging to API" not in full_disk_run.stderr + full_disk_run.stdout, full_disk_run.stderr[-3000:]
+    assert "All connection attempts failed" not in full_disk_run.stderr
+

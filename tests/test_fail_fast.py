@@ -229,6 +229,7 @@ def test_an_error_every_shard_would_repeat_is_not_retried(tmp_path):
                       "or data); 0 finished shard(s) are kept (--verbose for details)"]
     assert "resume" not in done.stdout and "second line" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "Error logging to API" not in done.stderr, done.stderr[-3000:]  # issue 22, case 6
     assert not list(out.rglob("*.parquet"))
 
 
