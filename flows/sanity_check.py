@@ -32,14 +32,22 @@ DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serve` use this schedule
 
 
+#: Ray settings of the local cluster a run starts itself. Its metrics agent serves Prometheus metrics
+#: on every interface without the token (Ray's other ports ask for it): the run reads no metrics, so off.
+LOCAL_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+
 @contextmanager
 def ray_connection() -> Iterator[None]:
-    """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one."""
+    """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one
+    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        local = os.environ.get("RAY_ADDRESS", "") in ("", "local")  # a cluster's settings are its own
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 **({"_system_config": LOCAL_RAY_SYSTEM_CONFIG} if local else {}))
         keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
         yield

@@ -264,3 +264,17 @@ def test_no_prefect_api_error_after_the_temporary_server_stops(full_disk_run):
     assert "Error logging to API" not in full_disk_run.stderr + full_disk_run.stdout, full_disk_run.stderr[-3000:]
     assert "All connection attempts failed" not in full_disk_run.stderr
 
+
+@pytest.mark.slow
+def test_the_local_ray_serves_nothing_without_the_token_beyond_loopback(full_disk_run):
+    """Case 7: of the local cluster's listening sockets, none outside 127.0.0.1 answers a request without
+    Ray's token (the metrics export, which did, is off); the gRPC ports and the runtime-env agent (401)
+    need the token."""
+    if full_disk_run.sockets is None:
+        pytest.skip("`ss` (iproute2) is not installed: cannot list the listening sockets")
+    outside = [(address, name, answer) for address, name, answer in full_disk_run.sockets
+               if not address.startswith(("127.", "[::1]"))]
+    print("\n".join(f"{address:<22} {name:<18} {answer}" for address, name, answer in full_disk_run.sockets))
+    assert any(name in ("raylet", "gcs_server") for _, name, _ in outside), full_disk_run.sockets  # the probe saw Ray
+    answered = [entry for entry in outside if entry[2].startswith("HTTP 2")]
+    assert answered == [], full_disk_run.sockets
