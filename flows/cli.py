@@ -269,10 +269,18 @@ def train_reference(force: Annotated[bool, typer.Option(help="retrain even if ca
 def serve(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
           cron: Annotated[Optional[str], typer.Option(help="cron schedule; default: the one of "
                                                       "deployments/prefect.yaml")] = None) -> None:
-    """Serve the scheduled `sanity_check` deployment from this process (no work pool needed)."""
+    """Serve the scheduled `sanity_check` deployment from this process (no work pool needed); refused
+    when its own config could never run (a model factory not on $SALIENCY_SANITY_ALLOWED_FACTORIES)."""
     overrides = list(set_ or [])
-    _validated(config, overrides)
-    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, sanity_check
+    cfg = _validated(config, overrides)
+    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, check_factory_allowed, sanity_check
+    from tasks.config import ConfigError
+
+    try:
+        check_factory_allowed(cfg, deployed=True)  # else every scheduled run would fail at its start
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] not serving: its own config could never run: {error}")
+        raise typer.Exit(2) from None
 
     parameters = {"config": None if config is None else str(config.resolve()),
                   "out": None if out is None else (out if "://" in out else str(Path(out).resolve())),

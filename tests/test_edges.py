@@ -278,3 +278,26 @@ def test_the_local_ray_serves_nothing_without_the_token_beyond_loopback(full_dis
     assert any(name in ("raylet", "gcs_server") for _, name, _ in outside), full_disk_run.sockets  # the probe saw Ray
     answered = [entry for entry in outside if entry[2].startswith("HTTP 2")]
     assert answered == [], full_disk_run.sockets
+
+
+# ------------------------------------------------------------------ case 8: serve checks its own config
+def test_serve_refuses_a_deployment_whose_factory_is_not_allowed(tmp_path, monkeypatch):
+    """Case 8: `python deployments/serve.py` (= `saliency-sanity serve`) with a model factory that is not
+    on $SALIENCY_SANITY_ALLOWED_FACTORIES refuses to serve at start (exit 2, the message), instead of
+    serving a deployment whose every run would fail; the same config with the factory allowed passes."""
+    from flows.sanity_check import ALLOWED_FACTORIES_ENV, check_factory_allowed
+    from test_fail_fast import cli_env
+
+    command = [sys.executable, str(ROOT / "deployments" / "serve.py"), "--set", "model.name=models_for_tests:small_cnn",
+               "--out", str(tmp_path / "out")]
+    env = {k: v for k, v in cli_env(tmp_path).items() if k != ALLOWED_FACTORIES_ENV}
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+    assert refused.stdout.startswith("config error: not serving: its own config could never run: config field "
+                                     "`model.name`: the factory 'models_for_tests:small_cnn' is not on this "
+                                     "deployment's allow-list ($SALIENCY_SANITY_ALLOWED_FACTORIES = empty)"), \
+        refused.stdout
+    assert "serving deployment" not in refused.stdout and not (tmp_path / "out").exists()
+
+    monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "models_for_tests:small_cnn")
+    check_factory_allowed(load_config(overrides=["model.name=models_for_tests:small_cnn"]), deployed=True)
