@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 PART_KINDS = ("scores", "maps", "failures")
-#: The only part names a run writes: part-00007.parquet (shard 7), part-dataset.parquet (failures found
-#: while listing the data). Anything else in scores/, maps/, failures/ was put there by someone else.
+#: The only part names a run writes: part-00007.parquet (shard 7), failures/part-dataset.parquet (failures
+#: found while listing the data). Anything else in scores/, maps/, failures/ was put there by someone else.
 PART_NAME = re.compile(r"part-(\d{5}|dataset)\.parquet")
 
 FAILURE_SCHEMA = pa.schema([
@@ -210,7 +210,7 @@ class RunDir:
         those of shards 0 … shards-1 (and "dataset")."""
         found = {}
         for info in self._listing(kind):
-            label = self._part_label(info, shards)
+            label = self._part_label(kind, info, shards)
             if label is not None:
                 found[label] = info.path
         return dict(sorted(found.items()))
@@ -229,14 +229,14 @@ class RunDir:
         return [name for name in self.stored_files() if name not in parts]
 
     @staticmethod
-    def _part_label(info: pafs.FileInfo, shards: int | None) -> str | None:
+    def _part_label(kind: str, info: pafs.FileInfo, shards: int | None) -> str | None:
         match = PART_NAME.fullmatch(info.base_name) if info.is_file else None
         if match is None:
             return None
         label = match.group(1)
-        if shards is not None and label != "dataset" and int(label) >= shards:
-            return None
-        return label
+        if label == "dataset":
+            return label if kind == "failures" else None
+        return None if shards is not None and int(label) >= shards else label
 
     def done_shards(self, shards: int | None = None) -> set[int]:
         return {int(label) for label in self.parts("scores", shards) if label.isdigit()}

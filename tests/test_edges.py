@@ -114,6 +114,24 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
     assert resumed["stats"]["shards_skipped"] == 2 and resumed["stats"]["score_rows"] == expected
 
 
+
+def test_only_the_names_a_run_writes_are_parts_and_everything_else_is_listed(tmp_path):
+    """Case 1, the naming rule: part-<5 digits> of the plan's shards, and part-dataset only in failures/;
+    a copy, a part of a shard beyond the plan or a 'dataset' part of scores is listed, never read."""
+    import pyarrow as pa
+
+    run_dir = RunDir(str(tmp_path / "run"))
+    for kind, shard in (("scores", 0), ("scores", 1), ("scores", 3), ("scores", "dataset"), ("maps", 1),
+                        ("failures", "dataset")):
+        run_dir.write_part(kind, shard, pa.table({"shard": [shard]}))
+    (tmp_path / "run" / "scores" / "part-00000 (copy).parquet").write_bytes(b"PAR1")
+    (tmp_path / "run" / "maps" / ".part-00002.parquet.abc.tmp").write_bytes(b"half")  # a writer's temporary
+    assert run_dir.done_shards(2) == {0, 1} and list(run_dir.parts("failures", 2)) == ["dataset"]
+    assert run_dir.read_parts("scores", 2)["shard"].to_pylist() == [0, 1]
+    assert sorted(run_dir.strays(2)) == ["scores/part-00000 (copy).parquet", "scores/part-00003.parquet",
+                                         "scores/part-dataset.parquet"]
+
+
 @pytest.mark.parametrize("sets, message", [
     (["tests.class_sensitivity=false", "tests.mprt=false", "tests.emprt=false"],
      "config field `tests`: no sanity test is enabled; set at least one of class_sensitivity, mprt, emprt to true"),
