@@ -129,6 +129,7 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
 @app.command()
 def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or URI)")]) -> None:
     """Write the figures and index.html of a run directory into RUN_DIR/report/."""
+    from tasks.manifest import ManifestChanged
     from tasks.report import write_run_report
     from tasks.storage import RunDir
 
@@ -136,7 +137,11 @@ def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or
     if not directory.exists("summary.parquet"):
         console.print(f"[red]{directory} has no summary.parquet[/red]: not a finished run directory")
         raise typer.Exit(1)
-    write_run_report(directory)
+    try:
+        write_run_report(directory)
+    except ManifestChanged as error:
+        console.print(f"[red]refused:[/red] {error}")
+        raise typer.Exit(1) from None
     console.print(f"report: {directory.file('report', 'index.html')}")
 
 
@@ -232,6 +237,7 @@ def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory 
           ) -> None:
     """Log a finished run directory to MLflow (e.g. when tracking failed at the end of its run); once
     only: a second `track` of the same directory finds the first MLflow run and logs nothing."""
+    from tasks.manifest import ManifestChanged
     from tasks.storage import RunDir
     from tasks.tracking import TrackingUnavailable, track_run_dir
 
@@ -243,6 +249,9 @@ def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory 
         run_id, logged = track_run_dir(directory, tracking_uri, experiment)
     except TrackingUnavailable as error:
         console.print(f"[red]tracking unavailable:[/red] {error}")
+        raise typer.Exit(1) from None
+    except ManifestChanged as error:  # its scores would be logged under a plan they do not match
+        console.print(f"[red]refused:[/red] {error}")
         raise typer.Exit(1) from None
     console.print(f"{'logged as' if logged else 'already logged as'} MLflow run {run_id}")
 
