@@ -41,22 +41,101 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@dataclass
+class TrackedRun:
+    exit_code: int
+    output: str
+    uri: str
+    tracking_seconds: float  # from the server's first API call to the CLI's return
+    run_dir: RunDir
+
+
+@pytest.fixture(scope="module")
+def run_whose_tracking_hangs(prefect_server, ray_local, tmp_path_factory):
+    """`saliency-sanity run` of TWO_SHARDS (in-process, real Prefect and Ray) logging to a server that
+    answers the reachability check (/health) and hangs every API call, the tracking deadline lowered from
+    60 to 4 s to keep the suite short. Its finished run directory is reused by the case 1-2 test
+    (tracking is not part of a run's identity: the same config without it names the same directory)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from typer.testing import CliRunner
+
+    import tasks.tracking
+    from flows.cli import app
+
+    release, api_calls = threading.Event(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                api_calls.append(time.monotonic())
+                release.wait(600)
+            self.send_response(200 if self.path == "/health" else 500)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path_factory.mktemp("tracked") / "out"
+    config = out.parent / "config.yaml"
+    config.write_text(json.dumps({**TWO_SHARDS, "tracking": {"enabled": True, "uri": uri}}))  # JSON is YAML
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tasks.tracking, "TRACKING_DEADLINE", 4.0)
+            result = CliRunner().invoke(app, ["run", str(config), "--out", str(out), "--no-progress"],
+                                        env={"COLUMNS": "300"})
+        seconds = time.monotonic() - api_calls[0] if api_calls else float("nan")
+        yield TrackedRun(result.exit_code, result.output, uri, seconds,
+                         RunDir(str(out / load_config(TWO_SHARDS).run_name())))
+    finally:
+        release.set()
+        server.shutdown()
+
+
 @pytest.mark.slow
-def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refused(prefect_server, ray_local,
+def test_tracking_that_hangs_at_the_end_is_cut_at_the_deadline_and_the_exit_status_says_so(
+        run_whose_tracking_hangs):
+    """Case 3: one overall deadline on tracking, whatever the server does (here: it hangs), not
+    per-request timeouts times retries; exit 3 (results complete, tracking failed), and the line that
+    logs the run later. The shipped deadline is 60 s."""
+    import tasks.tracking
+    from flows.cli import EXIT_TRACKING_FAILED
+
+    run = run_whose_tracking_hangs
+    assert tasks.tracking.TRACKING_DEADLINE == 60
+    print(f"tracking cut after {run.tracking_seconds:.1f} s (deadline 4 s)")
+    assert run.exit_code == EXIT_TRACKING_FAILED == 3, run.output
+    assert run.tracking_seconds < 4 + 3
+    assert (f"MLflow tracking failed (TrackingTimeout: the MLflow tracking server {run.uri} did not finish logging "
+            f"the run within 4 s); the results above are complete on disk: log them later with saliency-sanity "
+            f"track {run.run_dir}") in run.output
+    assert run.run_dir.exists("summary.parquet") and run.run_dir.read_json("stats.json")["images"] == 4
+
+
+@pytest.mark.slow
+def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refused(run_whose_tracking_hangs,
                                                                                      tmp_path):
-    """Cases 1 and 2: a stray copy of a part is listed in one warning and never aggregated; the same shard
-    of another run (seed 1, really computed) is rejected by its run_id and recomputed; the rows are
-    exactly the plan's. Then a run directory without its manifest, or with an edited one, is refused
-    naming the parts and the fix, and nothing on disk changes."""
+    """Cases 1 and 2, on the finished run directory of the case 3 run: a stray copy of a part is listed in
+    one warning and never aggregated; the same shard of another run (seed 1, really computed) is
+    rejected by its run_id and recomputed; the rows are exactly the plan's. Then a run directory without
+    its manifest, or with an edited one, is refused naming the parts and the fix, and nothing on disk
+    changes."""
     from flows.sanity_check import sanity_check
     from tasks.actor import ShardWorker
     from tasks.shards import Shard, load_configured_model
 
     cfg = load_config(TWO_SHARDS)
     expected = rows_expected(TWO_SHARDS)
-    first = sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
-    run_dir = RunDir(first["run_dir"])
-    assert first["stats"]["score_rows"] == expected and first["ignored_files"] == []
+    run_dir = run_whose_tracking_hangs.run_dir
+    out = str(Path(run_dir.path).parent)
+    assert run_dir.read_parts("scores", 2).num_rows == expected and run_dir.strays(2) == []
     scores = Path(run_dir.path) / "scores"
     shutil.copyfile(scores / "part-00000.parquet", scores / "part-00000 (copy).parquet")
 
@@ -71,7 +150,7 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
     warnings = Lines()
     logging.getLogger("prefect").addHandler(warnings)
     try:
-        again = sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
+        again = sanity_check(config=TWO_SHARDS, out=out)
     finally:
         logging.getLogger("prefect").removeHandler(warnings)
     stray = [line for line in warnings.lines if "not parts of this run" in line]
@@ -97,7 +176,7 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
                                           r"part-00000 \(copy\).parquet, .* and 1 more\) but no manifest.json: "
                                           r".*cannot be trusted. Restore its manifest.json, or start afresh with "
                                           r"another --out"):
-        sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
+        sanity_check(config=TWO_SHARDS, out=out)
     assert files_of(run_dir) == before and not manifest.exists()  # nothing rebuilt, nothing lost
 
     edited = json.loads(written)
@@ -106,7 +185,7 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
     with pytest.raises(ConfigError, match=r"manifest.json was changed after the run wrote it \(its content no "
                                           r"longer matches its digest\).*Restore the manifest the run wrote, or "
                                           r"start afresh with another --out"):
-        sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
+        sanity_check(config=TWO_SHARDS, out=out)
     assert files_of(run_dir) == before and json.loads(manifest.read_text())["methods"] == ["gradient"]
     from typer.testing import CliRunner
 
@@ -119,7 +198,7 @@ def test_only_the_plans_own_parts_are_read_and_a_lost_or_edited_manifest_is_refu
     assert not (Path(run_dir.path) / "report").exists()
 
     manifest.write_bytes(written)  # restored: the run resumes with nothing to compute
-    resumed = sanity_check(config=TWO_SHARDS, out=str(tmp_path / "out"))
+    resumed = sanity_check(config=TWO_SHARDS, out=out)
     assert resumed["stats"]["shards_skipped"] == 2 and resumed["stats"]["score_rows"] == expected
 
 
