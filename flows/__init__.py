@@ -4,7 +4,8 @@ Importing this package sets quiet, server-free defaults for Ray, Prefect and mat
 user has not set them), so the CLI runs on a fresh machine with no servers: a local Ray, Prefect's
 ephemeral API and MLflow on SQLite. Ray's token authentication is left as Ray sets it (on by default
 since Ray 2.59 for local clusters): a local Ray listens on every interface, and without the token no
-other machine can join it and run code.
+other machine can join it and run code. Its metrics export, which answers without the token, is off
+(flows.sanity_check.LOCAL_RAY_SYSTEM_CONFIG).
 """
 import os
 

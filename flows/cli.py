@@ -16,6 +16,8 @@ app = typer.Typer(help="Sanity checks for saliency maps at dataset scale: class 
                        "parameter randomisation, on Ray, Prefect, Parquet and MLflow.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)  # never break paths and commands across lines
+#: `run`'s exit status when the results are complete on disk but logging them to MLflow failed (README).
+EXIT_TRACKING_FAILED = 3
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config; omitted = the embedded default "
                                                      "(see `saliency-sanity config`)")]
@@ -89,7 +91,11 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     except Exception as error:
         if verbose:
             console.print_exception()
-        lines = str(error).strip().splitlines() or [type(error).__name__]
+        from tasks.storage import resource_error, resource_message
+
+        full = resource_error(error)  # e.g. the disk filled while writing the summary
+        lines = ([resource_message(full)] if full is not None else str(error).strip().splitlines()) or [
+            type(error).__name__]
         console.print(f"[red]run failed:[/red] {lines[0]}" + ("" if verbose else " (--verbose for details)"))
         raise typer.Exit(1) from None
     stats = outcome["stats"]
@@ -117,11 +123,13 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     elif outcome.get("tracking_error"):
         console.print(f"[yellow]MLflow tracking failed[/yellow] ({outcome['tracking_error']}); the results above are "
                       f"complete on disk: log them later with [bold]saliency-sanity track {outcome['run_dir']}[/bold]")
+        raise typer.Exit(EXIT_TRACKING_FAILED)
 
 
 @app.command()
 def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or URI)")]) -> None:
     """Write the figures and index.html of a run directory into RUN_DIR/report/."""
+    from tasks.manifest import ManifestChanged
     from tasks.report import write_run_report
     from tasks.storage import RunDir
 
@@ -129,7 +137,11 @@ def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or
     if not directory.exists("summary.parquet"):
         console.print(f"[red]{directory} has no summary.parquet[/red]: not a finished run directory")
         raise typer.Exit(1)
-    write_run_report(directory)
+    try:
+        write_run_report(directory)
+    except ManifestChanged as error:
+        console.print(f"[red]refused:[/red] {error}")
+        raise typer.Exit(1) from None
     console.print(f"report: {directory.file('report', 'index.html')}")
 
 
@@ -225,6 +237,7 @@ def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory 
           ) -> None:
     """Log a finished run directory to MLflow (e.g. when tracking failed at the end of its run); once
     only: a second `track` of the same directory finds the first MLflow run and logs nothing."""
+    from tasks.manifest import ManifestChanged
     from tasks.storage import RunDir
     from tasks.tracking import TrackingUnavailable, track_run_dir
 
@@ -236,6 +249,9 @@ def track(run_dir: Annotated[str, typer.Argument(help="a finished run directory 
         run_id, logged = track_run_dir(directory, tracking_uri, experiment)
     except TrackingUnavailable as error:
         console.print(f"[red]tracking unavailable:[/red] {error}")
+        raise typer.Exit(1) from None
+    except ManifestChanged as error:  # its scores would be logged under a plan they do not match
+        console.print(f"[red]refused:[/red] {error}")
         raise typer.Exit(1) from None
     console.print(f"{'logged as' if logged else 'already logged as'} MLflow run {run_id}")
 
@@ -262,10 +278,18 @@ def train_reference(force: Annotated[bool, typer.Option(help="retrain even if ca
 def serve(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
           cron: Annotated[Optional[str], typer.Option(help="cron schedule; default: the one of "
                                                       "deployments/prefect.yaml")] = None) -> None:
-    """Serve the scheduled `sanity_check` deployment from this process (no work pool needed)."""
+    """Serve the scheduled `sanity_check` deployment from this process (no work pool needed); refused
+    when its own config could never run (a model factory not on $SALIENCY_SANITY_ALLOWED_FACTORIES)."""
     overrides = list(set_ or [])
-    _validated(config, overrides)
-    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, sanity_check
+    cfg = _validated(config, overrides)
+    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, check_factory_allowed, sanity_check
+    from tasks.config import ConfigError
+
+    try:
+        check_factory_allowed(cfg, deployed=True)  # else every scheduled run would fail at its start
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] not serving: its own config could never run: {error}")
+        raise typer.Exit(2) from None
 
     parameters = {"config": None if config is None else str(config.resolve()),
                   "out": None if out is None else (out if "://" in out else str(Path(out).resolve())),

@@ -25,21 +25,29 @@ from tasks.config import ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.plan import Plan, plan_shards
 from tasks.report import render_report
-from tasks.storage import RunDir, join
+from tasks.storage import RunDir, join, resource_error, resource_message
 from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serve` use this schedule
 
 
+#: Ray settings of the local cluster a run starts itself. Its metrics agent serves Prometheus metrics
+#: on every interface without the token (Ray's other ports ask for it): the run reads no metrics, so off.
+LOCAL_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+
 @contextmanager
 def ray_connection() -> Iterator[None]:
-    """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one."""
+    """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one
+    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        local = os.environ.get("RAY_ADDRESS", "") in ("", "local")  # a cluster's settings are its own
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 **({"_system_config": LOCAL_RAY_SYSTEM_CONFIG} if local else {}))
         keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
         yield
@@ -125,7 +133,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                     except Exception as error:
                         computed = None
                         errors.append(error)
-                        if not transient(error):
+                        if not transient(error) or resource_error(error):
                             break  # every other shard would repeat it: stop before starting another
                     following = next(waiting, None)
                     if following is not None:
@@ -150,8 +158,11 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
 def shards_failed(errors: list[Exception], pending: int, written: int) -> RuntimeError:
     """One line: what failed, and whether re-running can help. An error of the computation itself (a
     model or method raising on every image) is not retried and stops the run at once; re-running would
-    repeat it."""
+    repeat it. A full disk (or another resource) stops it too, but re-running resumes once it is freed."""
     last = errors[-1]
+    full = resource_error(last)
+    if full is not None:
+        return RuntimeError(resource_message(full, written))
     if not transient(last):
         return RuntimeError(f"a shard failed with an error that re-running would repeat ({describe(last)}); not "
                             f"retried, the run stopped: fix its cause (config, model or data); {written} finished "
@@ -232,6 +243,9 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                     len(plan.shards), len(plan.pending), len(plan.manifest.layers))
         if progress:  # the terminal's first lines: what is about to run, counted from the plan
             print(plan_line(plan), flush=True)
+        if plan.strays:
+            logger.warning("%d file(s) in %s are not parts of this run and are ignored (never read): %s",
+                           len(plan.strays), plan.run_dir, ", ".join(plan.strays))
         for index, reason in plan.rejected.items():
             logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
         results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
@@ -260,6 +274,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
             "stats": stats, "model_origin": plan.model_origin, "tracking_error": tracking_error,
+            "ignored_files": plan.strays,
             "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
                        for r in results},
         }

@@ -218,12 +218,22 @@ def prefect_api() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield
     finally:
+        send_queued_logs()  # while the server still answers: at exit Prefect would send them to a closed port
         server.terminate()
         try:
             server.wait(5)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def send_queued_logs(timeout: float = 5.0) -> None:
+    """Send the run's log records still queued for the Prefect API and stop the sender. Left queued, they
+    are sent by Prefect's exit hook after the temporary server has stopped, and every failed run ended
+    with '--- Error logging to API --- All connection attempts failed'."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------- signals

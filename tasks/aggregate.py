@@ -37,13 +37,14 @@ class Aggregate:
 
 def score_parts(run_dir: RunDir, n_shards: int, methods: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """Every shard's scores (the statistics' columns), one part at a time in shard order, optionally only
-    some methods' rows; an error if a shard's part is missing."""
-    missing = sorted(set(range(n_shards)) - run_dir.done_shards())
+    some methods' rows; an error if a shard's part is missing. Only the plan's parts are read (never a
+    stray copy or a part of a shard the plan does not have)."""
+    missing = sorted(set(range(n_shards)) - run_dir.done_shards(n_shards))
     if missing:
         raise RuntimeError(f"{len(missing)} shards have no scores part yet (e.g. {missing[:5]}); "
                            f"re-run with the same --out to finish them")
     only = None if methods is None else [("method", "in", list(methods))]
-    for path in run_dir.parts("scores").values():
+    for path in run_dir.parts("scores", n_shards).values():
         yield pq.read_table(path, filesystem=run_dir.fs, columns=list(STATISTICS_COLUMNS), filters=only)
         pa.default_memory_pool().release_unused()  # hand the part's buffers back, do not let the pool grow
 
@@ -66,7 +67,7 @@ def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rule
             comparer.add(part)
     paired = comparer.table()
     run_dir.write_table(paired, "comparisons.parquet")
-    failures = run_dir.read_parts("failures") or FAILURE_SCHEMA.empty_table()
+    failures = run_dir.read_parts("failures", n_shards) or FAILURE_SCHEMA.empty_table()
     return Aggregate(rows, summary, verdict, paired, failures)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from saliency.data import DATASETS, SPLITS
 from saliency.engine import PROPAGATION_POLICIES
@@ -34,7 +34,10 @@ class ConfigError(ValueError):
 
 def _split_commas(value: Any) -> Any:
     """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set randomization.seeds=0`` a
-    number; lists accept comma-separated strings and single values."""
+    number; lists accept comma-separated strings and single values (``--set methods.ids=`` gives None: no
+    value, so an empty list, which the field then refuses with what is allowed)."""
+    if value is None:
+        return []
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -131,6 +134,14 @@ class _TestsBase(Section):
     def enabled(self) -> list[str]:
         """The ids of the tests switched on, in registry order."""
         return [test.id for test in sanity_tests() if getattr(self, test.id)]
+
+    @model_validator(mode="after")
+    def _some_test_enabled(self) -> "_TestsBase":
+        """A run without a test would start Ray and fail in a shard a minute later: refuse it now."""
+        if not self.enabled():
+            raise ValueError("no sanity test is enabled; set at least one of "
+                             f"{', '.join(test.id for test in sanity_tests())} to true")
+        return self
 
 
 TestsConfig = create_model(

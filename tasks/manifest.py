@@ -2,6 +2,8 @@
 report and the tracking without guessing field names."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -64,6 +66,7 @@ class Manifest(_Strict):
     shards: list[ShardInfo]
     dataset_failures: int
     code_changes: list[CodeChange] = Field(default_factory=list)
+    digest: str = ""  # sha256 of every other field, set when written (see content_digest)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as manifest.json."""
@@ -80,10 +83,37 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
                          "written by another version or edited: start the run afresh with another --out") from None
 
 
+class ManifestChanged(ValueError):
+    """manifest.json no longer matches the digest it was written with (edited by hand)."""
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON object without its own digest: a hand edit (say of ``methods``, which
+    the stored scores contradict) changes it, so the parts are never trusted against an edited plan."""
+    content = {key: value for key, value in data.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_digest(data: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose content is not the content it was written with."""
+    if data.get("digest") != content_digest(data):
+        raise ManifestChanged(
+            f"{where} was changed after the run wrote it (its content no longer matches its digest"
+            f"{'' if data.get('digest') else ', or an earlier version wrote it'}): the parts beside it cannot be "
+            "trusted against it. Restore the manifest the run wrote, or start afresh with another --out "
+            "(or delete the run directory)")
+
+
 def read_manifest(run_dir) -> Manifest:
-    """The manifest.json of a run directory (``tasks.storage.RunDir``)."""
-    return parse_manifest(run_dir.read_json("manifest.json"), run_dir.file("manifest.json"))
+    """The manifest.json of a run directory (``tasks.storage.RunDir``), refused if edited by hand."""
+    where = run_dir.file("manifest.json")
+    data = run_dir.read_json("manifest.json")
+    manifest = parse_manifest(data, where)
+    check_digest(data, where)
+    return manifest
 
 
 def write_manifest(run_dir, manifest: Manifest) -> None:
-    run_dir.write_json(manifest.to_json(), "manifest.json")
+    """Write manifest.json with the digest of its content."""
+    data = manifest.to_json()
+    run_dir.write_json({**data, "digest": content_digest(data)}, "manifest.json")

@@ -20,17 +20,24 @@ def rows_per_image_and_method(settings: Settings, n_states: int) -> int | None:
 
 
 def check_shard(run_dir: RunDir, shard: Shard, image_ids: list[str], methods: list[str],
-                per_method: int | None) -> str | None:
-    """Why the shard's stored parts cannot be trusted, or None: unreadable parts, rows of another shard,
-    images not in the shard, images neither scored nor recorded as failed, or row counts that do not
-    match images × methods × (states × metrics) minus the recorded failures."""
+                per_method: int | None, run_id: str) -> str | None:
+    """Why the shard's stored parts cannot be trusted, or None: unreadable parts, rows of another run
+    (another run_id: another config, e.g. the same shard of a run with another seed), rows of another
+    shard, images not in the shard, images neither scored nor recorded as failed, or row counts that do
+    not match images × methods × (states × metrics) minus the recorded failures."""
     try:
-        scores = pq.read_table(run_dir.part_path("scores", shard.index), columns=["shard", "image_id", "method"],
-                               filesystem=run_dir.fs)
+        scores = pq.read_table(run_dir.part_path("scores", shard.index), columns=["run_id", "shard", "image_id",
+                                                                                  "method"], filesystem=run_dir.fs)
         failures = (pq.read_table(run_dir.part_path("failures", shard.index), filesystem=run_dir.fs)
                     if run_dir.exists("failures", part_name(shard.index)) else None)
+        maps = (pq.read_table(run_dir.part_path("maps", shard.index), columns=["run_id"], filesystem=run_dir.fs)
+                if run_dir.exists("maps", part_name(shard.index)) else None)
     except Exception as error:  # truncated, zero bytes, not Parquet, wrong columns
         return f"a part is unreadable ({type(error).__name__}: {error})"
+    for kind, table in (("scores", scores), ("failures", failures), ("maps", maps)):
+        foreign = sorted(set([] if table is None else table["run_id"].to_pylist()) - {run_id})
+        if foreign:
+            return f"its {kind} part holds rows of another run (run_id {foreign[0]}; this run is {run_id})"
     other = sorted(set(scores["shard"].to_pylist()) - {shard.index})
     if other:
         return f"its scores part holds rows of shard(s) {other}"

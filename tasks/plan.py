@@ -19,7 +19,7 @@ from saliency.engine import cam_layer, check_relu_rules
 from saliency.passes import check_input, forward_logits
 from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
-from tasks.manifest import Manifest, parse_manifest, write_manifest
+from tasks.manifest import Manifest, ManifestChanged, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
 from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges, state_names
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
@@ -39,12 +39,13 @@ class Plan:
     rejected: dict[int, str] = field(default_factory=dict)  # shard → why its stored parts were recomputed
     image_ids: list[str] = field(default_factory=list, repr=False)
     model_origin: str = ""  # e.g. "reference model loaded from the cache …" (tasks.shards.load_model_saying_how)
+    strays: list[str] = field(default_factory=list)  # files under scores/, maps/, failures/ that are not its parts
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
         per_method = rows_per_image_and_method(cfg.sanity_settings(), len(self.manifest.states))
         reasons = {s.index: check_shard(self.run_dir, s, self.image_ids[s.start:s.stop], cfg.methods.ids,
-                                        per_method) for s in shards}
+                                        per_method, self.run_id) for s in shards}
         return {index: reason for index, reason in reasons.items() if reason is not None}
 
     @property
@@ -207,22 +208,44 @@ def _same_code(old: dict[str, Any], new: dict[str, Any], run_dir: RunDir, allow_
     return {**old, "code_changes": [*old.get("code_changes", []), change]}
 
 
+def check_stored_plan(run_dir: RunDir) -> dict[str, Any] | None:
+    """The run directory's manifest as written by its run, or None for a new run directory. Refused: a
+    manifest edited by hand, and parts without a manifest (a new plan would be built around parts it did
+    not make, and trust them)."""
+    where = run_dir.file("manifest.json")
+    if run_dir.exists("manifest.json"):
+        stored = run_dir.read_json("manifest.json")
+        try:
+            check_digest(stored, where)
+        except ManifestChanged as error:
+            raise ConfigError(str(error)) from None
+        return stored
+    parts = run_dir.stored_files()
+    if parts:
+        shown = ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
+        raise ConfigError(f"the run directory {run_dir} holds {len(parts)} part file(s) ({shown}) but no "
+                          "manifest.json: without the plan that made them they cannot be trusted. Restore its "
+                          "manifest.json, or start afresh with another --out (or delete the run directory)")
+    return None
+
+
 @task(name="plan_shards", cache_policy=NO_CACHE)
 def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     """Cut the dataset into shards and write manifest.json; on a re-run, keep the manifest and list the
     shards whose scores part is still missing (resume). A re-run with other code or libraries than the
-    manifest's is refused unless ``allow_code_change``."""
+    manifest's is refused unless ``allow_code_change``; so are an edited manifest and parts without one."""
     run_dir = RunDir(join(cfg.storage.out, cfg.run_name()))
+    stored = check_stored_plan(run_dir)
     dataset = load_data(cfg)
     if len(dataset) == 0:
         raise ConfigError(f"config field `data`: dataset {cfg.data.dataset!r} has no images")
     model, origin = load_model_saying_how(cfg)
     shards = shard_ranges(len(dataset), cfg.compute.images_per_shard)
     manifest = build_manifest(cfg, dataset, model, shards)
-    if run_dir.exists("manifest.json"):
-        old, new = run_dir.read_json("manifest.json"), manifest.to_json()
-        _same_plan(old, new)
-        merged = {**_same_code(old, new, run_dir, allow_code_change), "verdict_rules": new["verdict_rules"]}
+    if stored is not None:
+        new = manifest.to_json()
+        _same_plan(stored, new)
+        merged = {**_same_code(stored, new, run_dir, allow_code_change), "verdict_rules": new["verdict_rules"]}
         manifest = parse_manifest(merged, run_dir.file("manifest.json"))
     write_manifest(run_dir, manifest)
     run_dir.remove_temporaries()
@@ -233,19 +256,20 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
     return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
-                rejected, list(dataset.image_ids), origin)
+                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)))
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],
                    n_states: int) -> tuple[set[int], dict[int, str]]:
     """The finished shards whose parts match the plan; the others' parts are deleted (so they are
-    recomputed), with the reason (issue: a part overwritten by another, emptied or truncated)."""
+    recomputed), with the reason (issue: a part overwritten by another, emptied or truncated, or a part
+    of another run). Files that are not parts of the plan's shards are left alone and never read."""
     per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states)
     done, rejected = set(), {}
-    for index in sorted(run_dir.done_shards()):
-        shard = shards[index] if index < len(shards) else None
-        reason = "it is not a shard of this plan" if shard is None else check_shard(
-            run_dir, shard, dataset.image_ids[shard.start:shard.stop], cfg.methods.ids, per_method)
+    for index in sorted(run_dir.done_shards(len(shards))):
+        shard = shards[index]
+        reason = check_shard(run_dir, shard, dataset.image_ids[shard.start:shard.stop], cfg.methods.ids,
+                             per_method, cfg.run_id())
         if reason is None:
             done.add(index)
         else:

@@ -9,8 +9,10 @@ written first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -22,11 +24,44 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 PART_KINDS = ("scores", "maps", "failures")
+#: The only part names a run writes: part-00007.parquet (shard 7), failures/part-dataset.parquet (failures
+#: found while listing the data). Anything else in scores/, maps/, failures/ was put there by someone else.
+PART_NAME = re.compile(r"part-(\d{5}|dataset)\.parquet")
 
 FAILURE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("shard", pa.int32()), ("image_id", pa.string()), ("stage", pa.string()),
     ("error_type", pa.string()), ("message", pa.string()), ("method", pa.string()), ("state", pa.string()),
 ])
+
+
+#: Errors of a full resource, not of the computation: {errno: (what happened, what to do before re-running)}.
+#: Re-running resumes once the resource is freed; the finished shards are kept.
+RESOURCE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "freeing space"),
+    errno.EDQUOT: ("the disk quota is exceeded", "freeing space or raising the quota"),
+    errno.EMFILE: ("too many files are open", "raising the open-files limit (ulimit -n)"),
+    errno.ENFILE: ("the system has too many files open", "closing other programs"),
+}
+
+
+def resource_error(error: BaseException | None) -> OSError | None:
+    """The resource error (RESOURCE_ERRORS) behind an error, following Ray's ``cause`` and ``__cause__``."""
+    for _ in range(10):
+        if error is None:
+            return None
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def resource_message(error: OSError, kept: int | None = None) -> str:
+    """'the disk is full (writing …/maps/part-00001.parquet: No space left on device); 2 finished shard(s)
+    are kept: re-run the same command after freeing space and it resumes'."""
+    what, remedy = RESOURCE_ERRORS[error.errno]
+    where = f"writing {error.filename}: " if error.filename else ""
+    shards = "the finished shards are kept" if kept is None else f"{kept} finished shard(s) are kept"
+    return f"{what} ({where}{error.strerror}); {shards}: re-run the same command after {remedy} and it resumes"
 
 
 def maps_schema(height: int, width: int) -> pa.Schema:
@@ -131,9 +166,11 @@ class RunDir:
         try:
             write(temporary)
             self.fs.move(temporary, final)
-        except BaseException:
+        except BaseException as error:
             if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
                 self.fs.delete_file(temporary)
+            if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:  # pyarrow's names no file
+                raise OSError(error.errno, os.strerror(error.errno), final) from error
             raise
 
     def write_table(self, table: pa.Table, *parts: str) -> str:
@@ -167,21 +204,47 @@ class RunDir:
             raise ValueError(f"{self.file(*parts)} is not valid JSON ({error}); restore it, or start the "
                              "run afresh with another --out") from None
 
-    def parts(self, kind: str) -> dict[str, str]:
-        """{shard label ("00007" or "dataset"): path} of the finished parts of one kind."""
+    def parts(self, kind: str, shards: int | None = None) -> dict[str, str]:
+        """{shard label ("00007" or "dataset"): path} of the finished parts of one kind, named as a run
+        names them (a copy such as "part-00000 (copy).parquet" is not a part); with ``shards``, only
+        those of shards 0 … shards-1 (and "dataset")."""
         found = {}
         for info in self._listing(kind):
-            name = info.base_name
-            if info.is_file and name.startswith("part-") and name.endswith(".parquet"):
-                found[name.removeprefix("part-").removesuffix(".parquet")] = info.path
+            label = self._part_label(kind, info, shards)
+            if label is not None:
+                found[label] = info.path
         return dict(sorted(found.items()))
 
-    def done_shards(self) -> set[int]:
-        return {int(label) for label in self.parts("scores") if label.isdigit()}
+    def stored_files(self) -> list[str]:
+        """Every file under scores/, maps/, failures/ (relative to the run directory) but the writer's
+        hidden temporaries (remove_temporaries deletes those)."""
+        return [f"{kind}/{info.base_name}" for kind in PART_KINDS for info in self._listing(kind)
+                if not (info.base_name.startswith(".") and info.base_name.endswith(".tmp"))]
 
-    def read_parts(self, kind: str) -> pa.Table | None:
-        """Every part of one kind, concatenated in shard order; None when there is none."""
-        tables = [pq.read_table(path, filesystem=self.fs) for path in self.parts(kind).values()]
+    def strays(self, shards: int) -> list[str]:
+        """The stored files that are not parts of a plan of ``shards`` shards (copies, parts of shards the
+        plan does not have, anything else): never read, left where they are."""
+        parts = {f"{kind}/{path.rpartition('/')[2]}" for kind in PART_KINDS
+                 for path in self.parts(kind, shards).values()}
+        return [name for name in self.stored_files() if name not in parts]
+
+    @staticmethod
+    def _part_label(kind: str, info: pafs.FileInfo, shards: int | None) -> str | None:
+        match = PART_NAME.fullmatch(info.base_name) if info.is_file else None
+        if match is None:
+            return None
+        label = match.group(1)
+        if label == "dataset":
+            return label if kind == "failures" else None
+        return None if shards is not None and int(label) >= shards else label
+
+    def done_shards(self, shards: int | None = None) -> set[int]:
+        return {int(label) for label in self.parts("scores", shards) if label.isdigit()}
+
+    def read_parts(self, kind: str, shards: int | None = None) -> pa.Table | None:
+        """Every part of one kind (of shards 0 … shards-1 when given), concatenated in shard order; None
+        when there is none."""
+        tables = [pq.read_table(path, filesystem=self.fs) for path in self.parts(kind, shards).values()]
         return pa.concat_tables(tables) if tables else None
 
     def remove_temporaries(self) -> int:

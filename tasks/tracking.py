@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ from tasks.manifest import Manifest
 from tasks.storage import RunDir, local_path
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
+#: Seconds the end of a run may spend on tracking in all, whatever the server does (answers slowly, hangs,
+#: fails and is retried): one overall deadline, not a timeout per request multiplied by retries.
+TRACKING_DEADLINE = 60.0
+
+
+class TrackingTimeout(TimeoutError):
+    """The tracking server did not finish logging the run within TRACKING_DEADLINE."""
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -96,13 +104,46 @@ def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
     return target
 
 
-@task(name="track_mlflow", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="track_mlflow", cache_policy=NO_CACHE)
 def track_mlflow(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
                  stats: dict[str, Any], verdicts: pa.Table | None = None,
                  report_dir: str | None = None, comparisons: pa.Table | None = None,
                  started_at: float | None = None) -> str:
-    """Log the run; returns the MLflow run id. ``started_at`` (epoch seconds, default now) is when the
-    flow started: the MLflow run is logged at the end but spans the whole run, so its duration is real."""
+    """Log the run within TRACKING_DEADLINE seconds; returns the MLflow run id. ``started_at`` (epoch
+    seconds, default now) is when the flow started: the MLflow run is logged at the end but spans the
+    whole run, so its duration is real. Not retried by Prefect: MLflow's client retries each request
+    itself, and retries around it would multiply the time a failing server costs."""
+    uri = tracking_uri(cfg)
+    return within_deadline(lambda: log_run(cfg, run_dir, manifest, summary, stats, verdicts, report_dir,
+                                           comparisons, started_at),
+                           TRACKING_DEADLINE, f"the MLflow tracking server {uri} did not finish logging the run")
+
+
+def within_deadline(work, seconds: float, what: str):
+    """``work()``'s result, or TrackingTimeout after ``seconds``: the work runs in a daemon thread that is
+    abandoned if it hangs (an HTTP call cannot be interrupted; the process may exit with it pending)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="mlflow-tracking", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TrackingTimeout(f"{what} within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table, stats: dict[str, Any],
+            verdicts: pa.Table | None, report_dir: str | None, comparisons: pa.Table | None,
+            started_at: float | None) -> str:
+    """One MLflow run: params, tags, metrics, artifacts (no deadline: track_mlflow sets it)."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 

@@ -207,13 +207,14 @@ def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_lo
 def test_resume_refuses_other_code_unless_allowed(prefect_server, ray_local, tmp_path):
     """Parts computed by other code are never silently mixed with this code's (issue 11, case 1)."""
     from flows.sanity_check import sanity_check
+    from tasks.manifest import parse_manifest, write_manifest
 
     config = tiny(data={"limit": 2 * PER_SHARD})
     first = sanity_check(config=config, out=str(tmp_path))
     directory = RunDir(first["run_dir"])
     rows = directory.read_parts("scores").num_rows
     manifest = directory.read_json("manifest.json")
-    directory.write_json({**manifest, "code_hash": "other-code"}, "manifest.json")  # as if other code made them
+    write_manifest(directory, parse_manifest({**manifest, "code_hash": "other-code"}))  # as if other code made them
     Path(directory.part_path("scores", 1)).unlink()
     with pytest.raises(ConfigError, match=r"other code \(code_hash 'other-code' → .*--allow-code-change"):
         sanity_check(config=config, out=str(tmp_path))
@@ -541,7 +542,7 @@ def test_parts_that_do_not_match_the_plan_are_recomputed_not_read(reference_run,
     cfg = load_config(tiny())
     ids = load_data(cfg).image_ids
     per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states())
-    reasons = {s.index: check_shard(run_dir, s, ids[s.start:s.stop], METHODS, per_method)
+    reasons = {s.index: check_shard(run_dir, s, ids[s.start:s.stop], METHODS, per_method, cfg.run_id())
                for s in shard_ranges(N_IMAGES, PER_SHARD)}
     assert "rows of shard(s) [0]" in reasons[1]
     assert reasons[2] == f"{PER_SHARD} of its images have neither scores nor a recorded failure (e.g. {min(ids[8:12])})"
