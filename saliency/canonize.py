@@ -22,13 +22,14 @@ before any relevance is computed. Covered, with why relevance is conserved on a 
   ≥ 0 — what z⁺ and α-β (deep Taylor decomposition with root points in the positive orthant) assume —
   and is piecewise linear; GELU, SiLU, Hardswish, sigmoid … give negative or smooth outputs no rule here
   is derived for, and are refused;
-- routing ops whose gradient moves each value to one place or averages (max pools, mean, functional
-  average pools, flatten / view / reshape, getitem, constant zero padding, dropout, identity): their
-  gradient keeps the sum of relevance;
+- routing ops whose gradient moves each value to one place, sums copies or averages (max pools, mean,
+  functional average pools, flatten / view / reshape / permute, expand, getitem, constant zero
+  padding, dropout, identity): their gradient keeps the sum of relevance;
 - arithmetic on shapes (``x.size(0)``, ``x.shape``), which carries no relevance.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 
@@ -53,7 +54,7 @@ ROUTING_FUNCTIONS = {
     torch.mean, torch.squeeze, torch.unsqueeze, operator.getitem, F.pad,
 }
 ROUTING_METHODS = {"view", "reshape", "flatten", "mean", "relu", "relu_", "contiguous", "squeeze",
-                   "unsqueeze"}
+                   "unsqueeze", "permute", "transpose", "expand", "expand_as"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _IN_PLACE = {operator.iadd, "add_", "relu_"}
 
@@ -74,12 +75,15 @@ def canonize(model: nn.Module, x: Tensor) -> fx.GraphModule:
                          f"({type(error).__name__}: {first}); refused before any compute (SPEC §1.3)") from error
     with torch.no_grad():
         ShapeProp(graph_module).propagate(x[:1].detach())
-    uncovered = [_describe(graph_module, node) for node in graph_module.graph.nodes
+    uncovered = [(node.name, _describe(graph_module, node)) for node in graph_module.graph.nodes
                  if not _covered(graph_module, node)]
     if uncovered:
-        listed = "; ".join(uncovered[:8]) + (f"; … {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
+        kinds = collections.Counter(what for _, what in uncovered)
+        listed = "; ".join(f"node {name!r} ({what})" for name, what in uncovered[:8])
+        listed += f"; … {len(uncovered) - 8} more" if len(uncovered) > 8 else ""
         raise ValueError(f"LRP cannot cover {type(model).__name__}: no rule conserves relevance at "
-                         f"{len(uncovered)} graph node(s): {listed}. Refused before any compute (SPEC §1.3)")
+                         f"{len(uncovered)} graph node(s) ({', '.join(f'{k} ×{n}' for k, n in kinds.most_common())}"
+                         f"): {listed}. Refused before any compute (SPEC §1.3)")
     _one_module_per_call(graph_module)
     _averages_as_modules(graph_module)
     _merge_batchnorms(graph_module)
@@ -163,7 +167,7 @@ def _describe(graph_module: fx.GraphModule, node: fx.Node) -> str:
         what = "pad with a non-zero value or a non-constant mode"
     else:
         what = _name(node.target)
-    return f"node {node.name!r} ({node.op} {what})"
+    return f"{node.op} {what}"
 
 
 def _name(target) -> str:
