@@ -51,7 +51,7 @@ ROUTING_FUNCTIONS = {
     torch.flatten, torch.cat, torch.concat, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d,
     F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout,
-    torch.mean, torch.squeeze, torch.unsqueeze, operator.getitem, F.pad,
+    torch.mean, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem, F.pad,
 }
 ROUTING_METHODS = {"view", "reshape", "flatten", "mean", "relu", "relu_", "contiguous", "squeeze",
                    "unsqueeze", "permute", "transpose", "expand", "expand_as"}
