@@ -55,9 +55,11 @@ def _conservation(model: nn.Module, size: int) -> dict[str, torch.Tensor]:
     ("resnet18", 32), ("resnet50", 32), ("densenet121", 64), ("mobilenet_v2", 32),
     ("cifar_resnet20", 32), ("models_for_tests:functional_resnet", 32)])
 def test_relevance_is_conserved_on_bias_free_copies(name, size):
-    """Within 1% for ε and z⁺ (measured: see the report of issue 18). densenet121 at 64² averages 2×2
-    values at its head: the functional average pool must share relevance in proportion (the gradient's
-    equal shares gave 1.08 y_c)."""
+    """Within 1% for ε and z⁺. Measured Σ R / y_c (ε; z⁺ within 0.0002 of it or better): resnet18 0.99994,
+    resnet50 0.9998, densenet121 0.99995, mobilenet_v2 0.9993 / 1.0014 (z⁺ 1.0002 / 1.0019),
+    cifar_resnet20 0.99996, the functional ResNet 0.99996. densenet121 at 64² averages 2×2 values at its
+    head: the functional average pool must share relevance in proportion (the gradient's equal shares
+    gave 1.08 y_c)."""
     model = _torchvision(name) if ":" not in name and name != "cifar_resnet20" else load_model(name)
     ratios = _conservation(model, size)
     for rule, ratio in ratios.items():
