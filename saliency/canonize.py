@@ -70,6 +70,8 @@ def canonize(model: nn.Module, x: Tensor) -> fx.GraphModule:
     try:
         graph_module = fx.symbolic_trace(clone)
     except Exception as error:  # data-dependent control flow, unsupported Python
+        with torch.no_grad():
+            clone(x[:1].detach())  # a model that fails on its own raises its own error
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"LRP needs the model's graph, and torch.fx cannot trace {type(model).__name__} "
                          f"({type(error).__name__}: {first}); refused before any compute (SPEC §1.3)") from error
