@@ -73,6 +73,18 @@ def test_the_pipeline_refuses_a_relu_rule_before_any_shard(prefect_server, tmp_p
     assert not any(tmp_path.rglob("*.parquet"))
 
 
+def test_the_pipeline_refuses_lrp_on_uncovered_layers_before_any_shard(prefect_server, tmp_path):
+    from flows.sanity_check import sanity_check
+    from tasks.config import ConfigError
+    from test_pipeline import tiny
+
+    config = tiny(model={"name": "models_for_tests:mixed_activations"}, methods={"ids": ["gradient", "lrp_epsilon"]})
+    with pytest.raises(ConfigError, match=r"config field `methods.ids`: LRP cannot cover MixedActivations: .*"
+                                          r"node 'act1' \(call_module GELU\)"):
+        sanity_check(config=config, out=str(tmp_path))
+    assert not any(tmp_path.rglob("*.parquet"))
+
+
 class _HugeGradient(torch.nn.Module):
     """Finite logits, finite float32 input gradients of ±2e38: their range (4e38) overflows float32."""
 
