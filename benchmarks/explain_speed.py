@@ -29,9 +29,20 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import saliency  # noqa: E402
-from saliency.methods.lrp import canonizers_for  # noqa: E402
 from tasks.allocator import keep_freed_memory  # noqa: E402
 from saliency.models import reference_cnn  # noqa: E402
+
+def _zennit_canonizers(model: torch.nn.Module) -> list:
+    """What a zennit user picks by the model's class: ResNetCanonizer, VGGCanonizer, or BatchNorm merging."""
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    if isinstance(model, torchvision.models.ResNet):
+        return [ResNetCanonizer()]
+    if isinstance(model, torchvision.models.VGG):
+        return [VGGCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
 
 SHARED = ["gradient", "input_x_gradient"] + [f"{m}/{p}" for m in ("gradcam", "gradcampp", "fullgrad")
                                             for p in ("signed", "pos", "abs", "neg")]
@@ -176,8 +187,8 @@ def peer_cases(model, x, targets, with_captum: bool) -> list[Case]:
 
         classes = int(model(x[:1]).shape[1])
 
-        def lrp():  # the canonizer ours picks (zennit's ResNetCanonizer for resnet18)
-            with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=canonizers_for(model))) as attr:
+        def lrp():  # zennit's own canonizer for the class (ResNetCanonizer for resnet18): ours reads the graph
+            with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=_zennit_canonizers(model))) as attr:
                 attr(x, torch.eye(classes, device=x.device)[targets])
         cases.append(Case("lrp_epsilon_plus_flat",
                           lambda: saliency.explain(model, x, "lrp_epsilon_plus_flat", targets),

@@ -107,8 +107,8 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         console.print(f"[yellow]{stats['shards_rejected']} stored shard(s) did not match the plan[/yellow] and were "
                       "recomputed (see the log for why)")
     for method, count in stats["non_finite_maps"].items():
-        hint = (" (LRP relevance can overflow float32 in deep residual nets: try a canonizer for the residual "
-                "sums, or a larger ε)" if method.startswith("lrp") else "")
+        hint = (" (LRP's canonizer should keep relevance finite on any model it accepts: please report the "
+                "model)" if method.startswith("lrp") else "")
         console.print(f"[yellow]non-finite maps:[/yellow] {method} on {count} of {stats['images']} images; "
                       f"those scores are left out, the failures table names each{hint}")
     if not progress:  # shown in the first lines otherwise

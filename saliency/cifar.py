@@ -5,11 +5,10 @@ The architecture keeps the author's parameter names and functional ReLUs (``F.re
 state_dict loads strictly; the global average pool is a module (``nn.AdaptiveAvgPool2d``, the same
 numbers as the author's ``F.avg_pool2d``) so that LRP can give it zennit's pooling rule.
 
-LRP on it: ``CifarResNetCanonizer`` merges every BatchNorm into its convolution and routes each
-block's residual sum through a zennit ``Sum`` module, so the sum splits relevance between the two
-branches in proportion to their contributions (instead of copying it to both, as the plain gradient of
-``+`` would). The option-A shortcut (subsample, zero-pad channels) and the functional ReLUs need no
-rule: they route each value to at most one place, and relevance at a switched-off ReLU is already zero.
+LRP sees it as any other model (``saliency.canonize``, from its graph): every BatchNorm merged into
+its convolution, each block's ``out + shortcut`` a relevance-splitting sum; the option-A shortcut
+(subsample, zero-pad channels) and the functional ReLUs need no rule: they route each value to at most
+one place, and relevance at a switched-off ReLU is already zero.
 """
 from __future__ import annotations
 
@@ -19,8 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
-from zennit.layer import Sum
 
 from saliency.assets import read_asset
 
@@ -140,40 +137,5 @@ def _state_dict(checkpoint: object, source: str) -> dict[str, Tensor]:
     return dict(checkpoint)
 
 
-# --- LRP -------------------------------------------------------------------------------------------
-
-class BasicBlockCanonizer(AttributeCanonizer):
-    """Gives every ``BasicBlock`` a forward whose residual sum is a zennit ``Sum`` module (attribute
-    ``canonizer_sum``), as zennit's ResNetBasicBlockCanonizer does for torchvision's blocks, so that
-    LRP's rule for sums applies to it; removing the canonizer restores the block."""
-
-    def __init__(self) -> None:
-        super().__init__(self._attribute_map)
-
-    @classmethod
-    def _attribute_map(cls, name: str, module: nn.Module) -> dict | None:
-        if isinstance(module, BasicBlock):
-            return {"forward": cls.forward.__get__(module), "canonizer_sum": Sum()}
-        return None
-
-    @staticmethod
-    def forward(self: BasicBlock, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = self.canonizer_sum(torch.stack([self.shortcut(x), out], dim=-1))
-        return F.relu(out)
-
-
-class CifarResNetCanonizer(CompositeCanonizer):
-    """BatchNorm merged into the preceding conv, and explicit residual sums.
-
-    zennit's SequentialMergeBatchNorm pairs a conv with the BatchNorm registered right after it; it
-    detects a ReLU in between only from ReLU modules, which this model does not have, but here every
-    conv is followed directly by its BatchNorm (conv → bn → ReLU), so the pairing is right."""
-
-    def __init__(self) -> None:
-        super().__init__((SequentialMergeBatchNorm(), BasicBlockCanonizer()))
-
-
-__all__ = ["BasicBlock", "BasicBlockCanonizer", "CIFAR_CLASSES", "CIFAR_MEAN", "CIFAR_RESNET20", "CIFAR_STD",
-           "CifarResNet", "CifarResNetCanonizer", "cifar_resnet20", "load_cifar_resnet20"]
+__all__ = ["BasicBlock", "CIFAR_CLASSES", "CIFAR_MEAN", "CIFAR_RESNET20", "CIFAR_STD", "CifarResNet",
+           "cifar_resnet20", "load_cifar_resnet20"]

@@ -194,6 +194,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
                           fullgrad_scaling=fullgrad_scaling, internal_batch_size=internal_batch_size)
         ctx = Context(model, x, target_matrix, options, needs_layer,
                       any(m.needs_biases for m in resolved), prefix)
+        for method in resolved:
+            method.prepare(ctx)
         maps: dict[str, Tensor] = {}
         for method_id, method in zip(method_ids, resolved):
             result = method.compute(ctx)

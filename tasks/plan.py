@@ -15,7 +15,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from saliency.canonize import canonize
 from saliency.engine import cam_layer, check_relu_rules
+from saliency.methods import get_method
 from saliency.passes import check_input, forward_logits
 from saliency.randomize import parameter_layers
 from tasks.config import Config, ConfigError
@@ -101,6 +103,8 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     check_model_on_data(cfg, model, example)
     try:
         check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
+        if any(get_method(m).family == "lrp" for m in cfg.methods.ids):
+            canonize(model, example)  # LRP on a node no rule covers: refused here, not per image
     except ValueError as error:
         raise ConfigError(f"config field `methods.ids`: {error}") from None
     layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)

@@ -111,8 +111,9 @@ class _CancellingBlock(nn.Module):
 
 
 class DeepResidual(nn.Module):
-    """A deep residual net whose forward and gradients are finite but whose LRP-ε relevance overflows
-    float32 (×2/ε per block, as on deep CIFAR ResNets whose residual sums no canonizer covers)."""
+    """A deep residual net whose forward and gradients are finite, and whose LRP-ε relevance overflowed
+    float32 while its residual sums copied relevance (×2/ε per block, as on deep CIFAR ResNets no
+    class-based canonizer knew); with saliency.canonize's sums it is finite and conserved."""
 
     def __init__(self, depth: int = 12, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
@@ -201,3 +202,89 @@ class MixedActivations(nn.Module):
 def mixed_activations(num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return MixedActivations(num_classes=num_classes).eval()
+
+
+class _FunctionalBlock(nn.Module):
+    """A CIFAR BasicBlock as users write it: functional ReLUs, the residual sum as ``out + shortcut`` or
+    ``out += identity``, and an option-A shortcut (subsample, zero-pad the new channels with F.pad)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, in_place_sum: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = (planes - in_planes) // 2
+        self.stride, self.in_place_sum = stride, in_place_sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.in_place_sum:
+            out += x
+            return nn.functional.relu(out)
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            shortcut = nn.functional.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return nn.functional.relu(out + shortcut)
+
+
+class FunctionalResNet(nn.Module):
+    """A small CIFAR ResNet (16-32-64 channels, two blocks per stage) with functional residual sums and
+    option-A shortcuts, its head written with ``view(x.size(0), -1)``: what no class-based canonizer knows."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(_FunctionalBlock(16, 16, in_place_sum=True), _FunctionalBlock(16, 16),
+                                    _FunctionalBlock(16, 32, 2), _FunctionalBlock(32, 32, in_place_sum=True),
+                                    _FunctionalBlock(32, 64, 2), _FunctionalBlock(64, 64))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(nn.functional.relu(self.bn1(self.conv1(x))))
+        out = nn.functional.adaptive_avg_pool2d(out, 1)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def functional_resnet(num_classes: int = 10) -> nn.Module:
+    """For `model.name=models_for_tests:functional_resnet`."""
+    torch.manual_seed(0)
+    model = FunctionalResNet(num_classes)
+    _randomise_batchnorm(model)
+    return model.eval()
+
+
+def bias_free(model: nn.Module) -> nn.Module:
+    """A copy in which no layer adds a constant: conv and linear biases 0, BatchNorm running mean and β 0
+    (its scale γ/√(σ² + ε) stays). LRP's conservation, Σ R = y_c, holds only on such a copy."""
+    clone = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for module in clone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.zero_()
+                module.bias.zero_()
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is not None:
+                module.bias.zero_()
+    return clone
+
+
+class NanGradient(nn.Module):
+    """Finite logits, NaN input gradients: |z| written as √(z²) on a channel whose conv weights are zero,
+    so z = 0 and d√u/du = ∞ times 2z = 0 is NaN, which the conv's backward carries to every pixel."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 2, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight[1].zero_()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sqrt(self.conv(x) ** 2))
+
+
+def nan_gradient(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return NanGradient(num_classes=num_classes).eval()

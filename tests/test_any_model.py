@@ -33,8 +33,10 @@ def test_positive_propagation_is_refused_there_too_but_plain_gradients_run():
     x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"gradient with propagation='pos', gradcam with propagation='pos': a ReLU"):
         saliency.explain(model, x, ["gradient", "gradcam", "edge_sobel"], propagation="pos", layer="conv2")
-    maps = saliency.explain(model, x, ["gradient", "gradcam", "lrp_epsilon"], layer="conv2")
+    maps = saliency.explain(model, x, ["gradient", "gradcam"], layer="conv2")
     assert all(torch.isfinite(m).all() for m in maps.values())
+    with pytest.raises(ValueError, match=r"LRP cannot cover MixedActivations: .*node 'act1' \(call_module GELU\)"):
+        saliency.explain(model, x, ["gradient", "lrp_epsilon"])  # no LRP rule for GELU and SiLU either
 
 
 def test_the_census_sees_modules_and_functional_calls_and_nothing_on_relu_nets():
@@ -67,6 +69,18 @@ def test_the_pipeline_refuses_a_relu_rule_before_any_shard(prefect_server, tmp_p
                   methods={"ids": ["gradient", "guided_backprop"]})
     with pytest.raises(ConfigError, match=r"config field `methods.ids`: guided_backprop: a ReLU backward rule .* "
                                           r"also runs GELU ×1, Hardtanh/ReLU6 ×1, SiLU ×1"):
+        sanity_check(config=config, out=str(tmp_path))
+    assert not any(tmp_path.rglob("*.parquet"))
+
+
+def test_the_pipeline_refuses_lrp_on_uncovered_layers_before_any_shard(prefect_server, tmp_path):
+    from flows.sanity_check import sanity_check
+    from tasks.config import ConfigError
+    from test_pipeline import tiny
+
+    config = tiny(model={"name": "models_for_tests:mixed_activations"}, methods={"ids": ["gradient", "lrp_epsilon"]})
+    with pytest.raises(ConfigError, match=r"config field `methods.ids`: LRP cannot cover MixedActivations: .*"
+                                          r"node 'act1' \(call_module GELU\)"):
         sanity_check(config=config, out=str(tmp_path))
     assert not any(tmp_path.rglob("*.parquet"))
 
@@ -104,14 +118,14 @@ def test_extreme_finite_maps_are_scored_not_lost():
 
 
 def test_the_library_says_how_many_maps_failed_and_returns_the_rest():
-    from models_for_tests import deep_residual
+    from models_for_tests import nan_gradient
     from saliency.sanity import parameter_randomization
     from saliency.sanity.runner import NonFiniteMapsWarning
 
     x = torch.rand(2, 1, 8, 8)
-    with pytest.warns(NonFiniteMapsWarning, match=r"maps were not finite and their rows are left out \(lrp_epsilon: "):
-        table = parameter_randomization(deep_residual(), x, ["gradient", "lrp_epsilon"], emprt=False)
-    assert set(table["method"].to_pylist()) == {"gradient"} and table.num_rows > 0
+    with pytest.warns(NonFiniteMapsWarning, match=r"maps were not finite and their rows are left out \(gradient: "):
+        table = parameter_randomization(nan_gradient(), x, ["gradient", "edge_sobel"], emprt=False)
+    assert set(table["method"].to_pylist()) == {"edge_sobel"} and table.num_rows > 0
 
 
 # ------------------------------------------------------------------------ CAM layers that are not channels-first

@@ -20,8 +20,8 @@ from torch import nn
 
 import saliency
 from saliency.assets import CHECKSUMS, read_asset
-from saliency.cifar import (CIFAR_MEAN, CIFAR_STD, BasicBlock, CifarResNet, CifarResNetCanonizer,
-                            cifar_resnet20)
+from saliency.canonize import canonize
+from saliency.cifar import CIFAR_MEAN, CIFAR_STD, CifarResNet, cifar_resnet20
 from saliency.data import load_dataset
 from saliency.methods.lrp import lrp_relevance
 from saliency.models import load_model
@@ -171,23 +171,22 @@ def _bias_free(model: CifarResNet) -> CifarResNet:
     return clone
 
 
-def test_canonizer_merges_batchnorm_without_changing_the_function_and_is_removed(model, data):
+def test_the_graph_canonizer_merges_batchnorm_and_makes_residual_sums_explicit(model, data):
+    from zennit.layer import Sum
+
     x = data[0][:4]
-    clone = copy.deepcopy(model)
+    snapshot = state_snapshot(model)
     with torch.no_grad():
-        before = clone(x)
-        handles = CifarResNetCanonizer().apply(clone)
-        try:
-            assert all(hasattr(m, "canonizer_sum") for m in clone.modules() if isinstance(m, BasicBlock))
-            merged = [m for m in clone.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
-            assert len(merged) == 19  # the stem and both convs of all 9 blocks
-            # equal but for zennit's "identity" BatchNorm, which still divides by √(1 + eps): 1 − 5e-6 per layer
-            torch.testing.assert_close(clone(x), before, rtol=0, atol=1e-4 * before.abs().max().item())
-        finally:
-            for handle in handles:
-                handle.remove()
-        assert torch.equal(clone(x), before)
-    assert not any(hasattr(m, "canonizer_sum") for m in clone.modules())
+        before = model(x)
+        canonical = canonize(model, x)
+        norms = [m for m in canonical.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(norms) == 19 and all(m.running_var.eq(1).all() and m.weight.eq(1).all() for m in norms)
+        merged = [m for m in canonical.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+        assert len(merged) == 19  # the stem and both convs of all 9 blocks
+        assert sum(isinstance(m, Sum) for m in canonical.modules()) == 9  # one per block
+        # equal but for zennit's "identity" BatchNorm, which still divides by √(1 + eps): 1 − 5e-6 per layer
+        torch.testing.assert_close(canonical(x), before, rtol=0, atol=1e-4 * before.abs().max().item())
+    assert_model_untouched(model, snapshot)
 
 
 def test_lrp_conserves_relevance_through_residual_sums(model, data):

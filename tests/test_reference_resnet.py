@@ -54,16 +54,22 @@ def test_resnet_canonizer_merges_batchnorm_and_makes_residual_sums_explicit(digi
     from zennit.layer import Sum
     from zennit.torchvision import ResNetCanonizer
 
-    from saliency.methods.lrp import canonizers_for
+    from saliency.canonize import canonize
 
     model = reference_resnet().eval()
-    assert [type(c) for c in canonizers_for(model)] == [ResNetCanonizer]
     g = torch.Generator().manual_seed(0)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial statistics
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
         bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
     x = digits[0]
     before, snapshot = model(x), state_snapshot(model)
+    # what LRP uses: our graph canonizer finds the same structure as zennit's class-based one below
+    canonical = canonize(model, x)
+    assert sum(isinstance(m, Sum) for m in canonical.modules()) == 3
+    assert all(m.running_var.eq(1).all() for m in canonical.modules() if isinstance(m, nn.BatchNorm2d))  # merged
+    assert sum(isinstance(m, nn.Conv2d) and m.bias is not None for m in canonical.modules()) == 9
+    torch.testing.assert_close(canonical(x), before, atol=1e-4, rtol=1e-4)
+    assert_model_untouched(model, snapshot)
     canonizer = ResNetCanonizer()
     handles = canonizer.apply(model)
     try:

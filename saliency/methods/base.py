@@ -47,6 +47,10 @@ class Method:
     signed_counterpart: str | None = None
     relu_backward: bool = False  # its rule replaces the backward at ReLUs (refused where other activations run)
 
+    def prepare(self, ctx: "Context") -> None:
+        """Refuse (ValueError), before any map of the call is computed, what this method cannot do on
+        ctx's model; nothing by default."""
+
     def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
         raise NotImplementedError
 

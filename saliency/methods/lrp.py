@@ -1,74 +1,54 @@
 """Layer-wise relevance propagation through zennit (SPEC §1.3).
 
-Rules and canonizers are zennit's: BatchNorm is merged into the preceding convolution and ResNet
-residual sums become explicit modules that split relevance. The relevance at the logits starts as
-y_c (not 1), so for a bias-free network under ε the input relevance sums to the logit; the
-positive-only rules (z⁺, α2β1) start from |y_c| (SPEC §1.3): their map's sign is only sign(y_c), and
-the least-likely class always has y_c < 0, so a class change would otherwise score as a sign flip.
-Everything runs on a private copy: zennit's canonizers edit the model they are given.
+Rules are zennit's; how LRP sees the model is ``saliency.canonize``: a private, traced copy whose
+BatchNorms are merged into their convolutions and whose residual sums split relevance, chosen from the
+model's graph (never its class); a model with layers no rule covers is refused before any compute. The
+relevance at the logits starts as y_c (not 1), so for a bias-free network under ε the input relevance
+sums to the logit; the positive-only rules (z⁺, α2β1) start from |y_c| (SPEC §1.3): their map's sign is
+only sign(y_c), and the least-likely class always has y_c < 0, so a class change would otherwise score
+as a sign flip.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from saliency.cifar import CifarResNet, CifarResNetCanonizer
+from saliency.canonize import Affine, Mean, canonize
 from saliency.methods.base import Method
 
 EPSILON = 1e-6
 
 
-def composite(name: str, canonizers: list):
-    """The zennit composite for one of our LRP ids."""
+def composite(name: str):
+    """The zennit composite for one of our LRP ids. A BatchNorm that no convolution alone feeds (as after
+    DenseNet's concatenations), canonized to ``Affine``, gets the ε rule of the affine layer it is, in
+    every composite (zennit passes relevance through a BatchNorm whole, shift or not); a mean gets
+    zennit's rule for average pools."""
     from zennit import composites, rules, types
 
+    extra = [(Affine, rules.Epsilon(epsilon=EPSILON)), (Mean, rules.Norm(stabilizer=EPSILON))]
     if name == "lrp_epsilon_plus_flat":
-        return composites.EpsilonPlusFlat(epsilon=EPSILON, canonizers=canonizers)
+        return composites.EpsilonPlusFlat(epsilon=EPSILON, layer_map=extra)
     layer_rule = {"lrp_epsilon": lambda: rules.Epsilon(epsilon=EPSILON),
                   "lrp_zplus": rules.ZPlus,
                   "lrp_alpha2beta1": lambda: rules.AlphaBeta(alpha=2.0, beta=1.0)}[name]
-    layer_map = composites.layer_map_base() + [(types.Convolution, layer_rule()),
-                                               (torch.nn.Linear, layer_rule())]
-    return composites.LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
-
-
-def canonizers_for(model: nn.Module) -> list:
-    """zennit's canonizer for torchvision ResNets and VGGs, ours for the CIFAR ResNet (option-A
-    shortcuts, which zennit does not know), generic BatchNorm merging otherwise."""
-    from torchvision.models import VGG, ResNet
-    from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-
-    if isinstance(model, CifarResNet):
-        return [CifarResNetCanonizer()]
-    if isinstance(model, ResNet):
-        return [ResNetCanonizer()]
-    if isinstance(model, VGG):
-        return [VGGCanonizer()]
-    return [SequentialMergeBatchNorm()]
-
-
-def private_copy(model: nn.Module) -> nn.Module:
-    """A copy in eval mode with out-of-place ReLUs (zennit hooks modules; in-place outputs break them)."""
-    clone = copy.deepcopy(model).eval()
-    for module in clone.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    return clone
+    layer_map = extra + composites.layer_map_base() + [(types.Convolution, layer_rule()),
+                                                       (torch.nn.Linear, layer_rule())]
+    return composites.LayerMapComposite(layer_map=layer_map)
 
 
 #: Rules whose relevance starts from |y_c| instead of y_c (positive-only propagation).
 FROM_ABSOLUTE_LOGIT = ("lrp_zplus", "lrp_alpha2beta1")
 
 
-def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str) -> Tensor:
+def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str,
+                  canonical: nn.Module | None = None) -> Tensor:
     """Input relevance B×T×C×H×W for targets B×T, starting from R = y_c at the target logit
-    (|y_c| for ``FROM_ABSOLUTE_LOGIT``)."""
-    clone = private_copy(model)
-    comp = composite(name, canonizers_for(clone))
+    (|y_c| for ``FROM_ABSOLUTE_LOGIT``); ``canonical``: ``canonize(model, x)`` if already made."""
+    clone = canonize(model, x) if canonical is None else canonical
+    comp = composite(name)
     inputs = x.detach().requires_grad_(True)
     with torch.enable_grad(), comp.context(clone) as modified:
         logits = modified(inputs)
@@ -83,10 +63,19 @@ def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str) -> Te
     return torch.stack(relevance, dim=1)
 
 
+def _canonical(ctx) -> nn.Module:
+    return canonize(ctx.model, ctx.x)
+
+
 @dataclass(frozen=True)
 class LRP(Method):
-    def compute(self, ctx) -> Tensor:
+    def prepare(self, ctx) -> None:
+        """The model's canonical graph, made once per call for every LRP id; refuses what it cannot cover."""
         if ctx.positive_propagation:
             raise ValueError(f"{self.id} has its own propagation rules; propagation='pos' applies to "
                              f"gradient-based methods only")
-        return lrp_relevance(ctx.model, ctx.x, ctx.targets, self.id)
+        ctx.derived("lrp_canonical", _canonical)
+
+    def compute(self, ctx) -> Tensor:
+        self.prepare(ctx)
+        return lrp_relevance(ctx.model, ctx.x, ctx.targets, self.id, ctx.derived("lrp_canonical", _canonical))
