@@ -351,6 +351,16 @@ class InputShapeError(ValueError, RuntimeError):
 _SHAPE_WORDS = ("shape", "size", "channels")
 
 
+def _traced_forward(model: nn.Module, example_input: Tensor, handles: list) -> None:
+    """One no-grad eval-mode forward of the first image with the given hooks, removed afterwards."""
+    try:
+        with torch.no_grad(), evaluation(model), _ReLURouting():
+            run_model(model, example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_model(model: nn.Module, x: Tensor) -> Tensor:
     """model(x), with torch's shape errors turned into a message that names the input's size (the
     model's other errors pass unchanged)."""
@@ -431,12 +441,7 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
     handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
     handles += [m.register_forward_pre_hook(lambda *_: attention_starts.append(len(calls)))
                 for m in modules.values() if isinstance(m, nn.MultiheadAttention)]
-    try:
-        with torch.no_grad(), evaluation(model), _ReLURouting():
-            run_model(model, example_input[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _traced_forward(model, example_input, handles)
     feeding = [i for i in tokens if attention_starts and i < attention_starts[-1]]
     if feeding:
         return calls[max(feeding)][0]
@@ -503,12 +508,7 @@ def cam_layout(model: nn.Module, example_input: Tensor, layer: str) -> str:
 
     handles = [m.register_forward_hook(leaf) for m in module.modules() if not list(m.children())]
     handles.append(module.register_forward_hook(output))
-    try:
-        with torch.no_grad(), evaluation(model), _ReLURouting():
-            run_model(model, example_input[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _traced_forward(model, example_input, handles)
     shape, (height, width) = seen.get("shape"), example_input.shape[-2:]
     if isinstance(shape, tuple) and len(shape) == 3 and _grid_side(shape[1]) is not None:
         return "tokens"
