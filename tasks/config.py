@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from saliency.data import DATASETS, SPLITS
 from saliency.engine import PROPAGATION_POLICIES
 from saliency.methods.cam import FULLGRAD_SCALINGS
-from saliency.passes import CHANNEL_REDUCTIONS
+from saliency.passes import CHANNEL_REDUCTIONS, LAYER_LAYOUTS
 from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
 from saliency.sanity import CHANCE_PARTNERS, OTHERS, TARGET_MODES, Settings, sanity_tests
@@ -79,6 +79,9 @@ class ModelConfig(Section):
     num_classes: int | None = Field(None, ge=2, description="number of classes; null = the model's own")
     layer: str | None = Field(None, description="module name of the CAM layer; null = the rectified output "
                               "of the last convolutional block (traced; recorded in the manifest)")
+    layer_layout: Literal[LAYER_LAYOUTS] | None = Field(
+        None, description="how the CAM layer's output is laid out: channels_first (B×K×h×w), channels_last "
+        "(B×h×w×K) or tokens (B×N×K, a square grid after an optional class token); null = found from its shape")
 
 
 class DataConfig(Section):
@@ -268,8 +271,10 @@ class Config(Section):
         """The library call this config asks for, per batch (the one place that maps config to
         ``saliency.sanity``: the actor and the benchmarks use it)."""
         r = self.randomization
+        declared = {} if self.model.layer_layout is None else {"layer_layout": self.model.layer_layout}
         return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
-                        seed=self.seed, layer=self.model.layer, explain_kwargs=self.methods.explain_kwargs(),
+                        seed=self.seed, layer=self.model.layer,
+                        explain_kwargs=self.methods.explain_kwargs() | declared,
                         others=self.tests.others, order=r.order, granularity=r.granularity, init=r.init,
                         target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds,
                         chance_partners=self.metrics.chance_partners)

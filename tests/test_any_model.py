@@ -189,3 +189,11 @@ def test_a_layer_whose_layout_cannot_be_established_is_refused_naming_it():
         saliency.explain(model, x, "gradcam", layer="2")
     declared = saliency.explain(model, x, "gradcam", layer="0", layer_layout="channels_first")
     assert declared["gradcam"].shape == (2, 1, 10, 9)
+
+
+def test_a_pipeline_config_can_declare_the_cam_layers_layout():
+    from tasks.config import load_config
+
+    declared = load_config({"model": {"name": "vit_b_16", "layer": "encoder.ln", "layer_layout": "tokens"}})
+    assert declared.sanity_settings().explain_kwargs["layer_layout"] == "tokens"
+    assert "layer_layout" not in load_config({}).sanity_settings().explain_kwargs  # found from the shape
