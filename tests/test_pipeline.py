@@ -138,7 +138,8 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     assert len(manifest["layers"]) == states and len(manifest["shards"]) == N_SHARDS
     assert {"config", "code_version", "libraries", "seeds", "states"} <= manifest.keys()
     assert manifest["cam_layer"] == "features" and manifest["randomization"]["seeds"] == SEEDS
-    assert manifest["verdict_rules"] == {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05}
+    assert manifest["verdict_rules"] == {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05,
+                                         "retention_spread": 0.1}
     assert directory.exists("report", "index.html")
 
     # two actors really shared the work, and the tables are bit-identical to the one-actor run
