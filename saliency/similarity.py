@@ -105,11 +105,13 @@ class Prepared:
     finite: Tensor     # B bool: the raw map held no NaN/inf
     window: int = 5
     data_range: float = 2.0
+    moments: Tensor | None = None  # ssim: B×2×h×w local mean and variance, so a pair costs its cross term only
 
     def select(self, index: Tensor) -> "Prepared":
-        """The prepared maps of images ``index`` (e.g. each image's chance partner)."""
+        """The prepared maps of images ``index`` (e.g. each image's chance partners)."""
         index = index.to(self.features.device)
-        return replace(self, features=self.features[index], finite=self.finite[index])
+        moments = None if self.moments is None else self.moments[index]
+        return replace(self, features=self.features[index], finite=self.finite[index], moments=moments)
 
 
 def prepare(maps: Tensor, metric: str, *, normalization: str = "max_abs", window: int = 5,
@@ -121,7 +123,8 @@ def prepare(maps: Tensor, metric: str, *, normalization: str = "max_abs", window
     x = normalize(maps.to(torch.float64), normalization)
     finite = torch.isfinite(maps).flatten(1).all(dim=1)
     if metric == "ssim":
-        return Prepared(metric, x, finite, window, _ssim_data_range(data_range, normalization))
+        return Prepared(metric, x, finite, window, _ssim_data_range(data_range, normalization),
+                        _ssim_moments(x, window))
     if metric == "topk_intersection":
         return Prepared(metric, _top_mask(x.flatten(1), k), finite)
     if metric == "hog_pearson":
@@ -142,7 +145,7 @@ def compare(a: Prepared, b: Prepared) -> Tensor:
                          f"{b.metric} {tuple(b.features.shape)}")
     x, y = a.features, b.features
     if a.metric == "ssim":
-        scores = _ssim(x, y, a.window, a.data_range)
+        scores = _ssim(x, y, a.window, a.data_range, a.moments, b.moments)
     elif a.metric == "topk_intersection":
         scores = (x & y).sum(dim=1).to(torch.float64) / x.sum(dim=1)  # each row keeps the same count
     elif a.metric in ("hog_pearson", "spearman", "spearman_abs", "pearson"):
@@ -184,24 +187,35 @@ def _ssim_data_range(data_range: float | None, normalization: str) -> float:
     return float(data_range)
 
 
-def _ssim(x: Tensor, y: Tensor, window: int, data_range: float) -> Tensor:
-    """skimage's SSIM (uniform window, sample covariance), mean over windows inside the image."""
+def _ssim_moments(x: Tensor, window: int) -> Tensor:
+    """B×2×h×w: each window's mean and sample variance, the half of SSIM that is per map."""
     height, width = x.shape[1:]
     if not isinstance(window, int) or window < 3 or window % 2 == 0:
         raise ValueError(f"window must be an odd integer >= 3, got {window!r}")
     if window > min(height, width):
         raise ValueError(f"window {window} is larger than the maps ({height}×{width}); "
                          f"allowed: an odd window <= {min(height, width)}")
+    mean = _local_mean(x, window)
+    return torch.stack([mean, _covariance_norm(window) * (_local_mean(x * x, window) - mean * mean)], dim=1)
 
-    def local_mean(t: Tensor) -> Tensor:  # only windows fully inside: skimage's cropped region
-        return F.avg_pool2d(t.unsqueeze(1), window, stride=1)
 
+def _local_mean(t: Tensor, window: int) -> Tensor:
+    """Mean of each window fully inside the map (skimage's cropped region)."""
+    return F.avg_pool2d(t.unsqueeze(1), window, stride=1).squeeze(1)
+
+
+def _covariance_norm(window: int) -> float:
     n = window * window
-    cov_norm = n / (n - 1)
-    ux, uy = local_mean(x), local_mean(y)
-    vx = cov_norm * (local_mean(x * x) - ux * ux)
-    vy = cov_norm * (local_mean(y * y) - uy * uy)
-    vxy = cov_norm * (local_mean(x * y) - ux * uy)
+    return n / (n - 1)
+
+
+def _ssim(x: Tensor, y: Tensor, window: int, data_range: float, x_moments: Tensor | None = None,
+          y_moments: Tensor | None = None) -> Tensor:
+    """skimage's SSIM (uniform window, sample covariance), mean over windows inside the image; the
+    maps' own moments may come precomputed (``_ssim_moments``)."""
+    ux, vx = (_ssim_moments(x, window) if x_moments is None else x_moments).unbind(1)
+    uy, vy = (_ssim_moments(y, window) if y_moments is None else y_moments).unbind(1)
+    vxy = _covariance_norm(window) * (_local_mean(x * y, window) - ux * uy)
     c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return ssim_map.flatten(1).mean(dim=1)
