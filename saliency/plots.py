@@ -22,7 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from saliency.methods import available_methods, get_method
+from saliency.methods import available_methods, family_order, get_method
 from saliency.methods.base import POLICIES
 from saliency.sanity import get_test, sanity_tests
 from saliency.statistics import VerdictRules
@@ -36,8 +36,6 @@ SEQUENTIAL_CMAP = "Reds"
 """Non-negative maps: white at zero to dark red at max S of the cell (red = positive, as in MAP_CMAP)."""
 MAX_PANEL_LINES = 6
 """Most lines in one small-multiple MPRT panel, the dashed controls included."""
-FAMILY_LABELS = {"gradient": "plain gradient", "cam": "aggregation", "propagation": "propagation",
-                 "lrp": "LRP", "control": "controls"}
 MAX_TICK_LABELS = 20
 MAX_GRID_COLUMNS = 12
 
@@ -100,8 +98,8 @@ def order_methods(methods: Iterable[str]) -> list[str]:
 
 
 def method_groups(methods: Iterable[str]) -> list[tuple[str, list[str]]]:
-    """(family label, methods) in FAMILY_LABELS order: plain gradient, aggregation, propagation, LRP,
-    controls; within a family registry order, except that each aggregation method lists its signed
+    """(family label, methods) in ``family_order()``: plain gradient, aggregation, propagation, LRP, any
+    other registered family, controls; within a family registry order, except that each aggregation method lists its signed
     variant first, then pos, abs, neg (the paper's pairs side by side). Unknown ids close the list."""
     chosen = set(methods)
     registry = available_methods()
@@ -115,7 +113,7 @@ def method_groups(methods: Iterable[str]) -> list[tuple[str, list[str]]]:
         return (first, policy, "/" in method_id)
 
     groups = []
-    for family, label in FAMILY_LABELS.items():
+    for family, label in family_order():
         members = sorted((m for m in known if get_method(m).family == family), key=key)
         if members:
             groups.append((label, members))

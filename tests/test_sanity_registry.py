@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from saliency import plots
+from saliency import methods as methods_registry
+from saliency.methods import register as register_method
+from saliency.methods.base import Method
 from saliency.sanity import (Block, SanityRun, SanityTest, Settings, available_tests, get_test, register,
                              run_sanity)
 from saliency.sanity import registry as sanity_registry
 from saliency.sanity.base import paired
 from saliency.statistics import summarize, verdicts
 from models_for_tests import count_explain_calls, small_cnn
+from tasks.report import verdict_matrices, write_report
 from tasks.tracking import metric_rows
 
 METHODS = ["gradient", "gradcam", "random"]
@@ -105,3 +109,34 @@ def test_bad_settings_are_refused_before_any_explain_call(batch, monkeypatch):
         with pytest.raises(ValueError, match=message):
             SanityRun(model, x, settings)
     assert calls[0] == 0
+
+
+@dataclass(frozen=True)
+class SquaredGradient(Method):
+    """A toy method of a family no table lists: the squared input gradient."""
+
+    def compute(self, ctx) -> torch.Tensor:
+        return ctx.shared_pass().input_grad ** 2
+
+
+@pytest.fixture
+def toy_method():
+    method = register_method(SquaredGradient(id="toy_squared", family="toy_family"))
+    yield method
+    del methods_registry._REGISTRY[method.id]
+
+
+def test_a_method_of_a_new_family_is_grouped_under_it_in_the_report(batch, toy_method, tmp_path):
+    """issue 21: a family missing from the families table gets its own group (before the controls)
+    in the report's verdict matrix and table, instead of dropping out or raising KeyError."""
+    model, x = batch
+    table = run_sanity(model, x, Settings(methods=["gradient", "toy_squared", "random"], others=["min"],
+                                          tests=["class_sensitivity"], metrics=["ssim"]))
+    judged = verdicts(summarize(table, n_boot=50))
+    assert plots.method_groups(judged["method"].to_pylist()) == [
+        ("plain gradient", ["gradient"]), ("toy_family", ["toy_squared"]), ("controls", ["random"])]
+    [matrix] = verdict_matrices(judged)
+    assert [(g["label"], [r["method"] for r in g["rows"]]) for g in matrix["groups"]] == [
+        ("plain gradient", ["gradient"]), ("toy_family", ["toy_squared"]), ("controls", ["random"])]
+    page = write_report(summarize(table, n_boot=50), tmp_path, verdicts=judged).read_text()
+    assert "toy_family" in page and "toy_squared" in page

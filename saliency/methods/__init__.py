@@ -10,6 +10,11 @@ from saliency.methods.propagation import Deconvnet, GuidedBackprop, RectGrad
 
 _REGISTRY: dict[str, Method] = {}
 
+#: Family id → the label figures and the report group methods under, in the order they are shown. A
+#: registered method of a family not listed here is grouped under its family id, before the controls.
+FAMILIES = {"gradient": "plain gradient", "cam": "aggregation", "propagation": "propagation", "lrp": "LRP",
+            "control": "controls"}
+
 
 def register(method: Method) -> Method:
     if method.id in _REGISTRY:
@@ -77,6 +82,15 @@ def get_method(method_id: str) -> Method:
     except (KeyError, TypeError):
         raise ValueError(f"unknown saliency method {method_id!r}; valid ids: "
                          f"{', '.join(_REGISTRY)}") from None
+
+
+def family_order() -> list[tuple[str, str]]:
+    """(family id, label) of every family in the registry: FAMILIES' order, any other family (in
+    registry order) before the controls."""
+    present = dict.fromkeys(m.family for m in _REGISTRY.values())
+    listed = [f for f in FAMILIES if f != "control"]
+    ordered = listed + [f for f in present if f not in FAMILIES] + ["control"]
+    return [(f, FAMILIES.get(f, f)) for f in ordered if f in present or f in FAMILIES]
 
 
 def method_table() -> list[dict]:
