@@ -93,7 +93,7 @@ def randomized_state(
     """
     _check_options(order, init, bn_stats, seed, sigma)
     owned = _owned_modules(model, layers)
-    ordered = _ordered_layers(layers, order)
+    ordered = state_layers(layers, order)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(ordered):
         raise ValueError(f"state index k must be an int in [0, {len(ordered) - 1}], got {k!r}")
     chosen = ordered[: k + 1] if order.startswith("cascade") else [ordered[k]]
@@ -123,7 +123,7 @@ def randomization_states(
     layers = parameter_layers(model, example_input, granularity)
     owned = _owned_modules(model, layers)
     logger.info("randomisation layers (%s, execution order): %s", granularity, layers)
-    return _iterate_states(model, _ordered_layers(layers, order), owned, order, init, seed,
+    return _iterate_states(model, state_layers(layers, order), owned, order, init, seed,
                            bn_stats, sigma)
 
 
@@ -148,7 +148,7 @@ def states_in_place(
     """
     _check_options(order, init, bn_stats, 0, sigma)
     owned = _owned_modules(model, layers)
-    ordered = _ordered_layers(layers, order)
+    ordered = state_layers(layers, order)
     chosen = sorted(set(states))
     if any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(ordered) for k in chosen):
         raise ValueError(f"state indices must be ints in [0, {len(ordered) - 1}], got {states!r}")
@@ -202,8 +202,16 @@ def _check_options(order: str, init: str, bn_stats: str, seed: int, sigma: float
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
 
 
-def _ordered_layers(layers: list[str], order: str) -> list[str]:
+def state_layers(layers: list[str], order: str) -> list[str]:
+    """The layer randomised at each state k, in state order — the one place this order is decided:
+    top-down and independent count from the logits, bottom-up from the input."""
+    check_choice("order", order, ORDERS)
     return list(reversed(layers)) if order != "cascade_bottom_up" else list(layers)
+
+
+def state_names(layers: list[str], order: str) -> list[str]:
+    """MPRT state names ("03:layer4.1.conv2") in state order."""
+    return [state_name(k, layer) for k, layer in enumerate(state_layers(layers, order))]
 
 
 def _has_own_parameters(module: nn.Module) -> bool:

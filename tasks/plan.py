@@ -19,11 +19,11 @@ from saliency.canonize import canonize
 from saliency.engine import cam_layer, check_relu_rules
 from saliency.methods import get_method
 from saliency.passes import check_input, forward_logits
-from saliency.randomize import parameter_layers
+from saliency.randomize import parameter_layers, state_names
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
-from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges, state_names
+from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "zennit", "pyarrow", "pydantic",

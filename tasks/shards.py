@@ -7,7 +7,6 @@ from torch import nn
 
 from saliency.data import ImageDataset, load_dataset
 from saliency.models import REFERENCE_MODELS, load_model, train_reference
-from saliency.randomize import state_name
 from tasks.config import Config
 
 
@@ -49,9 +48,3 @@ def load_model_saying_how(cfg: Config) -> tuple[nn.Module, str]:
                f"(cached at {info['cache_path']})")
         return model, f"{m.name} model {how}"
     return load_configured_model(cfg), f"{m.name} model" + ("" if m.weights is None else f", weights {m.weights}")
-
-
-def state_names(layers: list[str], order: str) -> list[str]:
-    """MPRT state names in state order (top-down and independent count from the logits)."""
-    ordered = layers if order == "cascade_bottom_up" else layers[::-1]
-    return [state_name(k, layer) for k, layer in enumerate(ordered)]

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from saliency.choices import check_choice
 from saliency.passes import forward_logits
-from saliency.randomize import ORDERS, parameter_layers, state_name, states_in_place
+from saliency.randomize import ORDERS, parameter_layers, state_names, states_in_place
 from saliency.sanity.base import Block, SanityTest
 
 TARGET_MODES = ("original", "recompute")
@@ -27,12 +27,6 @@ def head_state_index(order: str, n_states: int) -> int:
     """The MPRT state where the classifier head is randomised: the first from the logits."""
     check_choice("order", order, ORDERS)
     return n_states - 1 if order == "cascade_bottom_up" else 0
-
-
-def state_layer(layers: list[str], order: str, k: int) -> str:
-    """The layer randomised at step k (saliency.randomize's convention): top-down and independent
-    count from the logits, bottom-up from the input."""
-    return layers[k] if order == "cascade_bottom_up" else layers[len(layers) - 1 - k]
 
 
 def randomization_seeds(settings) -> list[int]:
@@ -54,10 +48,11 @@ class ParameterRandomization(SanityTest):
         layers = parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity)
         states = states_in_place(run.model, layers, s.order, _state_indices(s.states, len(layers)),
                                  randomization_seeds(s), init=s.init, bn_stats=s.bn_stats, sigma=s.sigma)
+        names = state_names(layers, s.order)
         for seed, k, model in states:
             targets = forward_logits(model, run.x).argmax(dim=1) if s.target == "recompute" else run.top
             maps = run.explain(model, targets[:, None])  # below its randomised layers, from run.prefix
-            yield Block(self.id, state_name(k, state_layer(layers, s.order, k)), k, targets,
+            yield Block(self.id, names[k], k, targets,
                         {m: v[:, 0] for m, v in maps.items()}, seed=seed)
 
     def rows_per_image(self, settings, n_states: int) -> int:
