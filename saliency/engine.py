@@ -6,22 +6,19 @@ gradient, input×gradient and every CAM variant share one forward and one backwa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from saliency.choices import check_choice
 from saliency.methods import get_method
-from saliency.methods.cam import FULLGRAD_SCALINGS
+from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
+from saliency.passes import (Pass, ReLURule, cam_layout, check_input, check_layer, default_cam_layer, evaluation,
+                             forward_logits, normalize_targets, other_activations, reduce_channels, run_pass)
 from saliency.prefix import FrozenPrefix
-from saliency.passes import (CHANNEL_REDUCTIONS, LAYER_LAYOUTS, Pass, ReLURule, cam_layout, check_input,
-                             check_layer, default_cam_layer,
-                             evaluation, forward_logits, normalize_targets, other_activations, reduce_channels,
-                             run_pass)
 
-PROPAGATION_POLICIES = ("signed", "pos")
+__all__ = ["PROPAGATION_POLICIES", "Options", "cam_layer", "check_relu_rules", "explain"]
 
 
 def cam_layer(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | None = None) -> str | None:
@@ -58,23 +55,6 @@ def check_relu_rules(model: nn.Module, x: Tensor, methods: Sequence[str], propag
 
 
 # --------------------------------------------------------------------------------------------- context
-@dataclass
-class Options:
-    layer: str | None = None
-    layer_layout: str = "channels_first"
-    channel_reduction: str = "sum"
-    propagation: str = "signed"
-    relu_map: bool = False
-    seed: int = 0
-    ig_steps: int = 32
-    ig_baseline: Tensor | float | None = None
-    sg_samples: int = 16
-    sg_noise: float = 0.15
-    rectgrad_q: float = 98.0  # RectGrad's percentile (saliency.methods.propagation)
-    fullgrad_scaling: str = "layer"  # the bare fullgrad's min-max: per layer (authors) or per channel
-    internal_batch_size: int | None = None
-
-
 class Context:
     """One explain call: the inputs, the options, and the passes shared between methods (cached)."""
 
@@ -139,27 +119,18 @@ class Context:
 
 
 # --------------------------------------------------------------------------------------------- explain
-def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=None,
-            layer: str | None = None, *, layer_layout: str | None = None, channel_reduction: str = "sum",
-            propagation: str = "signed",
-            relu_map: bool = False, seed: int = 0, ig_steps: int = 32, ig_baseline=None,
-            sg_samples: int = 16, sg_noise: float = 0.15, rectgrad_q: float = 98.0,
-            fullgrad_scaling: str = "layer", internal_batch_size: int | None = None, prefix: FrozenPrefix | None = None) -> dict[str, Tensor]:
+def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=None, layer: str | None = None, *,
+            prefix: FrozenPrefix | None = None, **options) -> dict[str, Tensor]:
     """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
 
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
     (B×T×C×H×W for input-space methods when ``channel_reduction="none"``; CAM-style maps then get C=1).
     Methods that need the same forward/backward share it. The model is left unchanged.
-    Options: ``layer`` (CAM layer, default ``default_cam_layer``: the rectified output of the last
-    convolutional block), ``layer_layout`` (how that layer's output is laid out: "channels_first",
-    "channels_last" or "tokens"; None = found by ``cam_layout``), ``propagation`` ("pos" = only positive
-    signal back through every ReLU), ``relu_map`` (final ReLU on CAMs), ``seed`` (SmoothGrad noise,
-    random control), ``ig_steps``/``ig_baseline``, ``sg_samples``/``sg_noise`` (σ as a fraction of
-    each image's range), ``rectgrad_q`` (percentile), ``fullgrad_scaling`` (the bare ``fullgrad``'s
-    min-max: "layer" over C×H×W as its authors' code, or "channel" as pytorch-grad-cam), ``internal_batch_size`` (images per chunk for
-    IG/SmoothGrad; None = automatic), ``prefix`` (a ``FrozenPrefix`` of the original model on this ``x``:
-    passes on x take the calls below the first changed module from it instead of running them; MPRT
-    states use it).
+    ``options``: the fields of ``saliency.options.Options`` (each with its default and help there:
+    ``layer_layout``, ``channel_reduction``, ``propagation``, ``relu_map``, ``seed``, ``ig_steps``,
+    ``ig_baseline``, ``sg_samples``, ``sg_noise``, ``rectgrad_q``, ``fullgrad_scaling``,
+    ``internal_batch_size``). ``prefix``: a ``FrozenPrefix`` of the original model on this ``x``; passes
+    on x take the calls below the first changed module from it instead of running them (MPRT states).
     """
     method_ids = [methods] if isinstance(methods, str) else list(methods)
     if not method_ids:
@@ -168,40 +139,31 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     if duplicates:
         raise ValueError(f"method ids listed more than once: {duplicates}")
     resolved = [get_method(m) for m in method_ids]
-    check_choice("channel_reduction", channel_reduction, CHANNEL_REDUCTIONS)
-    check_choice("propagation", propagation, PROPAGATION_POLICIES)
-    check_choice("fullgrad_scaling", fullgrad_scaling, FULLGRAD_SCALINGS)
-    if internal_batch_size is not None and internal_batch_size < 1:
-        raise ValueError(f"internal_batch_size must be ≥ 1 (or None for automatic), got {internal_batch_size}")
-    if not 0.0 <= rectgrad_q <= 100.0:
-        raise ValueError(f"rectgrad_q must be a percentile in [0, 100], got {rectgrad_q}")
+    checked = make_options(layer=layer, **options)
     check_input(model, x)
-    check_relu_rules(model, x, method_ids, propagation)
+    check_relu_rules(model, x, method_ids, checked.propagation)
     layer = cam_layer(model, x, method_ids, layer)
     needs_layer = any(m.needs_layer for m in resolved)
-    if layer_layout is not None:
-        check_choice("layer_layout", layer_layout, LAYER_LAYOUTS)
-    elif needs_layer:
+    layer_layout = checked.layer_layout
+    if layer_layout is None and needs_layer:
         layer_layout = cam_layout(model, x, layer)
     with evaluation(model):
         if targets is None:
             targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
-        options = Options(layer=layer, layer_layout=layer_layout or "channels_first",
-                          channel_reduction=channel_reduction, propagation=propagation,
-                          relu_map=relu_map, seed=seed, ig_steps=ig_steps, ig_baseline=ig_baseline,
-                          sg_samples=sg_samples, sg_noise=sg_noise, rectgrad_q=rectgrad_q,
-                          fullgrad_scaling=fullgrad_scaling, internal_batch_size=internal_batch_size)
-        ctx = Context(model, x, target_matrix, options, needs_layer,
-                      any(m.needs_biases for m in resolved), prefix)
+        ctx = Context(model, x, target_matrix, replace(checked, layer=layer, layer_layout=layer_layout or "channels_first"),
+                      needs_layer, any(m.needs_biases for m in resolved), prefix)
         for method in resolved:
             method.prepare(ctx)
         maps: dict[str, Tensor] = {}
         for method_id, method in zip(method_ids, resolved):
             result = method.compute(ctx)
             if result.dim() == 5:
-                result = reduce_channels(result, channel_reduction)
-            elif channel_reduction == "none":
+                result = reduce_channels(result, checked.channel_reduction)
+            elif checked.channel_reduction == "none":
                 result = result.unsqueeze(2)
             maps[method_id] = result.detach().to(torch.float32)
     return maps
+
+
+explain.__signature__ = signature_with_options(explain, "prefix")  # help(explain) lists every option

@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from saliency.data import DATASETS, SPLITS
-from saliency.engine import PROPAGATION_POLICIES
-from saliency.methods.cam import FULLGRAD_SCALINGS
-from saliency.passes import CHANNEL_REDUCTIONS, LAYER_LAYOUTS
+from saliency.options import option_fields, option_types
+from saliency.passes import LAYER_LAYOUTS
 from saliency.methods import PAPER_METHODS, available_methods
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
 from saliency.sanity import CHANCE_PARTNERS, OTHERS, TARGET_MODES, Settings, sanity_tests
@@ -94,21 +93,11 @@ class DataConfig(Section):
                                     'dataset, e.g. {dataset: CIFAR10}')
 
 
-class MethodsConfig(Section):
+class _MethodsBase(Section):
+    """The method ids; ``MethodsConfig`` adds one field per configurable ``saliency.options.Options`` field."""
+
     ids: list[str] = Field(default_factory=lambda: list(PAPER_METHODS), description="saliency method ids "
                            "(saliency-sanity methods lists them); default: every method of the paper")
-    channel_reduction: Literal[CHANNEL_REDUCTIONS] = Field(
-        "sum", description="how input-space maps reduce the colour channels")
-    propagation: Literal[PROPAGATION_POLICIES] = Field(
-        "signed", description="backward policy at every ReLU on top of each method's rule")
-    relu_map: bool = Field(False, description="apply a final ReLU to CAM maps")
-    ig_steps: int = Field(32, ge=1, description="integrated gradients: number of steps")
-    sg_samples: int = Field(16, ge=1, description="smoothgrad: number of noisy samples")
-    sg_noise: float = Field(0.15, gt=0, description="smoothgrad: noise std as a share of the image range")
-    rectgrad_q: float = Field(98.0, ge=0, le=100, description="rectgrad: percentile threshold")
-    fullgrad_scaling: Literal[FULLGRAD_SCALINGS] = Field(
-        "layer", description="fullgrad (bare id): min-max per layer over C×H×W as its authors' code, or per "
-        "channel as pytorch-grad-cam")
 
     _split = field_validator("ids", mode="before")(_split_commas)
 
@@ -119,6 +108,16 @@ class MethodsConfig(Section):
 
     def explain_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"ids"})
+
+
+def _option_field(f) -> tuple[Any, Any]:
+    meta = f.metadata
+    bounds = {key: meta[key] for key in ("ge", "gt", "le") if meta[key] is not None}
+    return option_types()[f.name], Field(f.default, description=meta["help"], **bounds)
+
+
+MethodsConfig = create_model("MethodsConfig", __base__=_MethodsBase,
+                             **{f.name: _option_field(f) for f in option_fields(config_only=True)})
 
 
 class _TestsBase(Section):

@@ -425,12 +425,42 @@ def test_non_finite_logits(small):
 @pytest.mark.parametrize("kwargs,message", [
     ({"channel_reduction": "mean"}, "unknown channel_reduction 'mean'; allowed: sum, abs_sum"),
     ({"propagation": "abs"}, "unknown propagation 'abs'; allowed: signed, pos"),
-    ({"rectgrad_q": 120}, "rectgrad_q must be a percentile"),
+    ({"rectgrad_q": 120}, "rectgrad_q must be ≥ 0 and ≤ 100, got 120"),
+    ({"ig_steps": 0}, "ig_steps must be ≥ 1, got 0"),
+    ({"sg_noise": 0.0}, "sg_noise must be > 0, got 0.0"),
+    ({"internal_batch_size": 0}, "internal_batch_size must be ≥ 1, got 0"),
+    ({"layer_layout": "rows"}, "unknown layer_layout 'rows'"),
 ])
 def test_bad_options(small, kwargs, message):
+    """Every option is checked from its one definition (saliency.options), before any pass."""
     model, x = small
     with pytest.raises(ValueError, match=message):
         saliency.explain(model, x, "gradient", torch.tensor([0, 1, 2]), **kwargs)
+
+
+def test_an_unknown_option_is_named_with_the_valid_ones(small):
+    model, x = small
+    with pytest.raises(TypeError, match=r"unknown explain option\(s\) 'ig_step'; valid: .*ig_steps"):
+        saliency.explain(model, x, "gradient", ig_step=4)
+
+
+def test_the_options_have_one_definition_that_explain_and_the_config_follow():
+    """issue 21: explain's keywords and the methods config section are derived from Options' fields."""
+    import dataclasses
+    import inspect
+
+    from saliency.options import Options
+    from tasks.config import MethodsConfig
+
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    parameters = inspect.signature(saliency.explain).parameters
+    assert all(parameters[name].default == f.default for name, f in fields.items())
+    configured = {name: f for name, f in fields.items() if f.metadata["config"]}
+    assert set(MethodsConfig.model_fields) == {"ids"} | set(configured)
+    for name, f in configured.items():
+        assert MethodsConfig.model_fields[name].default == f.default
+        assert MethodsConfig.model_fields[name].description == f.metadata["help"]
+    assert MethodsConfig().explain_kwargs() == {name: f.default for name, f in configured.items()}
 
 
 def test_empty_methods(small):

@@ -28,8 +28,6 @@ class IntegratedGradients(Method):
 
     def compute(self, ctx) -> Tensor:
         steps = ctx.options.ig_steps
-        if steps < 1:
-            raise ValueError(f"ig_steps must be ≥ 1, got {steps}")
         baseline = ctx.options.ig_baseline
         baseline = torch.zeros_like(ctx.x) if baseline is None else torch.as_tensor(
             baseline, dtype=ctx.x.dtype, device=ctx.x.device).expand_as(ctx.x)
