@@ -115,7 +115,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
     results, errors = [], []
     with ray_connection():
         n_actors, use_gpu = actor_count(cfg, len(plan.pending))
-        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir)
+        pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir, plan.manifest)
         ready = time.perf_counter()
         logger.info("%d actors (%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
                     sorted({w["node"][:12] for w in pool.workers}))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
 from tasks.allocator import keep_freed_memory
 from tasks.config import Config, ConfigError
+from tasks.manifest import Manifest
 from tasks.shards import Shard, load_data
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
 from tasks.write import write_shard
@@ -35,9 +36,9 @@ class ShardWorker:
 
     def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
                  model: nn.Module | None = None, progress: Any = None,
-                 run_dir: str | RunDir | None = None) -> None:
+                 run_dir: str | RunDir | None = None, manifest: Manifest | None = None) -> None:
         self.cfg = Config.model_validate(config)
-        self.settings = self.cfg.sanity_settings()
+        self.settings = self.cfg.sanity_settings(manifest)  # the planner's CAM layer, layout and layers
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
         self.run_id = run_id
         self.device = torch.device(device)
@@ -83,8 +84,12 @@ class ShardWorker:
                 failures.append((self.dataset.image_ids[index], "load", error))
         scores, maps = [], []
         for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
-            batch = self._finite(samples[first:last], failures)
-            for score_table, map_table, map_failures in self._guarded(batch, self._compute, failures, "explain"):
+            batch, inputs = self._finite(samples[first:last], failures)
+
+            def compute(items: list, batch=batch, inputs=inputs) -> tuple[pa.Table, pa.Table | None, list]:
+                return self._compute(items, inputs if items is batch else None)
+
+            for score_table, map_table, map_failures in self._guarded(batch, compute, failures, "explain"):
                 scores.append(score_table)
                 maps += [] if map_table is None else [map_table]
                 failures += map_failures
@@ -114,17 +119,22 @@ class ShardWorker:
         x = torch.stack([sample.image for _, sample in batch]).to(self.device)
         return ids, x, [sample.label for _, sample in batch]
 
-    def _finite(self, batch: list, failures: list) -> list:
-        """Drop images whose logits are not finite (recorded as failures)."""
+    def _finite(self, batch: list, failures: list) -> tuple[list, tuple | None]:
+        """Drop images whose logits are not finite (recorded as failures). When every image is kept, the
+        batch's tensors and logits come back too, so that the sanity run neither stacks the batch nor
+        runs its forward again."""
         if not batch:
-            return batch
-        _, x, _ = self._tensors(batch)
+            return batch, None
+        ids, x, labels = self._tensors(batch)
         with torch.no_grad():
-            finite = torch.isfinite(self.model(x)).all(dim=1).tolist()
+            logits = self.model(x)
+        finite = torch.isfinite(logits).all(dim=1).tolist()
         for ok, (_, sample) in zip(finite, batch):
             if not ok:
                 failures.append((sample.image_id, "forward", "the model produced non-finite logits (NaN/inf)"))
-        return [item for ok, item in zip(finite, batch) if ok]
+        if all(finite):
+            return batch, (ids, x, labels, logits)
+        return [item for ok, item in zip(finite, batch) if ok], None
 
     def _guarded(self, batch: list, compute: Callable[[list], Any], failures: list, stage: str) -> list[Any]:
         """Run a batch; if it fails, run its images one by one and record the ones that fail.
@@ -152,13 +162,14 @@ class ShardWorker:
         self.healthy = self.healthy or bool(tables)
         return tables
 
-    def _compute(self, batch: list) -> tuple[pa.Table, pa.Table | None, list]:
+    def _compute(self, batch: list, inputs: tuple | None = None) -> tuple[pa.Table, pa.Table | None, list]:
         """Scores of a batch, the maps the config stores (from the very same explain calls), and a
-        failure per non-finite map (its scores are left out, every other score is kept)."""
-        ids, x, labels = self._tensors(batch)
+        failure per non-finite map (its scores are left out, every other score is kept). ``inputs``:
+        (ids, x, labels, logits) of this very batch from the finiteness check, if it made them."""
+        ids, x, labels, logits = inputs if inputs is not None else (*self._tensors(batch), None)
         keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
         run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
-                        model_name=self.cfg.model.name)
+                        model_name=self.cfg.model.name, logits=logits)
         first_seed = self.cfg.randomization.seeds[0]
         stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
         map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
@@ -261,7 +272,7 @@ class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
     def __init__(self, cfg: Config, model: nn.Module, run_id: str, n_actors: int, use_gpu: bool,
-                 run_dir: RunDir) -> None:
+                 run_dir: RunDir, manifest: Manifest | None = None) -> None:
         import ray
 
         self._remote = ray.remote(ShardWorker).options(num_cpus=cfg.compute.threads_per_actor,
@@ -269,7 +280,7 @@ class ActorPool:
         self.progress = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         # the run directory travels as its location (a path or URI), each actor opens its own filesystem
         self._args = (cfg.model_dump(mode="json"), run_id, "cuda" if use_gpu else "cpu", None, self.progress,
-                      run_dir.location)
+                      run_dir.location, manifest)
         self._model = ray.put(model.cpu())
         self._free: queue.Queue = queue.Queue()
         self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]

@@ -266,13 +266,17 @@ class Config(Section):
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model.name).strip("_")
         return f"{model}-{self.data.dataset}-{self.run_id()}"
 
-    def sanity_settings(self) -> Settings:
+    def sanity_settings(self, manifest: Any = None) -> Settings:
         """The library call this config asks for, per batch (the one place that maps config to
-        ``saliency.sanity``: the actor and the benchmarks use it)."""
+        ``saliency.sanity``: the actor and the benchmarks use it). With the run's ``manifest``, what the
+        planner decided — the CAM layer, its layout, MPRT's layers — is passed down, not traced again."""
         r = self.randomization
-        declared = {} if self.model.layer_layout is None else {"layer_layout": self.model.layer_layout}
+        layer, layout = self.model.layer, self.model.layer_layout
+        if manifest is not None:
+            layer, layout = manifest.cam_layer, manifest.cam_layout or layout
+        declared = {} if layout is None else {"layer_layout": layout}
         return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
-                        seed=self.seed, layer=self.model.layer,
+                        seed=self.seed, layer=layer, layers=None if manifest is None else manifest.layers,
                         explain_kwargs=self.methods.explain_kwargs() | declared,
                         others=self.tests.others, order=r.order, granularity=r.granularity, init=r.init,
                         target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds,

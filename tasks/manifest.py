@@ -60,6 +60,7 @@ class Manifest(_Strict):
     seeds: dict[str, Any]
     randomization: RandomizationInfo
     cam_layer: str | None
+    cam_layout: str | None = None  # the CAM layer's output layout (channels_first, channels_last, tokens)
     verdict_rules: dict[str, float]
     layers: list[str]
     states: list[str]

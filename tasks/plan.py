@@ -18,7 +18,7 @@ from torch import nn
 from saliency.canonize import canonize
 from saliency.engine import cam_layer, check_relu_rules
 from saliency.methods import get_method
-from saliency.passes import check_input, forward_logits
+from saliency.passes import cam_layout, check_input, forward_logits
 from saliency.randomize import parameter_layers, state_names
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, check_digest, parse_manifest, write_manifest
@@ -132,7 +132,8 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                   "random_other_class": "seeded per (seed, image id)"},
         "randomization": {"order": r.order, "granularity": r.granularity, "init": r.init,
                           "sigma": r.sigma, "bn_stats": r.bn_stats, "target": r.target, "seeds": r.seeds},
-        "cam_layer": run_cam_layer(cfg, model, example),
+        "cam_layer": (layer := run_cam_layer(cfg, model, example)),
+        "cam_layout": run_cam_layout(cfg, model, example, layer),
         "verdict_rules": cfg.verdicts.rules().as_dict(),
         "layers": layers,
         "states": state_names(layers, r.order),
@@ -163,6 +164,19 @@ def run_cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
         return cam_layer(model, example, cfg.methods.ids, cfg.model.layer)
     except ValueError as error:
         raise ConfigError(f"config field `model.layer`: {error}") from None
+
+
+def run_cam_layout(cfg: Config, model: nn.Module, example, layer: str | None) -> str | None:
+    """How the CAM layer's output is laid out: the config's ``model.layer_layout``, else found from its
+    shape once here (actors take it from the manifest instead of tracing it per batch)."""
+    if layer is None or not any(get_method(m).needs_layer for m in cfg.methods.ids):
+        return None
+    if cfg.model.layer_layout is not None:
+        return cfg.model.layer_layout
+    try:
+        return cam_layout(model, example, layer)
+    except ValueError as error:
+        raise ConfigError(f"config field `model.layer_layout`: {error}") from None
 
 
 def _relative(path: str, root: str | None) -> str:

@@ -64,3 +64,52 @@ def test_a_cpu_worker_keeps_freed_memory_where_glibc_allows_it(monkeypatch):
     assert worker("none").keeps_freed_memory is on_glibc
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.keep_freed_memory() is False  # elsewhere nothing is changed, and nothing fails
+
+
+def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
+    """issue 21: with the manifest, a batch traces no CAM layer, layout or MPRT layer list, deep-copies
+    no model beyond the randomisation's working copy, and runs one no-grad forward of the original model
+    (the finiteness check, whose logits the sanity run reuses); the scores equal a run without it."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    import saliency.engine
+    import saliency.sanity.mprt
+    import saliency.sanity.runner
+    from saliency.data import load_dataset
+    from tasks.plan import build_manifest
+    from tasks.shards import shard_ranges
+
+    cfg = load_config({"data": {"limit": 4}, "methods": {"ids": ["gradient", "gradcam", "guided_backprop", "random"]},
+                       "randomization": {"seeds": [0]}, "compute": {"batch_size": 4}, "tracking": {"enabled": False}})
+    model = load_configured_model(cfg)
+    manifest = build_manifest(cfg, load_dataset("mnist", limit=4), model, shard_ranges(4, 4))
+    assert manifest.cam_layer and manifest.cam_layout == "channels_first" and manifest.layers
+    plain = ShardWorker(cfg.model_dump(mode="json"), run_id="t", model=model).run(Shard(0, 0, 4))
+
+    counts = {"traces": 0, "deep copies": 0, "no-grad forwards": 0}
+    for where, name in [(saliency.engine, "default_cam_layer"), (saliency.engine, "cam_layout"),
+                        (saliency.sanity.runner, "cam_layout"), (saliency.sanity.mprt, "parameter_layers")]:
+        def traced(*args, real=getattr(where, name), **kwargs):
+            counts["traces"] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(where, name, traced)
+    real_deepcopy = copy.deepcopy
+
+    def deepcopy(value, *args, **kwargs):
+        counts["deep copies"] += isinstance(value, nn.Module)
+        return real_deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", deepcopy)
+    worker = ShardWorker(cfg.model_dump(mode="json"), run_id="t", model=model, manifest=manifest)
+    hook = worker.model.register_forward_pre_hook(
+        lambda module, inputs: counts.__setitem__("no-grad forwards", counts["no-grad forwards"] + (
+            not torch.is_grad_enabled() and inputs[0].shape[0] == 4)))
+    try:
+        planned = worker.run(Shard(0, 0, 4))
+    finally:
+        hook.remove()
+    assert counts == {"traces": 0, "deep copies": 1, "no-grad forwards": 1}
+    assert planned["scores"].equals(plain["scores"])

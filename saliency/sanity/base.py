@@ -236,3 +236,4 @@ class Settings:
     sigma: float = 0.01
     randomization_seeds: Sequence[int] | None = None  # None: ``seed`` alone
     states: Sequence[int] | None = None  # None: every randomisation state
+    layers: Sequence[str] | None = None  # MPRT's parameter layers in model order (None: traced per batch)

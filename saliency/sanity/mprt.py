@@ -45,7 +45,8 @@ class ParameterRandomization(SanityTest):
 
     def blocks(self, run) -> Iterator[Block]:
         s = run.settings
-        layers = parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity)
+        layers = (list(s.layers) if s.layers is not None else
+                  parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity))
         states = states_in_place(run.model, layers, s.order, _state_indices(s.states, len(layers)),
                                  randomization_seeds(s), init=s.init, bn_stats=s.bn_stats, sigma=s.sigma)
         names = state_names(layers, s.order)

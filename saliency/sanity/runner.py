@@ -32,8 +32,14 @@ class SanityRun:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, settings: Settings, *,
-                 image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model") -> None:
+                 image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
+                 logits: Tensor | None = None) -> None:
+        """``logits``: the model's logits on ``x`` where the caller already has them (the pipeline's
+        finiteness check), so that the batch's forward is not run twice."""
         self.model, self.x, self.settings = model, x, settings
+        if logits is not None and tuple(logits.shape[:1]) != tuple(x.shape[:1]):
+            raise ValueError(f"logits has {logits.shape[0]} rows but x has {x.shape[0]} images")
+        self._given_logits = logits
         self.methods = _distinct_list(settings.methods, "methods", "method ids",
                                       "see saliency.available_methods()")
         for method in self.methods:
@@ -53,8 +59,9 @@ class SanityRun:
         self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
         check_input(model, x)
         self.layer = cam_layer(model, x, self.methods, settings.layer)
-        if self.layer is not None and any(get_method(m).needs_layer for m in self.methods):
-            self.explain_kwargs.setdefault("layer_layout", cam_layout(model, x, self.layer))
+        if (self.layer is not None and self.explain_kwargs.get("layer_layout") is None
+                and any(get_method(m).needs_layer for m in self.methods)):
+            self.explain_kwargs["layer_layout"] = cam_layout(model, x, self.layer)  # once per batch, not per call
         self.logits: Tensor | None = None
         self.top: Tensor | None = None
         self.original: dict[str, Tensor] = {}
@@ -94,7 +101,7 @@ class SanityRun:
             self.prefix = None  # the recorded forward holds a pass's worth of activations
 
     def _blocks(self) -> Iterator[Block]:
-        self.logits = forward_logits(self.model, self.x)
+        self.logits = forward_logits(self.model, self.x) if self._given_logits is None else self._given_logits
         self.top = self.logits.argmax(dim=1)
         extra = [(source.id, index, state, targets) for source in self.sources
                  for index, (state, targets) in enumerate(source.extra_targets(self))]
