@@ -255,7 +255,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                 f"shard {index}: {reason}" for index, reason in sorted(untrusted.items())))
         computed = sum(r["n_images"] for r in results)
         agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                        cfg.randomization.order)
+                        cfg.randomization.order, plan.manifest)
         report_dir = render_report(plan.run_dir) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
                  "score_rows": agg.score_rows, "shards": len(plan.shards),

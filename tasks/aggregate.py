@@ -4,7 +4,8 @@ comparisons.parquet (the paper's paired pos/abs-vs-signed table), reading one pa
 The driver's memory does not grow with the number of images: the summary is merged from each part's
 partial statistics (saliency.statistics.SummaryAccumulator: sums and Poisson-bootstrap sums per group and
 seed), and the comparisons keep one number per image and comparison (what a Wilcoxon test needs).
-Two passes over the parts: the second needs the number of MPRT states, known from the first.
+One pass over the parts when the caller knows the methods and the number of MPRT states (the flow
+passes the manifest's); otherwise a second pass, after the first has found them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from saliency.statistics import (
     ComparisonAccumulator, SummaryAccumulator, VerdictRules, curve_lengths, verdicts,
 )
+from saliency.sanity import get_test
+from tasks.manifest import Manifest
 from tasks.storage import FAILURE_SCHEMA, RunDir
 
 #: The score columns the statistics read (the others stay on disk).
@@ -50,28 +53,39 @@ def score_parts(run_dir: RunDir, n_shards: int, methods: Sequence[str] | None = 
 
 
 def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
-                    order: str = "cascade_top_down") -> Aggregate:
-    """Summary, verdicts and comparisons of a run directory's score parts, written next to them."""
+                    order: str = "cascade_top_down", plan: Manifest | None = None) -> Aggregate:
+    """Summary, verdicts and comparisons of a run directory's score parts, written next to them; with the
+    run's ``plan`` (its methods and MPRT states) every part is read once."""
     summarizer, rows = SummaryAccumulator(n_boot, seed), 0
+    comparer = None if plan is None else ComparisonAccumulator(plan.methods, planned_curves(plan), order, n_boot,
+                                                               seed, rules)
     for part in score_parts(run_dir, n_shards):
         summarizer.add(part)
+        if comparer is not None:
+            comparer.add(part)
         rows += part.num_rows
     summary = summarizer.summary()
     run_dir.write_table(summary, "summary.parquet")
     verdict = verdicts(summary, rules, order=order)
     run_dir.write_table(verdict, "verdicts.parquet")
-    methods = sorted(set(summary["method"].to_pylist()))
-    comparer = ComparisonAccumulator(methods, curve_lengths(summary), order, n_boot, seed, rules)
-    if comparer.methods:
-        for part in score_parts(run_dir, n_shards, comparer.methods):
-            comparer.add(part)
+    if comparer is None:
+        methods = sorted(set(summary["method"].to_pylist()))
+        comparer = ComparisonAccumulator(methods, curve_lengths(summary), order, n_boot, seed, rules)
+        if comparer.methods:
+            for part in score_parts(run_dir, n_shards, comparer.methods):
+                comparer.add(part)
     paired = comparer.table()
     run_dir.write_table(paired, "comparisons.parquet")
     failures = run_dir.read_parts("failures", n_shards) or FAILURE_SCHEMA.empty_table()
     return Aggregate(rows, summary, verdict, paired, failures)
 
 
+def planned_curves(plan: Manifest) -> dict[tuple[str, str], int]:
+    """{(model, test): number of states} of the plan's curve tests (as ``curve_lengths`` finds them)."""
+    return {(plan.model, test): len(plan.states) for test in plan.tests if get_test(test).curve}
+
+
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
-              order: str = "cascade_top_down") -> Aggregate:
-    return aggregate_parts(run_dir, n_shards, n_boot, seed, rules, order)
+              order: str = "cascade_top_down", plan: Manifest | None = None) -> Aggregate:
+    return aggregate_parts(run_dir, n_shards, n_boot, seed, rules, order, plan)
