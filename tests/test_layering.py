@@ -52,3 +52,20 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from flows.cli import app\n    return app\n")
     assert imports_of(sample) == [(2, "flows.cli", False)]
+
+
+def test_the_statistics_modules_depend_one_way():
+    """saliency/statistics/ is one idea per module (issue 21): retention ← bootstrap ← comparisons, and
+    verdicts ← comparisons; none imports a module after it in that order, nor the package itself."""
+    allowed = {"retention": set(), "verdicts": set(), "bootstrap": {"retention"},
+               "comparisons": {"retention", "bootstrap", "verdicts"}, "__init__": {"retention", "bootstrap",
+                                                                                  "verdicts", "comparisons"}}
+    folder = ROOT / "saliency" / "statistics"
+    assert {path.stem for path in folder.glob("*.py")} == set(allowed)
+    bad = []
+    for path in folder.glob("*.py"):
+        for line, module, _ in imports_of(path):
+            if module == "saliency.statistics" or (module.startswith("saliency.statistics.")
+                                                   and module.rsplit(".", 1)[1] not in allowed[path.stem]):
+                bad.append(f"{path.name}:{line} imports {module}")
+    assert not bad, bad
