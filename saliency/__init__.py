@@ -7,7 +7,7 @@
 """
 from saliency import sanity
 from saliency.engine import explain
-from saliency.passes import default_cam_layer
+from saliency.layers import default_cam_layer
 from saliency.methods import available_methods, method_table
 from saliency.randomize import randomization_states
 from saliency.similarity import similarity

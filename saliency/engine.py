@@ -12,11 +12,13 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from saliency.checks import check_input, normalize_targets
+from saliency.layers import cam_layout, check_layer, default_cam_layer, other_activations
 from saliency.methods import get_method
 from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
-from saliency.passes import (Pass, ReLURule, cam_layout, check_input, check_layer, default_cam_layer, evaluation,
-                             forward_logits, normalize_targets, other_activations, reduce_channels, run_pass)
+from saliency.passes import Pass, ReLURule, evaluation, forward_logits, run_pass
 from saliency.prefix import FrozenPrefix
+from saliency.reshape import reduce_channels
 
 __all__ = ["PROPAGATION_POLICIES", "Options", "cam_layer", "check_relu_rules", "explain"]
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from saliency.choices import check_choice
 from saliency.methods.cam import FULLGRAD_SCALINGS
-from saliency.passes import CHANNEL_REDUCTIONS, LAYER_LAYOUTS
+from saliency.reshape import CHANNEL_REDUCTIONS, LAYER_LAYOUTS
 
 PROPAGATION_POLICIES = ("signed", "pos")
 

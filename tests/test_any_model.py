@@ -10,7 +10,7 @@ import torchvision
 
 import saliency
 from models_for_tests import assert_model_untouched, mixed_activations, state_snapshot
-from saliency.passes import other_activations
+from saliency.layers import other_activations
 
 RULES = ["guided_backprop", "deconvnet", "rectgrad", "rectgrad/abs"]
 
@@ -153,7 +153,7 @@ def test_token_and_channels_last_layers_agree_with_pytorch_grad_cam(name, layer,
     import torch.nn.functional as F
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from saliency.passes import cam_layout
+    from saliency.layers import cam_layout
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=6).eval()

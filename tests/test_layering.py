@@ -41,7 +41,8 @@ def test_no_package_imports_a_layer_above_it(package):
 
 
 def test_passes_and_methods_never_import_the_engine():
-    files = [ROOT / "saliency" / "passes.py", *package_files("saliency/methods")]
+    files = [ROOT / "saliency" / f"{name}.py" for name in ("passes", "checks", "layers", "reshape")]
+    files += package_files("saliency/methods")
     bad = [f"{path.relative_to(ROOT)}:{line} imports {module}"
            for path in files for line, module, type_only in imports_of(path)
            if module == "saliency.engine" and not type_only]
@@ -68,4 +69,16 @@ def test_the_statistics_modules_depend_one_way():
             if module == "saliency.statistics" or (module.startswith("saliency.statistics.")
                                                    and module.rsplit(".", 1)[1] not in allowed[path.stem]):
                 bad.append(f"{path.name}:{line} imports {module}")
+    assert not bad, bad
+
+
+def test_the_pass_modules_depend_one_way():
+    """passes.py split by concept (issue 21): checks and reshape import none of the others, passes imports
+    those two, layers (the one-image traces) may import all three."""
+    allowed = {"checks": set(), "reshape": set(), "passes": {"checks", "reshape"},
+               "layers": {"checks", "reshape", "passes"}}
+    names = {f"saliency.{name}" for name in allowed}
+    bad = [f"{name}.py:{line} imports {module}" for name, ok in allowed.items()
+           for line, module, _ in imports_of(ROOT / "saliency" / f"{name}.py")
+           if module in names and module.split(".")[1] not in ok]
     assert not bad, bad

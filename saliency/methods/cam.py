@@ -12,7 +12,9 @@ from torch import Tensor
 
 from saliency.choices import check_choice
 from saliency.methods.base import MAX_ABS_EPS, POLICIES, Method, apply_policy, min_max
-from saliency.passes import evaluation, normalize_targets, run_pass, upsample
+from saliency.checks import normalize_targets
+from saliency.passes import evaluation, run_pass
+from saliency.reshape import upsample
 
 GRADCAMPP_EPS = 1e-6
 

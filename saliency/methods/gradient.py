@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from saliency.methods.base import Method
-from saliency.passes import evaluation, normalize_targets
+from saliency.checks import normalize_targets
+from saliency.passes import evaluation
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from saliency.engine import cam_layer, explain
 from saliency.methods import get_method
-from saliency.passes import cam_layout, check_input, forward_logits
+from saliency.checks import check_input
+from saliency.layers import cam_layout
+from saliency.passes import forward_logits
 from saliency.prefix import FrozenPrefix
 from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, paired, retest_seed
 from saliency.sanity.registry import get_test

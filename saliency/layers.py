@@ -1,0 +1,152 @@
+"""What a model runs, found by tracing one forward of one image: the default CAM layer and the layout
+of its output, and the activations other than ReLU that a ReLU backward rule would meet (SPEC §1.2–1.3)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from saliency.checks import run_model
+from saliency.passes import ReLURouting, evaluation
+from saliency.reshape import grid_side
+
+#: Nonlinearities a ReLU backward rule does not define (SPEC §1.3): a forward that meets them would
+#: differentiate them as usual, so a "guided" map would be mostly a plain gradient.
+_OTHER_ACTIVATIONS = {
+    F.gelu: "GELU", F.silu: "SiLU", F.hardswish: "Hardswish", F.mish: "Mish", F.hardtanh: "Hardtanh/ReLU6",
+    F.hardtanh_: "Hardtanh/ReLU6", F.relu6: "ReLU6", F.elu: "ELU", F.elu_: "ELU", F.selu: "SELU",
+    F.celu: "CELU", F.leaky_relu: "LeakyReLU", F.leaky_relu_: "LeakyReLU", F.rrelu: "RReLU", F.prelu: "PReLU",
+    F.glu: "GLU", F.softplus: "Softplus", F.softsign: "Softsign", F.logsigmoid: "LogSigmoid",
+    F.hardsigmoid: "Hardsigmoid", torch.sigmoid: "sigmoid", Tensor.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
+    Tensor.sigmoid_: "sigmoid", torch.tanh: "tanh", Tensor.tanh: "tanh", torch.tanh_: "tanh", Tensor.tanh_: "tanh",
+    F.softmax: "softmax", torch.softmax: "softmax", Tensor.softmax: "softmax",
+}
+
+
+class _ActivationCensus(TorchFunctionMode):
+    """Counts the calls of ``_OTHER_ACTIVATIONS`` in a forward (modules and functional calls alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _OTHER_ACTIVATIONS.get(func)
+        if name is not None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def other_activations(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """{activation: calls} of the nonlinearities other than ReLU that one forward of ``x[:1]`` runs."""
+    census = _ActivationCensus()
+    with torch.no_grad(), evaluation(model), census:
+        run_model(model, x[:1])
+    return dict(sorted(census.counts.items()))
+
+
+def _traced_forward(model: nn.Module, example_input: Tensor, handles: list) -> None:
+    """One no-grad eval-mode forward of the first image with the given hooks, removed afterwards."""
+    try:
+        with torch.no_grad(), evaluation(model), ReLURouting():
+            run_model(model, example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
+    """The rectified output of the last convolutional block (SPEC §1.2), found by tracing one forward.
+
+    Rule: take the last executed ``nn.Conv2d``; among the modules that contain it (not the model
+    itself), the outermost whose output is B×K×h×w with h·w > 1 (torchvision ResNet ``layer4``,
+    VGG/AlexNet ``features``, the reference models' ``features``/``layer3``). When the conv sits directly
+    in the model (a flat Sequential), the last module run after it with such an output (its ReLU or
+    pool). Never the conv's own pre-BatchNorm/pre-ReLU output unless nothing follows it. A transformer
+    (``nn.MultiheadAttention`` modules run): the token output that feeds its last attention (ViT: the last
+    block's ``ln_1``, pytorch-grad-cam's documented choice — after it only the class token reaches the
+    classifier, so patch tokens get no gradient).
+    """
+    modules = {name: m for name, m in model.named_modules() if name}
+    calls: list[tuple[str, bool]] = []  # (module name, output is B×K×h×w with h·w > 1), in finishing order
+    tokens: set[int] = set()  # positions in ``calls`` of outputs that are a grid of tokens
+    attention_starts: list[int] = []
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            spatial = isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1
+            if isinstance(output, Tensor) and output.dim() == 3 and grid_side(output.shape[1]) is not None:
+                tokens.add(len(calls))
+            calls.append((name, spatial))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    handles += [m.register_forward_pre_hook(lambda *_: attention_starts.append(len(calls)))
+                for m in modules.values() if isinstance(m, nn.MultiheadAttention)]
+    _traced_forward(model, example_input, handles)
+    feeding = [i for i in tokens if attention_starts and i < attention_starts[-1]]
+    if feeding:
+        return calls[max(feeding)][0]
+    conv_calls = [i for i, (name, _) in enumerate(calls) if isinstance(modules[name], nn.Conv2d)]
+    if not conv_calls:
+        raise ValueError("CAM methods need a convolutional layer, and the model runs no nn.Conv2d; "
+                         "pass layer=<module name>")
+    last = conv_calls[-1]
+    conv = calls[last][0]
+    last_call = {name: i for i, (name, spatial) in enumerate(calls) if spatial}
+    parts = conv.split(".")
+    for depth in range(1, len(parts)):
+        ancestor = ".".join(parts[:depth])
+        if last_call.get(ancestor, -1) > last:
+            return ancestor
+    after = [name for name, spatial in calls[last + 1:] if spatial]
+    return after[-1] if after else conv
+
+
+def cam_layout(model: nn.Module, example_input: Tensor, layer: str) -> str:
+    """The layout of ``layer``'s output (``LAYER_LAYOUTS``), from one traced forward: 3-D outputs whose
+    N is g² (+1) are tokens; a 4-D output is channels-first when its last two sizes fit in the input
+    (1×1 included) and its channels do not, channels-last when the reverse holds (h·w > 1); when both fit,
+    channels-last only if
+    the last module run inside the layer works on the last axis (LayerNorm, Linear). Anything else is
+    refused, naming the layer."""
+    module = dict(model.named_modules())[layer]
+    seen: dict[str, object] = {}
+
+    def leaf(child, _inputs, _output):
+        seen["last"] = child
+
+    def output(_module, _inputs, out):
+        seen["shape"] = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+
+    handles = [m.register_forward_hook(leaf) for m in module.modules() if not list(m.children())]
+    handles.append(module.register_forward_hook(output))
+    _traced_forward(model, example_input, handles)
+    shape, (height, width) = seen.get("shape"), example_input.shape[-2:]
+    if isinstance(shape, tuple) and len(shape) == 3 and grid_side(shape[1]) is not None:
+        return "tokens"
+    if isinstance(shape, tuple) and len(shape) == 4:
+        _, a, b, c = shape
+        first = b <= height and c <= width
+        last = a * b > 1 and a <= height and b <= width
+        if last and (not first or isinstance(seen.get("last"), (nn.LayerNorm, nn.Linear))):
+            return "channels_last"
+        if first:
+            return "channels_first"
+    raise ValueError(f"the layout of the output of layer {layer!r}, {shape}, cannot be established (channels-first "
+                     f"B×K×h×w, channels-last B×h×w×K or B×tokens×K); pass another layer (config: model.layer) "
+                     f"or declare its layout (layer_layout)")
+
+
+def check_layer(model: nn.Module, layer: str) -> None:
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        raise ValueError(f"unknown layer {layer!r}; convolutional layers of this model: "
+                         f"{', '.join(convs[-8:])}{' …' if len(convs) > 8 else ''}")
+    if isinstance(modules[layer], (nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Dropout)):
+        raise ValueError(f"layer {layer!r} is a {type(modules[layer]).__name__}, not a convolutional "
+                         f"layer; CAM methods need a layer whose output is B×K×h×w")
+
+
