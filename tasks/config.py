@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from saliency.data import DATASETS, SPLITS
-from saliency.options import option_fields, option_types
-from saliency.passes import LAYER_LAYOUTS
 from saliency.methods import PAPER_METHODS, available_methods
+from saliency.options import option_fields, option_types
 from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
+from saliency.reshape import LAYER_LAYOUTS
 from saliency.sanity import CHANCE_PARTNERS, OTHERS, TARGET_MODES, Settings, sanity_tests
 from saliency.similarity import METRICS
 from saliency.statistics import VerdictRules

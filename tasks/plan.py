@@ -16,9 +16,11 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from saliency.canonize import canonize
+from saliency.checks import check_input
 from saliency.engine import cam_layer, check_relu_rules
+from saliency.layers import cam_layout
 from saliency.methods import get_method
-from saliency.passes import cam_layout, check_input, forward_logits
+from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, state_names
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, check_digest, parse_manifest, write_manifest
