@@ -113,6 +113,7 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                       f"those scores are left out, the failures table names each{hint}")
     if not progress:  # shown in the first lines otherwise
         console.print(outcome["model_origin"])
+        console.print(outcome["model"])
     console.print(f"results:   {outcome['run_dir']}")
     console.print(f"summary:   {outcome['summary']}")
     if outcome["report"]:

@@ -85,6 +85,16 @@ def verdict_rows(verdicts: pa.Table, comparisons: pa.Table | None) -> list[tuple
     return rows
 
 
+def model_tags(manifest: Manifest) -> dict[str, str]:
+    """``random_weights`` (true/false), ``model_outputs`` and ``model_check`` (the line the terminal and
+    the report show), so a run of an untrained model is visible in the runs list."""
+    check = manifest.model_check
+    if check is None:
+        return {}
+    return {"random_weights": str(check.random_weights).lower(), "model_outputs": str(check.outputs),
+            "model_check": check.describe()}
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -152,7 +162,7 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
         ensure_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
-            "run_dir": str(run_dir), "saliency_run_id": manifest.run_id}
+            "run_dir": str(run_dir), "saliency_run_id": manifest.run_id, **model_tags(manifest)}
     run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
                             tags=tags, start_time=None if started_at is None else int(started_at * 1000))
     run_id = run.info.run_id
@@ -163,6 +173,9 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
         now = int(time.time() * 1000)
         values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()
                                          if isinstance(v, (int, float))]
+        check = manifest.model_check
+        if check is not None and check.accuracy is not None:
+            values.append(("model/accuracy", check.accuracy, 0))
         values += [(f"run/non_finite_maps/{method}", float(n), 0)
                    for method, n in stats.get("non_finite_maps", {}).items()]
         if verdicts is not None:

@@ -71,6 +71,12 @@ def small_cnn(**kw) -> nn.Module:
     return model.eval()
 
 
+def untrained_cnn(num_classes: int = 10) -> nn.Module:
+    """For `model.name=models_for_tests:untrained_cnn`: a digit-sized CNN with torch's random
+    initialisation, unseeded (a factory that loads no weights)."""
+    return SmallCNN(channels=1, classes=num_classes).eval()
+
+
 def without_inplace(model: nn.Module) -> nn.Module:
     """A copy whose ReLU modules are out-of-place and distinct per call site (what hook-based
     libraries such as captum and pytorch-grad-cam need to give correct answers)."""
