@@ -6,6 +6,7 @@ uninterrupted run's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -38,16 +39,32 @@ DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serv
 LOCAL_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
+class _NoAuthOptOutAdvice(logging.Filter):
+    """Drops Ray's notice that token authentication is on, which ends "Set RAY_AUTH_MODE=disabled to opt
+    out": a run must never advise switching authentication off. Authentication itself is untouched,
+    and Ray's warning that it is *disabled* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RAY_AUTH_MODE=disabled to opt out" not in record.getMessage()
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 @contextmanager
 def ray_connection() -> Iterator[None]:
     """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one
-    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG)."""
+    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG). Quietly: Ray's INFO lines are off (its
+    warnings stay) and so is its advice to opt out of authentication (_NoAuthOptOutAdvice)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         local = os.environ.get("RAY_ADDRESS", "") in ("", "local")  # a cluster's settings are its own
-        ray.init(include_dashboard=False, log_to_driver=False,
+        auth_logger = logging.getLogger(RAY_AUTH_LOGGER)
+        if not any(isinstance(f, _NoAuthOptOutAdvice) for f in auth_logger.filters):
+            auth_logger.addFilter(_NoAuthOptOutAdvice())
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                  **({"_system_config": LOCAL_RAY_SYSTEM_CONFIG} if local else {}))
         keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
@@ -252,6 +269,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
                     len(plan.shards), len(plan.pending), len(plan.manifest.layers))
         if progress:  # the terminal's first lines: what is about to run, counted from the plan
             print(plan_line(plan), flush=True)
+        for path, message in plan.data_failures:  # one line each (the dataset's warnings are silenced)
+            logger.warning("skipped image %s: %s", path, message)
         if plan.strays:
             logger.warning("%d file(s) in %s are not parts of this run and are ignored (never read): %s",
                            len(plan.strays), plan.run_dir, ", ".join(plan.strays))
