@@ -2,7 +2,7 @@
 
 Importing this package sets quiet, server-free defaults for Ray, Prefect and matplotlib (only where the
 user has not set them), so the CLI runs on a fresh machine with no servers: a local Ray, Prefect's
-ephemeral API and MLflow on SQLite. Ray's token authentication is left as Ray sets it (on by default
+ephemeral API and MLflow on SQLite, without Prefect's telemetry notice. Ray's token authentication is left as Ray sets it (on by default
 since Ray 2.59 for local clusters): a local Ray listens on every interface, and without the token no
 other machine can join it and run code. Its metrics export, which answers without the token, is off
 (flows.sanity_check.LOCAL_RAY_SYSTEM_CONFIG).
@@ -21,3 +21,8 @@ ENV_DEFAULTS = {
 }
 for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+if not os.environ.get("PREFECT_API_URL"):
+    # The temporary Prefect server a run starts has analytics off (above), so Prefect's client sends
+    # nothing; in a terminal it would still print its first-run telemetry notice. DO_NOT_TRACK is the
+    # client's own opt-out. With a server of the user's ($PREFECT_API_URL) its settings decide.
+    os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -1,6 +1,7 @@
 """The ``saliency-sanity`` command line: run, report, track, methods, runs, config, train-reference, serve."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -64,17 +65,22 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         verbose: Annotated[bool, typer.Option(help="show Prefect's logs")] = False,
         progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
         allow_code_change: Annotated[bool, typer.Option(
-            help="resume a run directory made by other code or libraries (recorded in the manifest)")] = False
+            help="resume a run directory made by other code or libraries (recorded in the manifest)")] = False,
+        json_: Annotated[bool, typer.Option("--json", help="print only one JSON object at the end (verdicts, "
+                                                         "controls, paths, counts), for scripts")] = False
         ) -> None:
     """Run the sanity checks (the Prefect flow `sanity_check`); re-running with the same config and
-    --out resumes an interrupted run (refused if the code or libraries changed, unless --allow-code-change)."""
+    --out resumes an interrupted run (refused if the code or libraries changed, unless --allow-code-change).
+    Ends with the answer: the methods that fail per test and scope, and the controls."""
     overrides = list(set_ or [])
     cfg = _validated(config, overrides)
     _quiet_prefect(verbose)
     from flows.sanity_check import sanity_check
 
-    console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
-                  f"{len(cfg.methods.ids)} methods")
+    progress = progress and not json_
+    if not json_:
+        console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
+                      f"{len(cfg.methods.ids)} methods")
     if not verbose:
         _hide_prefect_errors()
     from flows.services import EXIT_INTERRUPTED, RunInterrupted, prefect_api, protect_run, stop_on_signals
@@ -98,6 +104,10 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
             type(error).__name__]
         console.print(f"[red]run failed:[/red] {lines[0]}" + ("" if verbose else " (--verbose for details)"))
         raise typer.Exit(1) from None
+    answer = _answer(outcome["run_dir"])
+    if json_:
+        print(json.dumps(_json_summary(outcome, answer), indent=2))
+        raise typer.Exit(EXIT_TRACKING_FAILED if outcome.get("tracking_error") else 0)
     stats = outcome["stats"]
     console.print(f"[green]done[/green] in {stats['wall_seconds']:.0f} s: {stats['images']} images "
                   f"({stats['images_computed']} computed at {stats['images_per_second']:.1f} img/s, "
@@ -113,6 +123,11 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
                       f"those scores are left out, the failures table names each{hint}")
     if not progress:  # shown in the first lines otherwise
         console.print(outcome["model_origin"])
+        console.print(outcome["model"])
+    if answer is not None:
+        from tasks.answer import summary_lines
+
+        print("\n".join(summary_lines(answer)))  # plain print: never wrapped or cut at the terminal's width
     console.print(f"results:   {outcome['run_dir']}")
     console.print(f"summary:   {outcome['summary']}")
     if outcome["report"]:
@@ -124,6 +139,22 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         console.print(f"[yellow]MLflow tracking failed[/yellow] ({outcome['tracking_error']}); the results above are "
                       f"complete on disk: log them later with [bold]saliency-sanity track {outcome['run_dir']}[/bold]")
         raise typer.Exit(EXIT_TRACKING_FAILED)
+
+
+def _answer(run_dir: str) -> dict | None:
+    """The run's verdict summary (tasks.answer), or None for a run without verdicts."""
+    from tasks.answer import verdict_summary
+    from tasks.storage import RunDir
+
+    directory = RunDir(run_dir)
+    return verdict_summary(directory.read_table("verdicts.parquet")) if directory.exists("verdicts.parquet") else None
+
+
+def _json_summary(outcome: dict, answer: dict | None) -> dict:
+    """What `run --json` prints: the verdict summary, the model check, where the results are, the counts."""
+    keys = ("run_dir", "run_id", "summary", "report", "mlflow_run_id", "tracking_uri", "tracking_error", "model",
+            "stats")
+    return {**{key: outcome.get(key) for key in keys}, "verdicts": answer}
 
 
 @app.command()

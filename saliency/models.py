@@ -2,9 +2,10 @@
 
 ``load_model`` accepts
 - any ``torchvision.models`` name ("resnet18", "vgg16", ...). Without ``weights`` the model has random
-  initialisation (legitimate for tests and randomisation baselines, so no warning). ``weights`` is a
-  local state_dict file (read with ``weights_only=True``) or a torchvision weights name such as
-  "IMAGENET1K_V1" (needs network or torch's hub cache);
+  initialisation (legitimate for tests and randomisation baselines, so no warning here; a run says so
+  everywhere it reports, see ``has_random_weights``). ``weights`` is a local state_dict file (read
+  with ``weights_only=True``) or a torchvision weights name such as "IMAGENET1K_V1" (needs network or
+  torch's hub cache);
 - "reference": the small VGG-style CNN trained on the bundled MNIST digits (trained on first use,
   then cached), or that architecture with a ``weights`` file;
 - "reference_resnet": the same for a small torchvision-style ResNet (``ReferenceResNet``, a
@@ -182,6 +183,28 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
                          f"resnet50, vgg16, vgg16_bn, alexnet), {REFERENCE!r}, {REFERENCE_RESNET!r}, "
                          f"{CIFAR_RESNET20!r} or 'package.module:function'")
     return _torchvision_model(name, weights, num_classes, kw).eval()
+
+
+def has_random_weights(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
+                       **kw: Any) -> bool:
+    """Whether ``load_model`` with these arguments returns a model that no weights were loaded into
+    (its random initialisation), so that its maps and verdicts say nothing about a trained model.
+
+    A torchvision name without ``weights`` is random; the reference models and ``cifar_resnet20`` are
+    trained. A factory is opaque: it counts as random when two constructions under different seeds
+    give different parameters (a factory that seeds its own initialisation looks trained here; the
+    accuracy the run measures tells them apart)."""
+    if weights is not None or name in REFERENCE_MODELS or name == CIFAR_RESNET20:
+        return False
+    if ":" not in name:
+        return True
+    states = []
+    for seed in (1, 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            states.append(_from_factory(name, num_classes, kw).state_dict())
+    return any(value.is_floating_point() and not torch.equal(value, states[1][key])
+               for key, value in states[0].items())
 
 
 def _torchvision_model(name: str, weights: str | Path | None, num_classes: int | None,
@@ -387,5 +410,5 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 __all__ = ["REFERENCE_MODELS", "ReferenceCNN", "ReferenceResNet", "ReferenceSpec", "evaluate_reference",
-           "load_model", "load_reference", "reference_cache_key", "reference_cnn", "reference_resnet",
-           "reference_spec", "train_reference"]
+           "has_random_weights", "load_model", "load_reference", "reference_cache_key", "reference_cnn",
+           "reference_resnet", "reference_spec", "train_reference"]

@@ -40,6 +40,26 @@ class CodeChange(_Strict):
     to: dict[str, Any]
 
 
+class ModelCheck(_Strict):
+    """What the planner measured of the model before any shard: whether its weights are random, its
+    output width and its top-1 accuracy on the run's labelled images."""
+
+    random_weights: bool
+    outputs: int
+    accuracy: float | None  # None when the labels are unknown or not the model's classes (see note)
+    accuracy_images: int
+    note: str = ""  # why there is no accuracy
+
+    def describe(self) -> str:
+        """One line for the terminal, the report header and MLflow: weights and accuracy."""
+        weights = ("random weights (none loaded): the verdicts describe an untrained model"
+                   if self.random_weights else "trained weights")
+        if self.accuracy is None:
+            return f"{weights}; accuracy not measured ({self.note})"
+        return (f"{weights}; top-1 accuracy {self.accuracy:.1%} on {self.accuracy_images} labelled images "
+                f"(chance {1 / self.outputs:.1%})")
+
+
 class Manifest(_Strict):
     run_id: str
     run_name: str
@@ -54,7 +74,7 @@ class Manifest(_Strict):
     n_images: int
     image_ids_sha256: str
     shard_content: list[str]  # sha256 over each shard's image contents, in shard order
-    num_classes: int | None
+    num_classes: int | None  # the model's output width
     methods: list[str]
     tests: list[str]
     seeds: dict[str, Any]
@@ -66,6 +86,7 @@ class Manifest(_Strict):
     states: list[str]
     shards: list[ShardInfo]
     dataset_failures: int
+    model_check: ModelCheck | None = None  # None in manifests written before it was measured
     code_changes: list[CodeChange] = Field(default_factory=list)
     digest: str = ""  # sha256 of every other field, set when written (see content_digest)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
@@ -20,14 +21,18 @@ from saliency.checks import check_input
 from saliency.engine import cam_layer, check_relu_rules
 from saliency.layers import cam_layout
 from saliency.methods import get_method
+from saliency.models import has_random_weights
 from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, state_names
 from tasks.config import Config, ConfigError
-from tasks.manifest import Manifest, ManifestChanged, check_digest, parse_manifest, write_manifest
+from tasks.manifest import Manifest, ManifestChanged, ModelCheck, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
 from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
+ACCURACY_IMAGES = 1000
+"""Most images (the run's first) the planner classifies to measure the model's accuracy: one forward
+each, a small fraction of the run's passes."""
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "zennit", "pyarrow", "pydantic",
              "ray", "prefect", "mlflow")
 
@@ -44,6 +49,7 @@ class Plan:
     image_ids: list[str] = field(default_factory=list, repr=False)
     model_origin: str = ""  # e.g. "reference model loaded from the cache …" (tasks.shards.load_model_saying_how)
     strays: list[str] = field(default_factory=list)  # files under scores/, maps/, failures/ that are not its parts
+    data_failures: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of images the dataset skipped
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
@@ -102,7 +108,7 @@ def _example_input(dataset):
 
 def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> Manifest:
     example = _example_input(dataset)
-    check_model_on_data(cfg, model, example)
+    outputs = check_model_on_data(cfg, model, example)
     try:
         check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
         if any(get_method(m).family == "lrp" for m in cfg.methods.ids):
@@ -128,7 +134,8 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "tests": cfg.tests.enabled(),
         "image_ids_sha256": ids,
         "shard_content": [_content_digest(dataset, s) for s in shards],
-        "num_classes": dataset.num_classes,
+        "num_classes": outputs,
+        "model_check": check_model(cfg, model, dataset, outputs).model_dump(),
         "seeds": {"seed": cfg.seed,
                   "randomised_layers": "seeded per (seed, module name), drawn on the CPU",
                   "random_other_class": "seeded per (seed, image id)"},
@@ -146,9 +153,10 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     })
 
 
-def check_model_on_data(cfg: Config, model: nn.Module, example) -> None:
+def check_model_on_data(cfg: Config, model: nn.Module, example) -> int:
     """Run the model once on the first image, before Ray starts: a model that cannot take the dataset's
-    images (resnet18 on 1-channel MNIST, a wrong image size) is one clear error, not one per shard."""
+    images (resnet18 on 1-channel MNIST, a wrong image size) is one clear error, not one per shard.
+    Returns the model's output width (its number of classes)."""
     try:
         check_input(model, example)
         logits = forward_logits(model, example)
@@ -158,6 +166,42 @@ def check_model_on_data(cfg: Config, model: nn.Module, example) -> None:
     if logits.shape[1] < 2:
         raise ConfigError(f"config field `model.name`: {cfg.model.name} has {logits.shape[1]} output; the sanity "
                           "tests need a classifier with at least 2 classes")
+    return logits.shape[1]
+
+
+def check_model(cfg: Config, model: nn.Module, dataset, outputs: int) -> ModelCheck:
+    """Whether the model's weights are random, and its top-1 accuracy on the run's first
+    ACCURACY_IMAGES labelled images (batched forwards), where the labels are the model's classes: a
+    dataset whose label count differs from the model's outputs (an image folder's two folders under
+    an ImageNet model) has labels that mean other classes."""
+    m = cfg.model
+    random_weights = has_random_weights(m.name, weights=m.weights, num_classes=m.num_classes)
+    check = {"random_weights": random_weights, "outputs": outputs, "accuracy": None, "accuracy_images": 0}
+    if dataset.num_classes is None or any(label < 0 for label in dataset.labels):
+        return ModelCheck(**check, note=f"the {dataset.name} images have no labels")
+    if dataset.num_classes != outputs:
+        return ModelCheck(**check, note=f"the {dataset.name} labels name {dataset.num_classes} classes, the model "
+                                        f"has {outputs} outputs: its classes are others")
+    correct = counted = 0
+    indices = range(min(len(dataset), ACCURACY_IMAGES))
+    for start in range(0, len(indices), cfg.compute.batch_size):
+        samples = []
+        for i in indices[start:start + cfg.compute.batch_size]:
+            try:
+                samples.append(dataset[i])
+            except Exception:  # a corrupt image: the shards record it
+                continue
+        if not samples:
+            continue
+        try:
+            predicted = forward_logits(model, torch.stack([s.image for s in samples])).argmax(1)
+        except ValueError:  # non-finite logits: the shards record them
+            continue
+        correct += int((predicted == torch.tensor([s.label for s in samples])).sum())
+        counted += len(samples)
+    if not counted:
+        return ModelCheck(**check, note="no image could be classified")
+    return ModelCheck(**{**check, "accuracy": correct / counted, "accuracy_images": counted})
 
 
 def run_cam_layer(cfg: Config, model: nn.Module, example) -> str | None:
@@ -276,7 +320,7 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
     return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
-                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)))
+                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)), list(dataset.failures))
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],

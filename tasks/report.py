@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from saliency.plots import (CONTROLS, MAP_NORMALISATION, PAPER_FIGURE, map_grid_figure, method_groups,
                             order_methods, paper_figure, report_figures, slug)
 from saliency.sanity import ORIGINAL, get_test, sanity_tests
-from saliency.statistics import VerdictRules, control_checks
+from saliency.statistics import CONTROL_EXPECTATIONS, VerdictRules, control_checks
 from tasks.manifest import Manifest, read_manifest
 from tasks.storage import RunDir
 
@@ -95,6 +95,8 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     judged = verdicts is not None and verdicts.num_rows > 0
     page = _TEMPLATES.get_template("report.html").render(
         run_line=run_line(summary, scores, manifest), facts=_facts(summary, scores, manifest),
+        untrained=manifest.model_check.describe() if manifest and manifest.model_check
+        and manifest.model_check.random_weights else None,
         matrices=verdict_matrices(verdicts) if judged else [],
         reading=_reading(verdicts, comparisons) if judged else None,
         controls=_controls(verdicts) if verdicts is not None else None,
@@ -128,6 +130,7 @@ def _facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None
     rules, r = manifest.verdict_rules, manifest.randomization
     return [
         ("model", manifest.model), ("dataset", manifest.dataset), ("images", manifest.n_images),
+        ("model check", manifest.model_check.describe() if manifest.model_check else "not recorded"),
         ("CAM layer", manifest.cam_layer or "none (no CAM method)"),
         ("methods", ", ".join(manifest.methods)),
         ("tests", ", ".join(manifest.tests)),
@@ -151,8 +154,11 @@ def run_line(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | No
             parts.append(f"{len(pc.unique(scores['image_id']))} images")
         return " · ".join(parts)
     seeds = manifest.randomization.seeds
+    check = manifest.model_check
+    weights = [] if check is None else ["random weights" if check.random_weights else "trained weights",
+                                        "accuracy " + ("–" if check.accuracy is None else f"{check.accuracy:.1%}")]
     return " · ".join([
-        f"{manifest.model} on {manifest.dataset}", f"{manifest.n_images} images",
+        f"{manifest.model} on {manifest.dataset}", *weights, f"{manifest.n_images} images",
         f"CAM layer {manifest.cam_layer or 'none'}",
         f"randomisation seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
         manifest.created[:10], f"code {manifest.code_version}"])
@@ -372,9 +378,33 @@ def _verdict_table(verdicts: pa.Table) -> dict:
     return {"head": head, "rows": body}
 
 
+VERBS = {"fail": "fails", "pass": "passes", "uninformative": "is uninformative"}
+
+
 def _controls(verdicts: pa.Table) -> dict:
+    """The control checks the run made (statistics.control_checks), each with what was expected and
+    what happened; ``made``: one sentence built from those checks only, so the banner never claims a
+    check it did not make; ``unchecked``: the controls' other verdicts at the headline metric (say
+    gradient's eMPRT), named so that a verdict in the matrix is never left contradicting the banner."""
     checks = control_checks(verdicts)
-    return {"checks": checks, "wrong": [c for c in checks if not c["ok"]]}
+    tested: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for c in checks:
+        scopes = tested.setdefault((c["control"], c["expected"]), {}).setdefault(c["test"], [])
+        if c["scope"] not in scopes:
+            scopes.append(c["scope"])
+    tests = [t.id for t in sanity_tests()]
+    controls = list(dict.fromkeys(method for method, _, _ in CONTROL_EXPECTATIONS))
+    made = "; ".join(f"{control} {VERBS.get(expected, expected)} in " + ", ".join(
+        f"{test} ({', '.join(by_test[test])})" for test in sorted(by_test, key=lambda t: _rank(t, tests)))
+        for (control, expected), by_test in sorted(tested.items(), key=lambda item: _rank(item[0][0], controls)))
+    headline = headline_metrics(verdicts) if verdicts.num_rows else {}
+    checked = {(c["control"], c["test"], c["scope"]) for c in checks}
+    unchecked = [f"{r['method']} {r['test']} {r['scope']}: {r['verdict']}" for r in sorted(
+        verdicts.to_pylist(), key=lambda r: (_rank(r["method"], controls), _rank(r["test"], tests)))
+        if r["method"] in controls and r["metric"] == headline.get(r["test"])
+        and (r["method"], r["test"], r["scope"]) not in checked]
+    return {"checks": checks, "wrong": [c for c in checks if not c["ok"]], "made": made,
+            "unchecked": "; ".join(unchecked)}
 
 
 def _comparisons(comparisons: pa.Table) -> dict:

@@ -1,6 +1,7 @@
 """Shards and the data/model loading shared by the planner and the actors (no Prefect here: actors import it)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -28,9 +29,14 @@ def shard_ranges(n_images: int, images_per_shard: int) -> list[Shard]:
 
 
 def load_data(cfg: Config) -> ImageDataset:
+    """The configured dataset, silently: the images it skips (corrupt, outside the root) are in its
+    ``failures``, which the run reports once, one line each; the library's warnings would repeat them
+    with a source line every time the planner, an actor or the report loads the data."""
     d = cfg.data
-    return load_dataset(d.dataset, split=d.split, limit=d.limit, root=d.root, image_size=d.image_size,
-                        **d.options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_dataset(d.dataset, split=d.split, limit=d.limit, root=d.root, image_size=d.image_size,
+                            **d.options)
 
 
 def load_configured_model(cfg: Config) -> nn.Module:

@@ -54,19 +54,21 @@ def ui_command(uri: str, port: int = 5000) -> str:
 
 
 def metric_rows(summary: pa.Table) -> list[tuple[str, float, int]]:
-    """(name, value, step): ``class_sensitivity/min/gradcampp/ssim`` (mean similarity) and
-    ``…/ssim/R`` (mean retention) for the class test; one curve per (method, metric) with step = state
-    index for curve tests (MPRT: ``mprt/gradcampp/ssim``, ``mprt/gradcampp/ssim/R``; eMPRT); the MPRT
-    cascade mean as ``mprt_cascade/gradcampp/ssim/R``."""
+    """(name, value, step), the method first, so that MLflow's charts (one section per name's first
+    segment) put a method's curves together: ``gradcampp/class_sensitivity/min/ssim`` (mean similarity)
+    and ``…/ssim/R`` (mean retention) for the class test; one curve per (method, metric) with step =
+    state index for curve tests (MPRT: ``gradcampp/mprt/ssim``, ``gradcampp/mprt/ssim/R``; eMPRT); the
+    MPRT cascade mean as ``gradcampp/mprt_cascade/ssim/R``. A policy variant (``gradcampp/signed``)
+    sits in its method's section."""
     rows = []
     for r in summary.to_pylist():
         curve = get_test(r["test"]).curve
         if curve and r["state_index"] >= 0:
-            name, step = f"{r['test']}/{r['method']}/{r['metric']}", r["state_index"]
+            name, step = f"{r['method']}/{r['test']}/{r['metric']}", r["state_index"]
         elif curve:
-            name, step = f"{r['test']}_{r['state']}/{r['method']}/{r['metric']}", 0
+            name, step = f"{r['method']}/{r['test']}_{r['state']}/{r['metric']}", 0
         else:
-            name, step = f"{r['test']}/{r['state']}/{r['method']}/{r['metric']}", 0
+            name, step = f"{r['method']}/{r['test']}/{r['state']}/{r['metric']}", 0
         rows.append((name, r["mean"], step))
         if r["retention_mean"] is not None and math.isfinite(r["retention_mean"]):
             rows.append((f"{name}/R", r["retention_mean"], step))
@@ -85,14 +87,54 @@ def verdict_rows(verdicts: pa.Table, comparisons: pa.Table | None) -> list[tuple
     return rows
 
 
+def model_tags(manifest: Manifest) -> dict[str, str]:
+    """``random_weights`` (true/false), ``model_outputs`` and ``model_check`` (the line the terminal and
+    the report show), so a run of an untrained model is visible in the runs list."""
+    check = manifest.model_check
+    if check is None:
+        return {}
+    return {"random_weights": str(check.random_weights).lower(), "model_outputs": str(check.outputs),
+            "model_check": check.describe()}
+
+
+#: The experiment tag MLflow 3's UI reads to choose between its GenAI pages (traces, evaluations) and
+#: its machine-learning pages (runs, metric charts); unset, it may infer GenAI.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+VERDICT_TABLE = "verdict_table.json"
+"""The run's verdicts at each test's headline metric, logged with ``log_table`` (a table on the run page)."""
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if need be, marked as a machine-learning experiment unless it is
+    already marked otherwise (a user's choice is kept)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts next to the database, not in the working directory
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def verdict_table(verdicts: pa.Table) -> dict[str, list]:
+    """Columns of the verdict table shown on the MLflow run page: one row per method, test and scope
+    at the test's headline metric, in the report's order, with R [95% CI] (eMPRT: the value) and why."""
+    from saliency.plots import method_groups
+    from tasks.report import headline_metrics, matrix_cell, matrix_columns
+
+    headline = headline_metrics(verdicts)
+    rows = [r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]]]
+    columns = {column: i for i, column in enumerate(matrix_columns(rows))}
+    rank = {m: i for i, m in enumerate(m for _, ms in method_groups({r["method"] for r in rows}) for m in ms)}
+    rows.sort(key=lambda r: (r["model"], rank[r["method"]], columns[(r["test"], r["scope"])]))
+    cells = [matrix_cell(r) for r in rows]
+    return {"model": [r["model"] for r in rows], "method": [r["method"] for r in rows],
+            "test": [r["test"] for r in rows], "scope": [r["scope"] for r in rows],
+            "metric": [r["metric"] for r in rows], "verdict": [r["verdict"] for r in rows],
+            "R or value [95% CI]": [f"{c['label']} {c['value']}".strip() for c in cells],
+            "reason": [r["reason"] for r in rows]}
 
 
 def _local_copy(run_dir: RunDir, name: str, into: Path) -> Path | None:
@@ -152,7 +194,7 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
         ensure_sqlite_store(uri)
     client = MlflowClient(tracking_uri=uri)
     tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
-            "run_dir": str(run_dir), "saliency_run_id": manifest.run_id}
+            "run_dir": str(run_dir), "saliency_run_id": manifest.run_id, **model_tags(manifest)}
     run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
                             tags=tags, start_time=None if started_at is None else int(started_at * 1000))
     run_id = run.info.run_id
@@ -163,6 +205,9 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
         now = int(time.time() * 1000)
         values = metric_rows(summary) + [(f"run/{k}", float(v), 0) for k, v in stats.items()
                                          if isinstance(v, (int, float))]
+        check = manifest.model_check
+        if check is not None and check.accuracy is not None:
+            values.append(("model/accuracy", check.accuracy, 0))
         values += [(f"run/non_finite_maps/{method}", float(n), 0)
                    for method, n in stats.get("non_finite_maps", {}).items()]
         if verdicts is not None:
@@ -171,6 +216,8 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
                    for name, value, step in values]
         for start in range(0, len(metrics), BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+        if verdicts is not None and verdicts.num_rows:
+            client.log_table(run_id, verdict_table(verdicts), VERDICT_TABLE)
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet"):
                 path = _local_copy(run_dir, name, Path(tmp))

@@ -71,6 +71,17 @@ def small_cnn(**kw) -> nn.Module:
     return model.eval()
 
 
+def untrained_cnn(num_classes: int = 10) -> nn.Module:
+    """For `model.name=models_for_tests:untrained_cnn`: a digit-sized CNN with torch's random
+    initialisation, unseeded (a factory that loads no weights)."""
+    return SmallCNN(channels=1, classes=num_classes).eval()
+
+
+def untrained_rgb_cnn(num_classes: int = 2) -> nn.Module:
+    """The same for RGB images (an image folder): `model.name=models_for_tests:untrained_rgb_cnn`."""
+    return SmallCNN(channels=3, classes=num_classes).eval()
+
+
 def without_inplace(model: nn.Module) -> nn.Module:
     """A copy whose ReLU modules are out-of-place and distinct per call site (what hook-based
     libraries such as captum and pytorch-grad-cam need to give correct answers)."""

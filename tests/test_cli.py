@@ -1,6 +1,7 @@
 """The saliency-sanity command line (typer, in-process) against real services."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -73,6 +74,64 @@ def test_run_then_runs_then_report(prefect_server, ray_local, tmp_path, monkeypa
     assert rendered.exit_code == 0, rendered.output
     assert (run_dir / "report" / "index.html").is_file()
     assert any(Path(run_dir / "report").glob("mprt_*.png"))
+
+
+def _headline_fails(run_dir: Path) -> dict[tuple[str, str], list[str]]:
+    """(test, scope) → the failing methods at the test's headline metric, read from verdicts.parquet."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run_dir / "verdicts.parquet").to_pylist()
+    headline = {r["test"]: "entropy_rise" if r["test"] == "emprt" else "ssim" for r in rows}
+    fails: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["metric"] == headline[r["test"]]:
+            fails.setdefault((r["test"], r["scope"]), [])
+            if r["verdict"] == "fail":
+                fails[(r["test"], r["scope"])].append(r["method"])
+    return fails
+
+
+@pytest.mark.slow
+def test_run_ends_with_the_verdicts_and_json_for_scripts(prefect_server, ray_local, tmp_path, monkeypatch):
+    """The terminal ends with the answer: one line per test and scope naming the failing methods, the
+    controls line, then the paths. `--json` (a resume of the same run here) prints one JSON object
+    holding the same verdicts, nothing else on stdout."""
+    from saliency.statistics import control_checks
+    import pyarrow.parquet as pq
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "results"
+    sets = [arg for s in TINY_SETS for arg in ("--set", s)]
+    result = runner.invoke(app, ["run", "--out", str(out), *sets, "--no-progress"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    run_dir = next(out.glob("reference-mnist-*"))
+    fails = _headline_fails(run_dir)
+    assert {test for test, _ in fails} == {"class_sensitivity", "mprt", "emprt"}
+    lines = result.output.splitlines()
+    for (test, scope), methods in fails.items():
+        assert any(line.startswith(f"fail  {test} {scope} (") and line.split(": ", 1)[1].split("  · ")[0]
+                   == (", ".join(sorted(methods)) or "none") for line in lines), (test, scope, result.output)
+    assert "edge_sobel" in fails[("class_sensitivity", "min")]
+    checks = control_checks(pq.read_table(run_dir / "verdicts.parquet"))
+    wrong = [c for c in checks if not c["ok"]]
+    controls = next(line for line in lines if line.startswith("controls: "))
+    assert controls == (f"controls: all {len(checks)} checks hold" if not wrong else controls)
+    assert lines.index(controls) < next(i for i, line in enumerate(lines) if line.startswith("results:"))
+    assert lines.index(controls) == max(i for i, line in enumerate(lines) if line.startswith("fail  ")) + 1
+
+    scripted = runner.invoke(app, ["run", "--out", str(out), *sets, "--json"])
+    assert scripted.exit_code == 0, scripted.output
+    summary = json.loads(scripted.stdout)
+    assert summary["run_dir"] == str(run_dir) and summary["stats"]["shards_skipped"] == 2
+    assert summary["model"].startswith("model: trained weights; top-1 accuracy")
+    columns = summary["verdicts"]["columns"]
+    assert {(c["test"], c["scope"]): c["fail"] for c in columns} == {k: sorted(v) for k, v in fails.items()}
+    for c in columns:
+        assert set(c["methods"]) == {"gradient", "edge_sobel"}
+        assert all(m["verdict"] in ("pass", "fail", "inconclusive", "uninformative") for m in c["methods"].values())
+    assert summary["verdicts"]["controls"] == {"checks": len(checks), "hold": len(checks) - len(wrong),
+                                               "wrong": [{k: c[k] for k in ("control", "test", "scope", "metric",
+                                                                            "expected", "verdict")} for c in wrong]}
 
 
 def test_runs_and_report_explain_a_missing_store(tmp_path, monkeypatch):

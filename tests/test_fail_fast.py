@@ -91,8 +91,8 @@ def test_track_logs_a_finished_run_once(prefect_server, ray_local, tmp_path, mon
     assert metrics["run/images"] == 4 and metrics["run/score_rows"] == outcome["stats"]["score_rows"]
     logged = metric_rows(RunDir(outcome["run_dir"]).read_table("summary.parquet"))
     assert {name for name, _, _ in logged} <= set(metrics)
-    curve = client.get_metric_history(run_id, "mprt/gradient/ssim")
-    assert len(curve) == sum(name == "mprt/gradient/ssim" for name, _, _ in logged) > 1  # once, not twice
+    curve = client.get_metric_history(run_id, "gradient/mprt/ssim")
+    assert len(curve) == sum(name == "gradient/mprt/ssim" for name, _, _ in logged) > 1  # once, not twice
     assert runs[0].data.tags["run_dir"] == outcome["run_dir"]
 
 

@@ -11,8 +11,8 @@ import torchvision.models
 from torch import nn
 
 from saliency.data import load_dataset
-from saliency.models import (evaluate_reference, load_model, load_reference, reference_cache_key,
-                             reference_cnn, train_reference)
+from saliency.models import (evaluate_reference, has_random_weights, load_model, load_reference,
+                             reference_cache_key, reference_cnn, train_reference)
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +90,20 @@ def test_factory_string():
         load_model("no_such_package.models:build")
     with pytest.raises(ValueError, match="NoSuchThing"):
         load_model("torch.nn:NoSuchThing")
+
+
+def test_random_weights_are_told_apart_from_loaded_ones(tmp_path):
+    """A torchvision name without weights and an unseeded factory are random; a weights file, the
+    reference models, the shipped ResNet-20 and a factory with the same parameters on every
+    construction are not. The probe leaves the global random state as it found it."""
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    assert has_random_weights("resnet18")
+    assert not has_random_weights("resnet18", weights=tmp_path / "r18.pt")
+    assert not has_random_weights("reference") and not has_random_weights("cifar_resnet20")
+    state = torch.random.get_rng_state()
+    assert has_random_weights("models_for_tests:untrained_cnn")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not has_random_weights("models_for_tests:small_cnn")  # seeds itself: the same parameters each time
 
 
 def test_unknown_model_name_says_what_is_allowed():

@@ -156,16 +156,16 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     assert run.data.tags["dataset"] == "mnist"
     row = next(r for r in summary.to_pylist() if (r["test"], r["state"], r["method"], r["metric"])
                == ("class_sensitivity", "min", "gradcampp", "ssim"))
-    assert run.data.metrics["class_sensitivity/min/gradcampp/ssim"] == pytest.approx(row["mean"])
-    curve = client.get_metric_history(run.info.run_id, "mprt/gradcampp/ssim")
+    assert run.data.metrics["gradcampp/class_sensitivity/min/ssim"] == pytest.approx(row["mean"])
+    curve = client.get_metric_history(run.info.run_id, "gradcampp/mprt/ssim")
     assert sorted(m.step for m in curve) == list(range(states))
-    assert len(client.get_metric_history(run.info.run_id, "emprt/edge_sobel/entropy_rise")) == states
+    assert len(client.get_metric_history(run.info.run_id, "edge_sobel/emprt/entropy_rise")) == states
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet", "report"} <= artifacts
     assert run.data.params["cam_layer"] == "features"
     assert sum(run.data.metrics[f"verdicts/{kind}"] for kind in ("pass", "fail", "inconclusive",
                                                                   "uninformative")) == verdicts.num_rows
-    assert run.data.metrics["mprt_cascade/gradient/ssim/R"] == pytest.approx(
+    assert run.data.metrics["gradient/mprt_cascade/ssim/R"] == pytest.approx(
         next(r["retention_mean"] for r in summary.to_pylist()
              if (r["method"], r["state"], r["metric"]) == ("gradient", "cascade", "ssim")))
     assert "report/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}

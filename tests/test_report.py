@@ -357,11 +357,38 @@ def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads
 def test_a_failing_control_is_shown_as_a_warning(tmp_path):
     summary, verdict, _ = run_tables(levels=LEVELS | {"edge_sobel": 0.1})
     page = page_report.write_report(summary, tmp_path, verdicts=verdict).read_text(encoding="utf-8")
-    warning = re.search(r'<div class="controls warning">.*?</div>', page, re.S).group()
+    warning = re.search(r'<div class="controls warning" id="controls">.*?</div>', page, re.S).group()
     assert "edge_sobel — class_sensitivity min (ssim): expected fail, got <strong>pass</strong>" in warning
     assert "<li>edge_sobel" in warning and "<li>random" not in warning and "Controls behave" not in page
     assert page.index("controls warning") < page.index("<figure")
     assert "the verdicts are suspect" in page
+
+
+def test_the_controls_banner_states_each_check_and_never_contradicts_the_matrix(tmp_path):
+    """Gradient fails eMPRT, which is not a control check: the banner said "Controls behave … gradient
+    passes" right above that red cell. Now it says which checks it made (gradient: class sensitivity
+    and the head-randomised MPRT), names gradient's eMPRT verdict as not a check, and lists every check
+    with what was expected and what happened."""
+    from saliency.statistics import VERDICT_SCHEMA, control_checks
+
+    summary, verdict, _ = run_tables()
+    rows = verdict.to_pylist()
+    for r in rows:
+        if (r["method"], r["test"]) == ("gradient", "emprt"):
+            r.update(verdict="fail")
+    edited = pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA)
+    page = page_report.write_report(summary, tmp_path, verdicts=edited).read_text(encoding="utf-8")
+    banner = html.unescape(re.search(r'<div class="controls ok" id="controls">(.*?)</div>', page, re.S).group(1))
+    checks = control_checks(edited)
+    assert banner.startswith(f"Controls behave: all {len(checks)} checks hold, as expected edge_sobel fails in "
+                             "class_sensitivity (min, random, second), mprt (head, cascade), emprt (full); "
+                             "random is uninformative in ")
+    assert "; gradient passes in class_sensitivity (min, random, second), mprt (head)." in banner
+    assert "Not control checks: gradient mprt cascade: pass; gradient emprt full: fail." in banner
+    listed = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>"
+                        r'<td class="[a-z]+">([^<]+)</td></tr>', banner)
+    assert listed == [(c["control"], c["test"], c["scope"], c["metric"], c["expected"], c["verdict"])
+                      for c in checks]
 
 
 def test_paired_table_puts_variants_under_their_signed_method(tmp_path):

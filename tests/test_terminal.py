@@ -141,8 +141,11 @@ def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
                              f"data.root={tmp_path / 'images'}", "data.image_size=32", "methods.ids=gradient",
                              "compute.images_per_shard=4", f"storage.out={tmp_path / 'out'}"])
     assert cfg.data.limit == 1000
-    line = plan_line(plan_shards.fn(cfg))
-    assert line == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", line
+    first, model = plan_line(plan_shards.fn(cfg)).splitlines()
+    assert first == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", first
+    assert model.startswith("model: random weights (none loaded): the verdicts describe an untrained model; "
+                            "top-1 accuracy "), model
+    assert model.endswith(" on 6 labelled images (chance 50.0%)"), model
     cfg.compute.images_per_shard = 8
     assert plan_line(plan_shards.fn(cfg)).startswith("6 imagefolder images in 1 shard (1 to compute); ")
 
