@@ -161,7 +161,7 @@ def _json_summary(outcome: dict, answer: dict | None) -> dict:
 def report(run_dir: Annotated[str, typer.Argument(help="a run directory (path or URI)")]) -> None:
     """Write the figures and index.html of a run directory into RUN_DIR/report/."""
     from tasks.manifest import ManifestChanged
-    from tasks.report import write_run_report
+    from tasks.report_run import write_run_report
     from tasks.storage import RunDir
 
     directory = RunDir(run_dir)

@@ -26,7 +26,7 @@ from tasks.config import ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
 from tasks.plan import Plan, plan_shards
-from tasks.report import render_report
+from tasks.report_run import render_report
 from tasks.storage import RunDir, join, resource_error, resource_message
 from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
 

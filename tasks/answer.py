@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from saliency.sanity import get_test
 from saliency.statistics import VERDICTS, control_checks
-from tasks.report import headline_metrics, matrix_columns
+from tasks.report_content import headline_metrics, matrix_columns
 
 
 def verdict_summary(verdicts: pa.Table) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 from saliency.plots import method_groups, mprt_overlay_figure
 from saliency.sanity import get_test, sanity_tests
 from tasks.manifest import Manifest, read_manifest
-from tasks.report import SCOPE_WORDS, headline_metrics, matrix_cell, matrix_columns, run_line
+from tasks.report_content import SCOPE_WORDS, headline_metrics, matrix_cell, matrix_columns, run_line
 from tasks.storage import RunDir
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,

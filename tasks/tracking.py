@@ -122,7 +122,7 @@ def verdict_table(verdicts: pa.Table) -> dict[str, list]:
     """Columns of the verdict table shown on the MLflow run page: one row per method, test and scope
     at the test's headline metric, in the report's order, with R [95% CI] (eMPRT: the value) and why."""
     from saliency.plots import method_groups
-    from tasks.report import headline_metrics, matrix_cell, matrix_columns
+    from tasks.report_content import headline_metrics, matrix_cell, matrix_columns
 
     headline = headline_metrics(verdicts)
     rows = [r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]]]

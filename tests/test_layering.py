@@ -82,3 +82,14 @@ def test_the_pass_modules_depend_one_way():
            for line, module, _ in imports_of(ROOT / "saliency" / f"{name}.py")
            if module in names and module.split(".")[1] not in ok]
     assert not bad, bad
+
+
+def test_the_report_modules_depend_one_way():
+    """tasks/report.py split by concept (issue 21): report_content (what the page shows) ← report (the page)
+    ← report_run (a run directory's report)."""
+    allowed = {"report_content": set(), "report": {"report_content"}, "report_run": {"report", "report_content"}}
+    names = {f"tasks.{name}" for name in allowed}
+    bad = [f"{name}.py:{line} imports {module}" for name, ok in allowed.items()
+           for line, module, _ in imports_of(ROOT / "tasks" / f"{name}.py")
+           if module in names and module.split(".")[1] not in ok]
+    assert not bad, bad

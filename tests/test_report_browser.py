@@ -14,6 +14,7 @@ from browser import Page, find_chromium
 from saliency.methods import PAPER_METHODS
 from saliency.statistics import comparisons, summarize, verdicts
 from tasks import report as page_report
+from tasks import report_run
 from tasks.storage import RunDir, maps_schema, tensor_column
 from test_report import LAYERS, manifest, matrix_cells, scores_table
 
@@ -76,8 +77,8 @@ def test_the_full_page_in_chromium_shows_the_matrix_on_the_first_screen(tmp_path
     images = {"img0": torch.rand(1, 8, 8), "img1": torch.rand(1, 8, 8)}
     index = page_report.write_report(
         summary, tmp_path / "report", verdicts=verdicts(summary), comparisons=comparisons(scores, n_boot=50),
-        manifest=manifest(methods), map_grids=page_report.map_grids(maps, images),
-        paper=page_report.paper_figure_of(maps, images, None), parquet_links=True)
+        manifest=manifest(methods), map_grids=report_run.map_grids(maps, images),
+        paper=report_run.paper_figure_of(maps, images, None), parquet_links=True)
     facts = check_in_browser(index, methods, tmp_path / "screenshot.png")
     assert {"paper figure", "maps class_sensitivity", "maps mprt", "mprt_ssim"} <= {i["alt"] for i in facts["images"]}
     # the page is one file: a copy of index.html alone still shows every image

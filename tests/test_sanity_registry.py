@@ -17,7 +17,8 @@ from saliency.sanity import registry as sanity_registry
 from saliency.sanity.base import paired
 from saliency.statistics import summarize, verdicts
 from models_for_tests import count_explain_calls, small_cnn
-from tasks.report import verdict_matrices, write_report
+from tasks.report import write_report
+from tasks.report_content import verdict_matrices
 from tasks.tracking import metric_rows
 
 METHODS = ["gradient", "gradcam", "random"]

@@ -9,7 +9,7 @@ from saliency.sanity import run_sanity
 from saliency.statistics import summarize, verdicts
 from tasks.config import load_config
 from tasks.plan import build_manifest
-from tasks.report import headline_metrics
+from tasks.report_content import headline_metrics
 from tasks.shards import load_configured_model, load_data, shard_ranges
 from tasks.storage import RunDir
 from tasks.tracking import EXPERIMENT_KIND, VERDICT_TABLE, log_run
