@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, runtime
 from prefect.futures import as_completed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
 
 from flows.services import keep_stop_handlers
@@ -99,7 +100,8 @@ def shard_progress(enabled: bool, pool: ActorPool, images: int, shards: str,
         return
     stop = threading.Event()
     with Progress(TextColumn("shards {task.fields[shards]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("images"), ImagesPerSecond(), TimeElapsedColumn()) as bar:
+                  TextColumn("images"), ImagesPerSecond(), TimeElapsedColumn(), TextColumn("left"),
+                  TimeRemainingColumn()) as bar:
         job = bar.add_task("shards", total=images, shards=shards)
 
         def move() -> None:
@@ -119,6 +121,23 @@ def shard_progress(enabled: bool, pool: ActorPool, images: int, shards: str,
             stop.set()
             thread.join()
             move()
+
+
+@contextmanager
+def phase(enabled: bool, doing: str) -> Iterator[None]:
+    """Name a step after the compute on the terminal, then its seconds ("aggregating … 2.1 s"): the bar
+    has ended and these steps take seconds to a minute."""
+    if not enabled:
+        yield
+        return
+    print(f"{doing} …", end="", flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" stopped", flush=True)
+        raise
+    print(f" {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any]], float]:
@@ -282,9 +301,11 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
             raise RuntimeError("parts written by this run do not match the plan: " + "; ".join(
                 f"shard {index}: {reason}" for index, reason in sorted(untrusted.items())))
         computed = sum(r["n_images"] for r in results)
-        agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                        cfg.randomization.order, plan.manifest)
-        report_dir = render_report(plan.run_dir) if cfg.storage.report else None
+        with phase(progress, "aggregating the scores (bootstrap CIs, verdicts)"):
+            agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
+                            cfg.randomization.order, plan.manifest)
+        with phase(progress and cfg.storage.report, "writing the report"):
+            report_dir = render_report(plan.run_dir) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
                  "score_rows": agg.score_rows, "shards": len(plan.shards),
                  "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
@@ -296,7 +317,8 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
         mlflow_run_id, uri, tracking_error = None, None, None
         if cfg.tracking.enabled:
             uri = tracking_uri(cfg)
-            mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
+            with phase(progress, "logging to MLflow"):
+                mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
         outcome = {
             "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
             "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),

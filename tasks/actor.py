@@ -47,7 +47,8 @@ class ShardWorker:
         self.dataset = load_data(self.cfg)
         self.model: nn.Module | None = None
         self.healthy = False  # True once a batch has succeeded here
-        self.progress = progress  # a ProgressBoard actor told after every batch, or None
+        self.progress = progress  # a ProgressBoard actor told after every explain call, or None
+        self._within_batch: Callable[[int, int], None] | None = None  # the batch being computed's reporter
         self.run_dir = RunDir(run_dir) if isinstance(run_dir, str) else run_dir  # where explain_and_write writes
         if model is not None:
             self.set_model(model)
@@ -84,6 +85,9 @@ class ShardWorker:
                 failures.append((self.dataset.image_ids[index], "load", error))
         scores, maps = [], []
         for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
+            before = samples[first][0] - shard.start  # images of the shard ahead of this batch
+            self._within_batch = lambda done, total, before=before, n=last - first: self._report(
+                shard, before + n * done / total)
             batch, inputs = self._finite(samples[first:last], failures)
 
             def compute(items: list, batch=batch, inputs=inputs) -> tuple[pa.Table, pa.Table | None, list]:
@@ -105,8 +109,9 @@ class ShardWorker:
             **self.ready(),
         }
 
-    def _report(self, shard: Shard, images: int) -> None:
-        """Tell the progress board how far this shard is (fire and forget: never waits, never fails the run)."""
+    def _report(self, shard: Shard, images: float) -> None:
+        """Tell the progress board how far this shard is, in images (a fraction within a batch: after each of
+        its explain calls). Fire and forget: never waits, never fails the run."""
         if self.progress is not None:
             try:
                 self.progress.report.remote(shard.index, images)
@@ -169,7 +174,7 @@ class ShardWorker:
         ids, x, labels, logits = inputs if inputs is not None else (*self._tensors(batch), None)
         keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
         run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
-                        model_name=self.cfg.model.name, logits=logits)
+                        model_name=self.cfg.model.name, logits=logits, progress=self._within_batch)
         first_seed = self.cfg.randomization.seeds[0]
         stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
         map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
@@ -243,24 +248,25 @@ def _node_id() -> str:
 
 
 class ProgressBoard:
-    """How many images of each shard the actors have explained, told after every batch (a Ray actor).
+    """How many images of each shard the actors have explained (a Ray actor), told after every explain call
+    of a batch as a fraction of its images.
 
     The driver reads the total whenever it likes: a report is a number, not a message to consume, so a slow
     driver misses nothing and the actors never wait. A shard's count only grows (a retried shard
     recomputes images it had already counted)."""
 
     def __init__(self) -> None:
-        self.done: dict[int, int] = {}
-        self.reports: list[tuple[int, int]] = []  # (shard, images), in arrival order
+        self.done: dict[int, float] = {}
+        self.reports: list[tuple[int, float]] = []  # (shard, images), in arrival order
 
-    def report(self, shard: int, images: int) -> None:
+    def report(self, shard: int, images: float) -> None:
         self.reports.append((shard, images))
         self.done[shard] = max(images, self.done.get(shard, 0))
 
-    def images(self) -> int:
+    def images(self) -> float:
         return sum(self.done.values())
 
-    def history(self) -> list[tuple[int, int]]:
+    def history(self) -> list[tuple[int, float]]:
         return list(self.reports)
 
 
@@ -317,7 +323,7 @@ class ActorPool:
         finally:
             self._free.put(actor)
 
-    def images_done(self) -> int | None:
+    def images_done(self) -> float | None:
         """Images explained so far by the pool's actors (None if the board cannot be read now, or the pool
         is shut down: ray.kill is asynchronous, so the killed board may still answer for a moment)."""
         import ray

@@ -190,6 +190,25 @@ def test_randomization_seeds_give_one_row_per_seed_and_distinct_states(model, x)
     assert default.column("value").to_pylist() == one.column("value").to_pylist()
 
 
+def test_progress_is_told_after_every_explain_call_with_a_total_known_up_front(model, x):
+    """A state of a large model on a CPU takes minutes: the caller's bar moves once per state, and its total
+    (original maps + seeds × states) is right from the first call, so an ETA can be drawn."""
+    calls = []
+    table = parameter_randomization(model, x, "gradient", metrics="ssim", randomization_seeds=[7, 8],
+                                    progress=lambda done, total: calls.append((done, total)))
+    n_states = len(parameter_layers(model, example_input=x[:1]))
+    total = 1 + 2 * n_states
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert set(table.column("state_index").to_pylist()) == set(range(n_states))
+    subset = []
+    parameter_randomization(model, x, "gradient", metrics="ssim", states=[0, 2],
+                            progress=lambda done, total: subset.append((done, total)))
+    assert subset == [(1, 3), (2, 3), (3, 3)]
+    classes = []
+    class_sensitivity(model, x, "gradient", metrics="ssim", progress=lambda *call: classes.append(call))
+    assert classes == [(1, 1)]  # every class in one explain call
+
+
 def test_recompute_target_uses_each_states_argmax(model, x):
     table = parameter_randomization(model, x, "gradient", metrics="spearman", target="recompute",
                                     emprt=False)

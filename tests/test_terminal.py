@@ -205,13 +205,15 @@ def test_the_progress_board_keeps_each_shards_furthest_count_whatever_the_order(
 
 @pytest.mark.slow
 def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
-    """The bar sat at 0 until a whole 100-image shard was done: now the actors count every batch and the
-    bar follows their count while the shard runs."""
+    """The bar sat at 0 until a whole 100-image shard was done: now the actors count every explain call of a
+    batch (a fraction of its images) and the bar follows their count while the shard runs."""
     import threading
+
+    from saliency.randomize import parameter_layers
 
     from flows.sanity_check import shard_progress
     from tasks.actor import ActorPool
-    from tasks.shards import Shard, load_configured_model
+    from tasks.shards import Shard, load_configured_model, load_data
     from tasks.storage import RunDir
 
     cfg = load_config(None, ["data.limit=8", "methods.ids=gradient", "compute.batch_size=2",
@@ -231,6 +233,28 @@ def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
     finally:
         pool.shutdown()
     assert outcome["n_images"] == 8
-    assert reports == [(0, 2), (0, 4), (0, 6), (0, 8), (0, 8)]  # one per batch, then the shard's end
+    values = [images for shard, images in reports if shard == 0]
+    n_states = len(parameter_layers(load_configured_model(cfg), example_input=load_data(cfg)[0].image[None]))
+    assert len(values) == 4 * (1 + n_states + 1) + 1  # every explain call, every batch's end, the shard's end
+    assert values == sorted(values) and {2, 4, 6, 8} <= set(values)
+    assert values[0] == pytest.approx(2 / (1 + n_states))  # the first batch's original maps: a fraction of it
     assert final == 8 and pool.images_done() is None  # the board went with the pool
     assert any(0 < value < 8 for value in seen), sorted(set(seen))  # the bar moved within the shard
+
+
+def test_the_steps_after_the_bar_are_named_with_their_seconds(capsys):
+    """≈ 45 s of silence after 100 % (aggregation, report, MLflow): each step now says what it does and how
+    long it took; a failing step says it stopped and the error goes on."""
+    from flows.sanity_check import phase
+
+    with phase(True, "aggregating the scores"):
+        pass
+    with pytest.raises(KeyError):
+        with phase(True, "writing the report"):
+            raise KeyError("x")
+    with phase(False, "logging to MLflow"):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"aggregating the scores … \d+\.\d s", lines[0]), lines
+    assert lines[1] == "writing the report … stopped"

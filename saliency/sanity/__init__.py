@@ -24,10 +24,10 @@ from saliency.sanity.classes import OTHERS, class_targets
 from saliency.sanity.emprt import ENTROPY_BINS, ENTROPY_METRIC, discrete_entropy, entropy_rise
 from saliency.sanity.mprt import CASCADE, CASCADE_INDEX, TARGET_MODES, head_state_index
 from saliency.sanity.registry import available_tests, get_test, register, sanity_tests
-from saliency.sanity.runner import SanityRun, run_sanity
+from saliency.sanity.runner import Progress, SanityRun, run_sanity
 
 __all__ = [
-    "CHANCE_PARTNERS", "ORIGINAL", "SCORE_SCHEMA", "paired", "Block", "SanityTest", "Settings", "SanityRun", "run_sanity", "as_2d",
+    "CHANCE_PARTNERS", "ORIGINAL", "SCORE_SCHEMA", "paired", "Block", "SanityTest", "Settings", "SanityRun", "Progress", "run_sanity", "as_2d",
     "chance_partners", "random_other_classes", "retest_seed", "OTHERS", "class_targets", "ENTROPY_BINS",
     "ENTROPY_METRIC", "discrete_entropy", "entropy_rise", "CASCADE", "CASCADE_INDEX", "TARGET_MODES",
     "head_state_index", "available_tests", "get_test", "register", "sanity_tests", "class_sensitivity",
@@ -40,16 +40,17 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
                       metrics: str | Sequence[str] = ("ssim", "spearman_abs"), seed: int = 0, *,
                       image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
                       layer: str | None = None, explain_kwargs: dict | None = None,
-                      chance_partners: int = CHANCE_PARTNERS) -> pa.Table:
+                      chance_partners: int = CHANCE_PARTNERS, progress: Progress | None = None) -> pa.Table:
     """Similarity of each image's map for its top class with its maps for other classes (SPEC §2.1).
 
     One forward pass picks the classes; one explain call computes the maps for all of them. See
     ``saliency.sanity.class_sensitivity`` for the rows. "random" is drawn per image id: pass real
-    ``image_ids`` so that the draw does not depend on batch position.
+    ``image_ids`` so that the draw does not depend on batch position. ``progress(done, total)`` is
+    called as the explain calls finish.
     """
     settings = Settings(methods=methods, tests=["class_sensitivity"], metrics=metrics, seed=seed, layer=layer,
                         explain_kwargs=explain_kwargs or {}, others=others, chance_partners=chance_partners)
-    return run_sanity(model, x, settings, image_ids=image_ids, labels=labels, model_name=model_name)
+    return run_sanity(model, x, settings, progress, image_ids=image_ids, labels=labels, model_name=model_name)
 
 
 def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence[str],
@@ -60,16 +61,18 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
                             randomization_seeds: Sequence[int] | None = None,
                             image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
                             layer: str | None = None, explain_kwargs: dict | None = None,
-                            chance_partners: int = CHANCE_PARTNERS) -> pa.Table:
+                            chance_partners: int = CHANCE_PARTNERS, progress: Progress | None = None) -> pa.Table:
     """MPRT and (if ``emprt``) eMPRT scores of each image for each randomisation state and seed (SPEC §2.2).
 
     The original maps are computed once under the trained model for its top class; each state k (all,
     or ``states``) is built for every seed of ``randomization_seeds`` (default: ``seed`` alone),
     explained, scored and freed. See ``saliency.sanity.mprt`` and ``saliency.sanity.emprt`` for the rows.
+    ``progress(done, total)`` is called after the original maps and after every state (a state of a
+    large model on a CPU takes seconds to minutes).
     """
     settings = Settings(methods=methods, tests=["mprt", "emprt"] if emprt else ["mprt"], metrics=metrics,
                         seed=seed, layer=layer, explain_kwargs=explain_kwargs or {}, order=order,
                         granularity=granularity, init=init, target=target, bn_stats=bn_stats, sigma=sigma,
                         randomization_seeds=randomization_seeds,
                         states=None if states is None else list(states), chance_partners=chance_partners)
-    return run_sanity(model, x, settings, image_ids=image_ids, labels=labels, model_name=model_name)
+    return run_sanity(model, x, settings, progress, image_ids=image_ids, labels=labels, model_name=model_name)

@@ -94,6 +94,10 @@ class SanityTest:
         """Blocks of maps computed elsewhere (randomised models, …)."""
         return iter(())
 
+    def block_count(self, run: "SanityRun") -> int:
+        """How many blocks ``blocks`` yields, known before the first (a progress bar's total)."""
+        return 0
+
     def score(self, run: "SanityRun", block: Block) -> None:
         for method in run.methods:
             for metric in run.metrics:

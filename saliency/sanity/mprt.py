@@ -43,10 +43,23 @@ class ParameterRandomization(SanityTest):
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"randomization_seeds must be distinct seeds, at least one; got {seeds}")
 
+    def layers(self, run) -> list[str]:
+        """The parameter layers in model order: the planner's, else traced once per batch."""
+        s = run.settings
+        if s.layers is not None:
+            return list(s.layers)
+        if "mprt_layers" not in run.derived:
+            run.derived["mprt_layers"] = parameter_layers(run.model, example_input=run.x[:1],
+                                                          granularity=s.granularity)
+        return run.derived["mprt_layers"]
+
+    def block_count(self, run) -> int:
+        s = run.settings
+        return len(randomization_seeds(s)) * len(_state_indices(s.states, len(self.layers(run))))
+
     def blocks(self, run) -> Iterator[Block]:
         s = run.settings
-        layers = (list(s.layers) if s.layers is not None else
-                  parameter_layers(run.model, example_input=run.x[:1], granularity=s.granularity))
+        layers = self.layers(run)
         states = states_in_place(run.model, layers, s.order, _state_indices(s.states, len(layers)),
                                  randomization_seeds(s), init=s.init, bn_stats=s.bn_stats, sigma=s.sigma)
         names = state_names(layers, s.order)

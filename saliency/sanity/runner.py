@@ -3,7 +3,7 @@ class, then the other map sources' blocks, each scored by every test that reads 
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,9 @@ from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, Prepared, prepare, similarity
 
 
+Progress = Callable[[int, int], None]  # (explain calls scored, explain calls in the batch)
+
+
 class SanityRun:
     """The sanity tests of ``settings`` on one batch. Iterate ``blocks()`` once (each block's maps are
     scored as it is made, and can be kept by the caller), then read ``table()``.
@@ -35,10 +38,14 @@ class SanityRun:
 
     def __init__(self, model: nn.Module, x: Tensor, settings: Settings, *,
                  image_ids: Sequence[str] | None = None, labels=None, model_name: str = "model",
-                 logits: Tensor | None = None) -> None:
+                 logits: Tensor | None = None, progress: Progress | None = None) -> None:
         """``logits``: the model's logits on ``x`` where the caller already has them (the pipeline's
-        finiteness check), so that the batch's forward is not run twice."""
+        finiteness check), so that the batch's forward is not run twice. ``progress(done, total)`` is
+        called after each explain call's block is scored (the original maps, then every state): a batch
+        of a large model takes minutes, and a caller's bar should move meanwhile."""
         self.model, self.x, self.settings = model, x, settings
+        self.progress = progress
+        self.derived: dict[str, object] = {}  # values a test derives once per batch (MPRT's traced layers)
         if logits is not None and tuple(logits.shape[:1]) != tuple(x.shape[:1]):
             raise ValueError(f"logits has {logits.shape[0]} rows but x has {x.shape[0]} images")
         self._given_logits = logits
@@ -103,6 +110,7 @@ class SanityRun:
             self.prefix = None  # the recorded forward holds a pass's worth of activations
 
     def _blocks(self) -> Iterator[Block]:
+        total = 1 + sum(source.block_count(self) for source in self.sources) if self.progress else 0
         self.logits = forward_logits(self.model, self.x) if self._given_logits is None else self._given_logits
         self.top = self.logits.argmax(dim=1)
         extra = [(source.id, index, state, targets) for source in self.sources
@@ -118,9 +126,17 @@ class SanityRun:
             yield self._scored(Block(source, state, index, state_targets,
                                      {m: as_2d(maps[m][:, column]) for m in self.methods}))
         del maps
+        done = 1
+        self._tell(done, total)
         for source in self.sources:
             for block in source.blocks(self):
                 yield self._scored(block)
+                done += 1
+                self._tell(done, total)
+
+    def _tell(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, max(done, total))
 
     def _scored(self, block: Block) -> Block:
         """Score a block; rows of a (method, image) whose original or state map is not finite are left
@@ -173,10 +189,12 @@ class SanityRun:
         return self.rows.table()
 
 
-def run_sanity(model: nn.Module, x: Tensor, settings: Settings, **identity) -> pa.Table:
+def run_sanity(model: nn.Module, x: Tensor, settings: Settings, progress: Progress | None = None,
+               **identity) -> pa.Table:
     """Score rows of the sanity tests of ``settings`` on one batch (keywords: image_ids, labels,
-    model_name). To keep the maps as well, iterate ``SanityRun(...).blocks()`` yourself."""
-    run = SanityRun(model, x, settings, **identity)
+    model_name; ``progress(done, total)`` as in ``SanityRun``). To keep the maps as well, iterate
+    ``SanityRun(...).blocks()`` yourself."""
+    run = SanityRun(model, x, settings, progress=progress, **identity)
     for _ in run.blocks():
         pass
     if run.failures:
