@@ -210,9 +210,15 @@ class ComputeConfig(Section):
     device: Literal[DEVICES] = Field("auto", description="auto = one GPU per actor when the cluster has "
                                      "GPUs, else CPU")
     batch_size: int = Field(50, ge=1, description="images per saliency batch")
-    images_per_shard: int = Field(100, ge=1, description="images per shard (one Prefect task, one "
-                                  "Parquet part)")
+    images_per_shard: int | None = Field(None, ge=1, description="images per shard (one Prefect task, one "
+                                         "Parquet part); null = one batch per shard, so that the actors share "
+                                         "even a small dataset")
     retries: int = Field(2, ge=0, description="Prefect retries of a failed shard")
+
+    @property
+    def shard_images(self) -> int:
+        """Images per shard: the configured number, else one batch."""
+        return self.images_per_shard or self.batch_size
 
 
 class StorageConfig(Section):
@@ -253,7 +259,7 @@ class Config(Section):
         """
         data = self.model_dump(mode="json", exclude={"compute", "tracking", "verdicts"})
         data["storage"] = {k: data["storage"][k] for k in ("store_maps", "sample_images")}
-        data["compute"] = {k: getattr(self.compute, k) for k in ("batch_size", "images_per_shard")}
+        data["compute"] = {"batch_size": self.compute.batch_size, "images_per_shard": self.compute.shard_images}
         return data
 
     def run_id(self) -> str:

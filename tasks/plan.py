@@ -304,7 +304,7 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     if len(dataset) == 0:
         raise ConfigError(f"config field `data`: dataset {cfg.data.dataset!r} has no images")
     model, origin = load_model_saying_how(cfg)
-    shards = shard_ranges(len(dataset), cfg.compute.images_per_shard)
+    shards = shard_ranges(len(dataset), cfg.compute.shard_images)
     manifest = build_manifest(cfg, dataset, model, shards)
     if stored is not None:
         new = manifest.to_json()

@@ -317,6 +317,10 @@ def test_config_defaults_overrides_and_identity():
     assert cfg.run_id() != load_config(overrides=["data.limit=32", "methods.ids=gradient"]).run_id()
     default = Config()
     assert default.data.limit == 1000 and default.randomization.order == "cascade_top_down"
+    # a shard is one batch unless set: the same batches (chance partners), so the same experiment
+    assert default.compute.shard_images == default.compute.batch_size == 50
+    assert default.run_id() == load_config(overrides=["compute.images_per_shard=50"]).run_id()
+    assert default.run_id() != load_config(overrides=["compute.images_per_shard=100"]).run_id()
     assert default.tests.others == ["min", "random"] and default.randomization.granularity == "module"
     text = default_yaml()
     for section, field in (("compute", "images_per_shard"), ("storage", "store_maps"), ("tracking", "uri")):
