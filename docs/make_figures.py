@@ -32,7 +32,8 @@ def run_reference(out: str) -> str:
 def draw(run_dir: str, docs: Path) -> list[Path]:
     from saliency.plots import verdict_matrix_figure
     from tasks.manifest import read_manifest
-    from tasks.report import input_images, paper_figure_of, stored_maps, verdict_matrices
+    from tasks.report_content import verdict_matrices
+    from tasks.report_run import input_images, paper_figure_of, stored_maps
     from tasks.storage import RunDir
 
     docs.mkdir(parents=True, exist_ok=True)

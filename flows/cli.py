@@ -88,8 +88,7 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     protect_run()
     try:
         with stop_on_signals(on_force=_say_interrupted), prefect_api():
-            outcome = sanity_check(config=None if config is None else str(config.resolve()), out=out,
-                                   overrides=overrides, progress=progress, allow_code_change=allow_code_change)
+            outcome = sanity_check(config=cfg, out=out, progress=progress, allow_code_change=allow_code_change)
     except RunInterrupted:
         _say_interrupted()
         os._exit(EXIT_INTERRUPTED)  # the actors, Ray and the Prefect server are stopped by now; threads still

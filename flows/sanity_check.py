@@ -23,7 +23,7 @@ from rich.text import Text
 from flows.services import keep_stop_handlers
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
-from tasks.config import ConfigError, load_config
+from tasks.config import Config, ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
 from tasks.plan import Plan, plan_shards
@@ -264,10 +264,11 @@ def track_or_explain(cfg, plan: Plan, agg, stats: dict[str, Any], report_dir,
 
 
 @flow(name="sanity_check")
-def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = None,
+def sanity_check(config: str | dict[str, Any] | Config | None = None, out: str | None = None,
                  overrides: list[str] | None = None, progress: bool = False,
                  allow_code_change: bool = False) -> dict[str, Any]:
-    """Run the sanity checks of a config (a YAML path, a dict, or None = the embedded default).
+    """Run the sanity checks of a config (a YAML path, a dict, a validated ``Config`` — the CLI's, so that a
+    run parses its config once — or None = the embedded default).
 
     ``out`` (default: storage.out) holds the run directory ``<out>/<run name>``; ``overrides`` are
     ``key.path=value`` strings. Resuming a run directory made by other code or libraries is refused
@@ -276,7 +277,12 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
     """
     logger = get_run_logger()
     started, started_at = time.perf_counter(), time.time()
-    cfg = load_config(config, overrides or [])
+    if isinstance(config, Config):
+        if overrides:
+            raise ValueError("overrides apply to a YAML path or a dict; a Config is already complete")
+        cfg = config
+    else:
+        cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
     check_factory_allowed(cfg, deployed=runtime.deployment.id is not None)
@@ -305,7 +311,7 @@ def sanity_check(config: str | dict[str, Any] | None = None, out: str | None = N
             agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
                             cfg.randomization.order, plan.manifest)
         with phase(progress and cfg.storage.report, "writing the report"):
-            report_dir = render_report(plan.run_dir) if cfg.storage.report else None
+            report_dir = render_report(plan.run_dir, agg, plan.manifest, plan.dataset) if cfg.storage.report else None
         stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
                  "score_rows": agg.score_rows, "shards": len(plan.shards),
                  "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),

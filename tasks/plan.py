@@ -50,6 +50,7 @@ class Plan:
     model_origin: str = ""  # e.g. "reference model loaded from the cache …" (tasks.shards.load_model_saying_how)
     strays: list[str] = field(default_factory=list)  # files under scores/, maps/, failures/ that are not its parts
     data_failures: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of images the dataset skipped
+    dataset: Any = field(default=None, repr=False)  # loaded once here; the report reads its input images from it
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
@@ -320,7 +321,8 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
     return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
-                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)), list(dataset.failures))
+                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)), list(dataset.failures),
+                dataset)
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],

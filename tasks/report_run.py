@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,17 +40,19 @@ def stored_maps(run_dir: RunDir, most_images: int = SAMPLE_IMAGES) -> pa.Table |
     return pa.concat_tables(tables) if tables else None
 
 
-def input_images(manifest: Manifest | None, image_ids: Sequence[str]) -> dict[str, torch.Tensor | None]:
-    """The input images of ``image_ids``, read again from the run's dataset (as the run's config loads
-    it); None for each where the dataset cannot be read here (a folder on another machine)."""
+def input_images(manifest: Manifest | None, image_ids: Sequence[str], dataset=None) -> dict[str, torch.Tensor | None]:
+    """The input images of ``image_ids`` from ``dataset`` (the flow's, already loaded), else read again as
+    the run's config loads it; None for each where the dataset cannot be read here (a folder on another
+    machine)."""
     images: dict[str, torch.Tensor | None] = dict.fromkeys(image_ids)
-    if manifest is None:
+    if manifest is None and dataset is None:
         return images
     try:
-        from tasks.config import load_config
-        from tasks.shards import load_data
+        if dataset is None:
+            from tasks.config import load_config
+            from tasks.shards import load_data
 
-        dataset = load_data(load_config(manifest.config))
+            dataset = load_data(load_config(manifest.config))
         position = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
         for image_id in image_ids:
             if image_id in position:
@@ -117,14 +120,22 @@ def paper_figure_of(maps: pa.Table | None, images: Mapping[str, torch.Tensor | N
         return None
 
 
-def write_run_report(run_dir: RunDir) -> str:
-    """Write RUN_DIR/report/ (index.html, PNGs, CSVs); returns a local folder holding the report."""
-    summary = run_dir.read_table("summary.parquet")
-    verdicts = run_dir.read_table("verdicts.parquet") if run_dir.exists("verdicts.parquet") else None
-    comparisons = run_dir.read_table("comparisons.parquet") if run_dir.exists("comparisons.parquet") else None
-    manifest = read_manifest(run_dir)
+def write_run_report(run_dir: RunDir, results: Any = None, manifest: Manifest | None = None, dataset=None) -> str:
+    """Write RUN_DIR/report/ (index.html, PNGs, CSVs); returns a local folder holding the report.
+
+    The flow passes what it holds — ``results`` (its aggregate: summary, verdicts, comparisons), the
+    plan's ``manifest`` and ``dataset`` — so that nothing is read back or loaded again; the ``report``
+    command passes only the run directory and everything is read from it."""
+    if results is None:
+        summary = run_dir.read_table("summary.parquet")
+        verdicts = run_dir.read_table("verdicts.parquet") if run_dir.exists("verdicts.parquet") else None
+        comparisons = run_dir.read_table("comparisons.parquet") if run_dir.exists("comparisons.parquet") else None
+    else:
+        summary, verdicts, comparisons = results.summary, results.verdicts, results.comparisons
+    manifest = manifest if manifest is not None else read_manifest(run_dir)
     maps = stored_maps(run_dir)
-    images = input_images(manifest, list(dict.fromkeys(maps["image_id"].to_pylist())) if maps is not None else [])
+    images = input_images(manifest, list(dict.fromkeys(maps["image_id"].to_pylist())) if maps is not None else [],
+                          dataset)
     out = Path(run_dir.file("report")) if run_dir.is_local else Path(tempfile.mkdtemp(prefix="report-"))
     write_report(summary, out, manifest=manifest, map_grids=map_grids(maps, images), verdicts=verdicts,
                  comparisons=comparisons, paper=paper_figure_of(maps, images, manifest), parquet_links=True)
@@ -134,5 +145,5 @@ def write_run_report(run_dir: RunDir) -> str:
 
 
 @task(name="render_report", cache_policy=NO_CACHE)
-def render_report(run_dir: RunDir) -> str:
-    return write_run_report(run_dir)
+def render_report(run_dir: RunDir, results: Any = None, manifest: Manifest | None = None, dataset=None) -> str:
+    return write_run_report(run_dir, results, manifest, dataset)

@@ -53,7 +53,25 @@ def test_run_with_a_bad_setting_exits_2_naming_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_run_then_runs_then_report(prefect_server, ray_local, tmp_path, monkeypatch):
-    """`run` prints where the results are and how to open MLflow; `runs` lists it; `report` rewrites it."""
+    """`run` prints where the results are and how to open MLflow; `runs` lists it; `report` rewrites it.
+    The run parses its config once and loads its dataset once in this process (the actors, in their own
+    processes, load their own copy): the report takes the flow's tables, manifest and dataset."""
+    import tasks.config
+    import tasks.shards
+    import flows.sanity_check
+
+    calls = {"parse": 0, "load": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    parse = counted("parse", tasks.config.load_config)
+    monkeypatch.setattr(tasks.config, "load_config", parse)
+    monkeypatch.setattr(flows.sanity_check, "load_config", parse)
+    monkeypatch.setattr(tasks.shards, "load_dataset", counted("load", tasks.shards.load_dataset))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "results"
     sets = [arg for s in TINY_SETS for arg in ("--set", s)]
@@ -64,6 +82,7 @@ def test_run_then_runs_then_report(prefect_server, ray_local, tmp_path, monkeypa
     mlflow_id = re.search(r"MLflow run ([0-9a-f]{32})", result.output).group(1)
     assert f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db" in result.output
     assert (run_dir / "report" / "index.html").is_file() and (out / "mlflow.db").is_file()
+    assert calls == {"parse": 1, "load": 1}
 
     listed = runner.invoke(app, ["runs", "--out", str(out)], env={"COLUMNS": "250"})
     assert listed.exit_code == 0, listed.output
