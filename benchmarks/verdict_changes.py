@@ -10,13 +10,15 @@ the cells both runs have; cells on one side only are counted, not listed.
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-KEYS = ("model", "method", "test", "scope", "metric")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.answer import CELL_KEYS, cell_text, verdict_changes as changes  # noqa: E402
 
 
 def read_verdicts(path: str) -> pa.Table:
@@ -24,30 +26,9 @@ def read_verdicts(path: str) -> pa.Table:
     return pq.read_table(p / "verdicts.parquet" if p.is_dir() else p)
 
 
-def cell_text(row: dict) -> str:
-    """R [CI] (the value for a test without retention) and the verdict, † when threshold-sensitive."""
-    if row["test"] == "emprt" or row["retention_mean"] is None or not math.isfinite(row["retention_mean"]):
-        low, mean, high = row["ci_low"], row["mean"], row["ci_high"]
-    else:
-        low, mean, high = row["retention_ci_low"], row["retention_mean"], row["retention_ci_high"]
-    number = "–" if mean is None or not math.isfinite(mean) else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
-    return f"{row['verdict']} {number}" + (" †" if row.get("threshold_sensitive") else "")
-
-
-def changes(before: pa.Table, after: pa.Table, metrics: set[str] | None = None) -> tuple[list[tuple], dict]:
-    """([(cell key, before row, after row)] of the cells whose verdict differs, counts)."""
-    old = {tuple(r[k] for k in KEYS): r for r in before.to_pylist()}
-    new = {tuple(r[k] for k in KEYS): r for r in after.to_pylist()}
-    common = [k for k in new if k in old and (metrics is None or k[4] in metrics)]
-    changed = [(k, old[k], new[k]) for k in common if old[k]["verdict"] != new[k]["verdict"]]
-    counts = {"cells compared": len(common), "changed": len(changed),
-              "only before": len(old.keys() - new.keys()), "only after": len(new.keys() - old.keys())}
-    return changed, counts
-
-
 def markdown(changed: list[tuple], labels: tuple[str, str]) -> str:
-    lines = [f"| model | method | test | scope | metric | {labels[0]} | {labels[1]} |", "|---" * 7 + "|"]
-    for key, old, new in sorted(changed):
+    lines = ["| " + " | ".join(CELL_KEYS) + f" | {labels[0]} | {labels[1]} |", "|---" * 7 + "|"]
+    for key, old, new in changed:
         lines.append("| " + " | ".join(map(str, key)) + f" | {cell_text(old)} | {cell_text(new)} |")
     return "\n".join(lines)
 

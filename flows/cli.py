@@ -108,6 +108,10 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         print(json.dumps(_json_summary(outcome, answer), indent=2))
         raise typer.Exit(EXIT_TRACKING_FAILED if outcome.get("tracking_error") else 0)
     stats = outcome["stats"]
+    if outcome.get("already_complete"):
+        console.print(f"[green]already complete[/green]: {outcome['run_dir']}"
+                      + (f", MLflow run {outcome['mlflow_run_id']}" if outcome["mlflow_run_id"] else "")
+                      + " (same config, code, weights, data and verdict rules: nothing computed or logged)")
     console.print(f"[green]done[/green] in {stats['wall_seconds']:.0f} s: {stats['images']} images "
                   f"({stats['images_computed']} computed at {stats['images_per_second']:.1f} img/s, "
                   f"{stats['shards_skipped']} shards resumed), {stats['score_rows']} scores, "
@@ -127,6 +131,10 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
         from tasks.answer import summary_lines
 
         print("\n".join(summary_lines(answer)))  # plain print: never wrapped or cut at the terminal's width
+    if outcome.get("changes"):
+        from tasks.answer import change_lines
+
+        print("\n".join(change_lines(outcome["changes"])))
     console.print(f"results:   {outcome['run_dir']}")
     console.print(f"summary:   {outcome['summary']}")
     if outcome["report"]:
@@ -152,7 +160,7 @@ def _answer(run_dir: str) -> dict | None:
 def _json_summary(outcome: dict, answer: dict | None) -> dict:
     """What `run --json` prints: the verdict summary, the model check, where the results are, the counts."""
     keys = ("run_dir", "run_id", "summary", "report", "mlflow_run_id", "tracking_uri", "tracking_error", "model",
-            "stats")
+            "stats", "already_complete", "changes")
     return {**{key: outcome.get(key) for key in keys}, "verdicts": answer}
 
 
@@ -312,7 +320,7 @@ def serve(config: ConfigArg = None, out: OutOption = None, set_: SetOption = Non
     when its own config could never run (a model factory not on $SALIENCY_SANITY_ALLOWED_FACTORIES)."""
     overrides = list(set_ or [])
     cfg = _validated(config, overrides)
-    from flows.sanity_check import DEFAULT_CRON, DEPLOYMENT_NAME, check_factory_allowed, sanity_check
+    from flows.sanity_check import DEFAULT_CRON, SERVED_DEPLOYMENT_NAME, check_factory_allowed, sanity_check
     from tasks.config import ConfigError
 
     try:
@@ -324,8 +332,8 @@ def serve(config: ConfigArg = None, out: OutOption = None, set_: SetOption = Non
     parameters = {"config": None if config is None else str(config.resolve()),
                   "out": None if out is None else (out if "://" in out else str(Path(out).resolve())),
                   "overrides": overrides}
-    console.print(f"serving deployment sanity_check/{DEPLOYMENT_NAME} on cron {cron or DEFAULT_CRON!r}")
-    sanity_check.serve(name=DEPLOYMENT_NAME, cron=cron or DEFAULT_CRON, parameters=parameters)
+    console.print(f"serving deployment sanity_check/{SERVED_DEPLOYMENT_NAME} on cron {cron or DEFAULT_CRON!r}")
+    sanity_check.serve(name=SERVED_DEPLOYMENT_NAME, cron=cron or DEFAULT_CRON, parameters=parameters)
 
 
 if __name__ == "__main__":

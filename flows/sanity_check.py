@@ -26,12 +26,14 @@ from tasks.aggregate import aggregate
 from tasks.config import Config, ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
-from tasks.plan import Plan, plan_shards
+from tasks.answer import CHANGES_FILE, changes_since
+from tasks.plan import Plan, RevisionChanged, plan_shards, revision_changes
 from tasks.report_run import render_report
-from tasks.storage import RunDir, join, resource_error, resource_message
-from tasks.tracking import check_tracking, track_mlflow, tracking_uri, ui_command
+from tasks.storage import RunDir, join, next_revision, resource_error, resource_message, revision_dirs
+from tasks.tracking import check_tracking, track_mlflow, track_run_dir, tracking_uri, ui_command
 
-DEPLOYMENT_NAME = "nightly"
+DEPLOYMENT_NAME = "nightly"  # deployments/prefect.yaml's (`prefect deploy`)
+SERVED_DEPLOYMENT_NAME = "nightly-served"  # `saliency-sanity serve`'s: never the same, so neither replaces the other
 DEFAULT_CRON = "0 3 * * *"  # deployments/prefect.yaml and `saliency-sanity serve` use this schedule
 
 
@@ -285,55 +287,131 @@ def sanity_check(config: str | dict[str, Any] | Config | None = None, out: str |
         cfg = load_config(config, overrides or [])
     if out is not None:
         cfg.storage.out = out
-    check_factory_allowed(cfg, deployed=runtime.deployment.id is not None)
+    scheduled = runtime.deployment.id is not None
+    check_factory_allowed(cfg, deployed=scheduled)
     if cfg.tracking.enabled:
         check_tracking(tracking_uri(cfg))  # an unreachable server is refused now, not after the compute
-    with RunDir(join(cfg.storage.out, cfg.run_name())).lock():  # a second run on it is refused
-        plan = plan_shards(cfg, allow_code_change)
-        logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
-                    len(plan.shards), len(plan.pending), len(plan.manifest.layers))
-        if progress:  # the terminal's first lines: what is about to run, counted from the plan
-            print(plan_line(plan), flush=True)
-        for path, message in plan.data_failures:  # one line each (the dataset's warnings are silenced)
-            logger.warning("skipped image %s: %s", path, message)
-        if plan.strays:
-            logger.warning("%d file(s) in %s are not parts of this run and are ignored (never read): %s",
-                           len(plan.strays), plan.run_dir, ", ".join(plan.strays))
-        for index, reason in plan.rejected.items():
-            logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
-        results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
-        untrusted = plan.untrusted(cfg, plan.pending)
-        if untrusted:
-            raise RuntimeError("parts written by this run do not match the plan: " + "; ".join(
-                f"shard {index}: {reason}" for index, reason in sorted(untrusted.items())))
-        computed = sum(r["n_images"] for r in results)
-        with phase(progress, "aggregating the scores (bootstrap CIs, verdicts)"):
-            agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                            cfg.randomization.order, plan.manifest)
-        with phase(progress and cfg.storage.report, "writing the report"):
-            report_dir = render_report(plan.run_dir, agg, plan.manifest, plan.dataset) if cfg.storage.report else None
-        stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
-                 "score_rows": agg.score_rows, "shards": len(plan.shards),
-                 "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
-                 "shard_seconds": compute_seconds,
-                 "images_per_second": computed / compute_seconds if computed else 0.0,
-                 "wall_seconds": time.perf_counter() - started,
-                 "non_finite_maps": non_finite_maps(agg.failures)}
-        plan.run_dir.write_json({**stats, "started_at": started_at}, "stats.json")  # for `track RUN_DIR`
-        mlflow_run_id, uri, tracking_error = None, None, None
-        if cfg.tracking.enabled:
-            uri = tracking_uri(cfg)
-            with phase(progress, "logging to MLflow"):
-                mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
-        outcome = {
-            "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
-            "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
+    name = cfg.run_name()
+    # a scheduled run goes on in its config's latest revision; other code, weights or data start the next
+    location = (revision_dirs(cfg.storage.out, name) or [join(cfg.storage.out, name)])[-1] if scheduled else \
+        join(cfg.storage.out, name)
+    while True:
+        with RunDir(location).lock():  # a second run on it is refused
+            try:
+                plan = plan_shards(cfg, allow_code_change, location, revisions=scheduled)
+            except RevisionChanged as change:
+                location = next_revision(cfg.storage.out, name)
+                logger.warning("%s: this scheduled run starts %s", change, location)
+                continue
+            return run_planned(cfg, plan, progress, started, started_at, scheduled)
+
+
+def previous_revision(cfg, plan: Plan, scheduled: bool) -> RunDir | None:
+    """The finished run directory of the same config before this one (scheduled runs), if any."""
+    if not scheduled:
+        return None
+    dirs = [RunDir(d) for d in revision_dirs(cfg.storage.out, plan.manifest.run_name)]
+    names = [str(d) for d in dirs]
+    if str(plan.run_dir) not in names:
+        return None
+    earlier = [d for d in dirs[:names.index(str(plan.run_dir))] if d.exists("verdicts.parquet")]
+    return earlier[-1] if earlier else None
+
+
+def already_complete(cfg, plan: Plan, progress: bool, started: float) -> dict[str, Any] | None:
+    """The outcome of a finished run re-triggered with the same code, weights, data and verdict rules: its
+    stored results (and its MLflow run, logged now only if it never was); None when there is work to do."""
+    if not plan.complete:
+        return None
+    mlflow_run_id, uri, tracking_error = None, None, None
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg)
+        try:
+            mlflow_run_id, _ = track_run_dir(plan.run_dir, uri, cfg.tracking.experiment)
+        except Exception as error:
+            tracking_error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    stats = {**plan.run_dir.read_json("stats.json"), "images_computed": 0, "shards_skipped": len(plan.shards),
+             "shards_rejected": 0, "shard_seconds": 0.0, "images_per_second": 0.0,
+             "wall_seconds": time.perf_counter() - started}
+    stats.pop("started_at", None)
+    if progress:
+        print(f"already complete: {plan.run_dir}" + (f", MLflow run {mlflow_run_id}" if mlflow_run_id else ""),
+              flush=True)
+    get_run_logger().info("already complete: %s (MLflow run %s): nothing computed or logged", plan.run_dir,
+                          mlflow_run_id)
+    report = plan.run_dir.file("report", "index.html")
+    return {"run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
+            "report": report if plan.run_dir.exists("report", "index.html") else None,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
             "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
-            "tracking_error": tracking_error,
-            "ignored_files": plan.strays,
-            "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
-                       for r in results},
-        }
-        logger.info("results in %s; MLflow run %s (%s)", outcome["run_dir"], mlflow_run_id, outcome["mlflow_ui"])
-        return outcome
+            "tracking_error": tracking_error, "ignored_files": plan.strays, "shards": {},
+            "already_complete": True, "changes": _stored_changes(plan.run_dir)}
+
+
+def _stored_changes(run_dir: RunDir) -> dict[str, Any] | None:
+    return run_dir.read_json(CHANGES_FILE) if run_dir.exists(CHANGES_FILE) else None
+
+
+def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: float,
+                scheduled: bool) -> dict[str, Any]:
+    """Compute the plan's pending shards, aggregate, report, track; the run's outcome."""
+    logger = get_run_logger()
+    logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
+                len(plan.shards), len(plan.pending), len(plan.manifest.layers))
+    finished = already_complete(cfg, plan, progress, started)
+    if finished is not None:
+        return finished
+    if progress:  # the terminal's first lines: what is about to run, counted from the plan
+        print(plan_line(plan), flush=True)
+    for path, message in plan.data_failures:  # one line each (the dataset's warnings are silenced)
+        logger.warning("skipped image %s: %s", path, message)
+    if plan.strays:
+        logger.warning("%d file(s) in %s are not parts of this run and are ignored (never read): %s",
+                       len(plan.strays), plan.run_dir, ", ".join(plan.strays))
+    for index, reason in plan.rejected.items():
+        logger.warning("shard %d: its stored parts are not trusted (%s); deleted, recomputing it", index, reason)
+    results, compute_seconds = run_shards(plan, cfg, progress) if plan.pending else ([], 0.0)
+    untrusted = plan.untrusted(cfg, plan.pending)
+    if untrusted:
+        raise RuntimeError("parts written by this run do not match the plan: " + "; ".join(
+            f"shard {index}: {reason}" for index, reason in sorted(untrusted.items())))
+    computed = sum(r["n_images"] for r in results)
+    with phase(progress, "aggregating the scores (bootstrap CIs, verdicts)"):
+        agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
+                        cfg.randomization.order, plan.manifest)
+    previous = previous_revision(cfg, plan, scheduled)
+    changes = None
+    if previous is not None:  # what changed since the previous run of this config: terminal, report, MLflow
+        changes = changes_since(str(previous), revision_changes(previous.read_json("manifest.json"),
+                                                                plan.manifest.to_json()),
+                                previous.read_table("verdicts.parquet"), agg.verdicts)
+        plan.run_dir.write_json(changes, CHANGES_FILE)
+    with phase(progress and cfg.storage.report, "writing the report"):
+        report_dir = render_report(plan.run_dir, agg, plan.manifest, plan.dataset) if cfg.storage.report else None
+    stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
+             "score_rows": agg.score_rows, "shards": len(plan.shards),
+             "shards_skipped": len(plan.shards) - len(plan.pending), "shards_rejected": len(plan.rejected),
+             "shard_seconds": compute_seconds,
+             "images_per_second": computed / compute_seconds if computed else 0.0,
+             "wall_seconds": time.perf_counter() - started,
+             "non_finite_maps": non_finite_maps(agg.failures),
+             **({} if changes is None else {"verdicts_changed": len(changes["flipped"])})}
+    plan.run_dir.write_json({**stats, "started_at": started_at}, "stats.json")  # for `track RUN_DIR`
+    mlflow_run_id, uri, tracking_error = None, None, None
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg)
+        with phase(progress, "logging to MLflow"):
+            mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
+    outcome = {
+        "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
+        "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
+        "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
+        "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
+        "tracking_error": tracking_error,
+        "ignored_files": plan.strays,
+        "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
+                   for r in results},
+        "already_complete": False, "changes": changes,
+    }
+    logger.info("results in %s; MLflow run %s (%s)", outcome["run_dir"], mlflow_run_id, outcome["mlflow_ui"])
+    return outcome

@@ -65,3 +65,54 @@ def _judged(row: dict) -> dict[str, Any]:
     values = [row[key] if row[key] is not None and math.isfinite(row[key]) else None for key in keys]
     return {"verdict": row["verdict"], "quantity": "R" if normalised else "value",
             "mean": values[0], "ci_low": values[1], "ci_high": values[2]}
+
+
+#: Written in a run directory that has a previous run of its config: what changed since (changes_since).
+CHANGES_FILE = "changes.json"
+
+#: A verdict cell: a run's verdicts are matched on these columns.
+CELL_KEYS = ("model", "method", "test", "scope", "metric")
+
+
+def cell_text(row: dict) -> str:
+    """R [CI] (the value for a test without retention) and the verdict, † when threshold-sensitive."""
+    judged = _judged(row)
+    number = ("–" if judged["mean"] is None else
+              f"{judged['mean']:.2f} [{_number(judged['ci_low'])}, {_number(judged['ci_high'])}]")
+    return f"{row['verdict']} {number}" + (" †" if row.get("threshold_sensitive") else "")
+
+
+def verdict_changes(before: pa.Table, after: pa.Table, metrics: set[str] | None = None) -> tuple[list[tuple], dict]:
+    """([(cell key, before row, after row)] of the cells whose verdict differs, counts): what a re-run of a
+    config changed, or what a code change moved."""
+    old = {tuple(r[k] for k in CELL_KEYS): r for r in before.to_pylist()}
+    new = {tuple(r[k] for k in CELL_KEYS): r for r in after.to_pylist()}
+    common = [k for k in new if k in old and (metrics is None or k[4] in metrics)]
+    changed = [(k, old[k], new[k]) for k in common if old[k]["verdict"] != new[k]["verdict"]]
+    counts = {"cells compared": len(common), "changed": len(changed),
+              "only before": len(old.keys() - new.keys()), "only after": len(new.keys() - old.keys())}
+    return sorted(changed, key=lambda change: change[0]), counts
+
+
+def changes_since(previous: str, what: list[str], before: pa.Table, after: pa.Table) -> dict[str, Any]:
+    """What changed since the previous run of the same config (``previous``, its run directory): what
+    differed (code, weights, data) and every verdict that flipped, with R before and after."""
+    changed, counts = verdict_changes(before, after)
+    return {"previous": previous, "what": what, "compared": counts["cells compared"],
+            "flipped": [{**dict(zip(CELL_KEYS, key)), "before": cell_text(old), "after": cell_text(new)}
+                        for key, old, new in changed]}
+
+
+def change_lines(changes: dict[str, Any]) -> list[str]:
+    """'since …/reference-mnist-3fa2 (the code changed): 2 of 96 verdicts flipped', then one line each."""
+    what = ", ".join(changes["what"]) or "nothing recorded"
+    flipped = changes["flipped"]
+    lines = [f"since {changes['previous']} ({what} changed): {len(flipped)} of {changes['compared']} verdicts "
+             "flipped" + (":" if flipped else "")]
+    lines += [f"  {f['method']} {f['test']} {f['scope']} ({f['metric']}): {f['before']} → {f['after']}"
+              for f in flipped]
+    return lines
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"

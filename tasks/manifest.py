@@ -88,6 +88,7 @@ class Manifest(_Strict):
     dataset_failures: int
     model_check: ModelCheck | None = None  # None in manifests written before it was measured
     code_changes: list[CodeChange] = Field(default_factory=list)
+    weights_sha256: str = ""  # of the model's state_dict as run ("" in manifests written before it was kept)
     digest: str = ""  # sha256 of every other field, set when written (see content_digest)
 
     def to_json(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Plan:
     strays: list[str] = field(default_factory=list)  # files under scores/, maps/, failures/ that are not its parts
     data_failures: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of images the dataset skipped
     dataset: Any = field(default=None, repr=False)  # loaded once here; the report reads its input images from it
+    complete: bool = False  # every shard done and aggregated under the same verdict rules: nothing to redo
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
@@ -85,6 +86,36 @@ def code_hash() -> str:
     for path in sorted(p for package in ("saliency", "tasks", "flows") for p in (root / package).rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's state_dict (names, dtypes, shapes, values): the weights a run explained,
+    whether from a file, a torchvision name, the reference cache or a factory."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu().contiguous().view(-1)
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return digest.hexdigest()
+
+
+#: What a scheduled run compares with the run directory of its config's latest revision: if any differs,
+#: the results would mix two experiments, so it starts the next revision instead.
+REVISION_KEYS = {"code_hash": "the code", "libraries": "the libraries", "weights_sha256": "the model's weights",
+                 "image_ids_sha256": "the images", "shard_content": "the images' content"}
+
+
+class RevisionChanged(Exception):
+    """A scheduled run finds its config's latest run directory made by other code, weights or data."""
+
+    def __init__(self, run_dir: RunDir, changed: list[str]) -> None:
+        super().__init__(f"{', '.join(changed)} changed since {run_dir} was computed")
+        self.run_dir, self.changed = run_dir, changed
+
+
+def revision_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two manifests' code, libraries, weights and data ("" = not recorded)."""
+    return [words for key, words in REVISION_KEYS.items() if old.get(key, "") not in ("", new[key])]
 
 
 def _version(package: str) -> str:
@@ -126,6 +157,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "code_version": code_version(),
         "code_hash": code_hash(),
         "libraries": library_versions(),
+        "weights_sha256": weights_digest(model),
         "config": cfg.model_dump(mode="json"),
         "identity": cfg.identity(),
         "model": cfg.model.name,
@@ -254,6 +286,9 @@ def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> None:
         if old.get(key) != new.get(key):
             raise ConfigError(f"the run directory holds a run whose {key} differs from this one "
                               f"(the data or the code changed); use another --out to start afresh")
+    if old.get("weights_sha256", "") not in ("", new["weights_sha256"]):
+        raise ConfigError("the model's weights changed since the run directory's parts were computed (same config, "
+                          "other state_dict); resuming would mix two models' scores. Start afresh with another --out")
 
 
 def _same_code(old: dict[str, Any], new: dict[str, Any], run_dir: RunDir, allow_code_change: bool) -> dict:
@@ -295,11 +330,14 @@ def check_stored_plan(run_dir: RunDir) -> dict[str, Any] | None:
 
 
 @task(name="plan_shards", cache_policy=NO_CACHE)
-def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
-    """Cut the dataset into shards and write manifest.json; on a re-run, keep the manifest and list the
-    shards whose scores part is still missing (resume). A re-run with other code or libraries than the
-    manifest's is refused unless ``allow_code_change``; so are an edited manifest and parts without one."""
-    run_dir = RunDir(join(cfg.storage.out, cfg.run_name()))
+def plan_shards(cfg: Config, allow_code_change: bool = False, location: str | None = None,
+                revisions: bool = False) -> Plan:
+    """Cut the dataset into shards and write manifest.json into ``location`` (default: <out>/<run name>); on
+    a re-run, keep the manifest and list the shards whose scores part is still missing (resume). A re-run
+    with other code or libraries than the manifest's is refused unless ``allow_code_change``; so are other
+    weights, an edited manifest and parts without one. With ``revisions`` (scheduled runs) other code,
+    libraries, weights or data raise ``RevisionChanged`` instead: the caller starts the next revision."""
+    run_dir = RunDir(location or join(cfg.storage.out, cfg.run_name()))
     stored = check_stored_plan(run_dir)
     dataset = load_data(cfg)
     if len(dataset) == 0:
@@ -307,8 +345,13 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
     model, origin = load_model_saying_how(cfg)
     shards = shard_ranges(len(dataset), cfg.compute.shard_images)
     manifest = build_manifest(cfg, dataset, model, shards)
+    rules_unchanged = True
     if stored is not None:
         new = manifest.to_json()
+        changed = revision_changes(stored, new) if revisions else []
+        if changed:
+            raise RevisionChanged(run_dir, changed)
+        rules_unchanged = stored.get("verdict_rules") == new["verdict_rules"]
         _same_plan(stored, new)
         merged = {**_same_code(stored, new, run_dir, allow_code_change), "verdict_rules": new["verdict_rules"]}
         manifest = parse_manifest(merged, run_dir.file("manifest.json"))
@@ -320,9 +363,11 @@ def plan_shards(cfg: Config, allow_code_change: bool = False) -> Plan:
                 for path, message in dataset.failures]
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
     done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
-    return Plan(run_dir, cfg.run_id(), manifest, shards, [s for s in shards if s.index not in done], model,
-                rejected, list(dataset.image_ids), origin, run_dir.strays(len(shards)), list(dataset.failures),
-                dataset)
+    pending = [s for s in shards if s.index not in done]
+    complete = (not pending and rules_unchanged and stored is not None
+                and all(run_dir.exists(name) for name in ("summary.parquet", "verdicts.parquet", "stats.json")))
+    return Plan(run_dir, cfg.run_id(), manifest, shards, pending, model, rejected, list(dataset.image_ids), origin,
+                run_dir.strays(len(shards)), list(dataset.failures), dataset, complete)
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],

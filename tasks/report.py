@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pyarrow as pa
@@ -44,12 +45,14 @@ _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"
 def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | None = None,
                  manifest: Manifest | None = None, map_grids: Mapping[str, Figure] | None = None,
                  verdicts: pa.Table | None = None, comparisons: pa.Table | None = None,
-                 paper: Figure | None = None, parquet_links: bool = False) -> Path:
+                 paper: Figure | None = None, parquet_links: bool = False,
+                 changes: Mapping[str, Any] | None = None) -> Path:
     """Write index.html with its figures (embedded, and as PNGs) and CSV exports into ``out_dir``.
 
     ``summary``, ``verdicts`` and ``comparisons`` are tables of saliency.statistics' schemas; without a
     manifest the header shows what the tables tell. ``paper`` is the paper's figure (``paper_figure``).
-    ``parquet_links``: link ../<table>.parquet (the page sits in RUN_DIR/report). Returns the path of
+    ``parquet_links``: link ../<table>.parquet (the page sits in RUN_DIR/report). ``changes``: what changed
+    since the previous run of the same config (``tasks.answer.changes_since``). Returns the path of
     index.html; ``written_files`` lists every file written. The caller's figures are saved, not closed.
     """
     out = Path(out_dir)
@@ -83,7 +86,7 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     page = _TEMPLATES.get_template("report.html").render(
         run_line=run_line(summary, scores, manifest), facts=facts(summary, scores, manifest),
         untrained=manifest.model_check.describe() if manifest and manifest.model_check
-        and manifest.model_check.random_weights else None,
+        and manifest.model_check.random_weights else None, changes=changes,
         matrices=verdict_matrices(verdicts) if judged else [],
         reading=reading(verdicts, comparisons) if judged else None,
         controls=controls_section(verdicts) if verdicts is not None else None,

@@ -137,8 +137,10 @@ def write_run_report(run_dir: RunDir, results: Any = None, manifest: Manifest | 
     images = input_images(manifest, list(dict.fromkeys(maps["image_id"].to_pylist())) if maps is not None else [],
                           dataset)
     out = Path(run_dir.file("report")) if run_dir.is_local else Path(tempfile.mkdtemp(prefix="report-"))
+    changes = run_dir.read_json("changes.json") if run_dir.exists("changes.json") else None
     write_report(summary, out, manifest=manifest, map_grids=map_grids(maps, images), verdicts=verdicts,
-                 comparisons=comparisons, paper=paper_figure_of(maps, images, manifest), parquet_links=True)
+                 comparisons=comparisons, paper=paper_figure_of(maps, images, manifest), parquet_links=True,
+                 changes=changes)
     if not run_dir.is_local:
         run_dir.upload_dir(out, "report")
     return str(out)

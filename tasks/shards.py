@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from saliency.data import ImageDataset, load_dataset
@@ -40,7 +41,11 @@ def load_data(cfg: Config) -> ImageDataset:
 
 
 def load_configured_model(cfg: Config) -> nn.Module:
-    return load_model(cfg.model.name, weights=cfg.model.weights, num_classes=cfg.model.num_classes)
+    """The configured model; weights it is built with at random (a torchvision name without weights, a
+    factory that loads none) are drawn under ``cfg.seed``, so that a run and its resume explain one model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return load_model(cfg.model.name, weights=cfg.model.weights, num_classes=cfg.model.num_classes)
 
 
 def load_model_saying_how(cfg: Config) -> tuple[nn.Module, str]:

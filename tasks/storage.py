@@ -104,6 +104,33 @@ def join(base: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts]) + mark + query
 
 
+REVISION_MARK = ".r"  # <run name>.r2, .r3, …: later revisions of one config (deployment runs)
+
+
+def revision_dirs(out: str, name: str) -> list[str]:
+    """The run directories of one config under ``out``, oldest first: ``<name>``, then ``<name>.r2``, … —
+    a scheduled run starts the next one when the code, the weights or the data changed."""
+    base = join(out, name)
+    filesystem, path = pafs.FileSystem.from_uri(RunDir(base).location)
+    parent = path.rsplit("/", 1)[0]
+    found = {0: base} if filesystem.get_file_info(path).type == pafs.FileType.Directory else {}
+    if filesystem.get_file_info(parent).type == pafs.FileType.Directory:
+        for info in filesystem.get_file_info(pafs.FileSelector(parent)):
+            number = info.base_name.removeprefix(name + REVISION_MARK)
+            if info.type == pafs.FileType.Directory and number != info.base_name and number.isdigit():
+                found[int(number)] = join(out, info.base_name)
+    return [found[n] for n in sorted(found)]
+
+
+def next_revision(out: str, name: str) -> str:
+    """The directory of a config's next revision (``<name>`` when it has none yet)."""
+    existing = revision_dirs(out, name)
+    if not existing:
+        return join(out, name)
+    last = existing[-1].rsplit(REVISION_MARK, 1)[-1] if len(existing) > 1 else "1"
+    return join(out, f"{name}{REVISION_MARK}{int(last) + 1}")
+
+
 class RunDirBusy(RuntimeError):
     """Another run holds the run directory."""
 

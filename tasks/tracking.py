@@ -195,6 +195,10 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
     client = MlflowClient(tracking_uri=uri)
     tags = {"code_version": manifest.code_version, "model": cfg.model.name, "dataset": manifest.dataset,
             "run_dir": str(run_dir), "saliency_run_id": manifest.run_id, **model_tags(manifest)}
+    if run_dir.exists("changes.json"):  # a later revision of a scheduled config: what changed since the previous
+        changes = run_dir.read_json("changes.json")
+        tags.update({"previous_run_dir": changes["previous"], "changed_since_previous": ", ".join(changes["what"]),
+                     "verdicts_flipped": str(len(changes["flipped"]))})
     run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.run_name(),
                             tags=tags, start_time=None if started_at is None else int(started_at * 1000))
     run_id = run.info.run_id
@@ -219,7 +223,7 @@ def log_run(cfg: Config, run_dir: RunDir, manifest: Manifest, summary: pa.Table,
         if verdicts is not None and verdicts.num_rows:
             client.log_table(run_id, verdict_table(verdicts), VERDICT_TABLE)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet"):
+            for name in ("manifest.json", "summary.parquet", "verdicts.parquet", "comparisons.parquet", "changes.json"):
                 path = _local_copy(run_dir, name, Path(tmp))
                 if path is not None:
                     client.log_artifact(run_id, str(path))

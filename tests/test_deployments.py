@@ -3,6 +3,7 @@ started through the Prefect API completes, and the Ray cluster example passes Ra
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,59 @@ def test_a_deployment_run_with_a_factory_off_the_list_fails_before_any_work(pref
     flow_run = serve_one_run(deployment)
     assert flow_run.state.is_failed() and "allow-list" in flow_run.state.message
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_scheduled_config_exits_fast_when_done_and_starts_a_new_revision_after_a_code_change(
+        prefect_server, ray_local, tmp_path, monkeypatch):
+    """Issue 23 item 1, as a nightly job meets it: served deployment runs of one config, triggered three
+    times through the API. The second (nothing changed) computes and logs nothing; after an edit of the
+    code (as after a `git pull`) the third starts the next revision beside the finished run directory
+    and says what changed since it, on disk, in the report and in MLflow."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    code = tmp_path / "code"  # a copy of the code that the test can change between two triggers
+    for package in ("saliency", "tasks", "flows"):
+        shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(code)  # the served runs' processes import this copy
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("tracking.")] + [f"tracking.uri={uri}",
+                                                                               "storage.report=true"]
+    from flows.sanity_check import DEFAULT_CRON, sanity_check
+
+    deployment = sanity_check.to_deployment(name="nightly-test", cron=DEFAULT_CRON,
+                                            parameters={"out": str(out), "overrides": overrides})
+
+    def trigger() -> list[Path]:
+        flow_run = serve_one_run(deployment)
+        assert flow_run.state.is_completed(), flow_run.state
+        return sorted(out.iterdir())
+
+    def mlflow_runs() -> list:
+        client = MlflowClient(tracking_uri=uri)
+        return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+    [first] = trigger()
+    stats = (first / "stats.json").read_text()
+    assert len(mlflow_runs()) == 1
+
+    assert trigger() == [first]  # the same code, weights, data and rules: already complete
+    assert (first / "stats.json").read_text() == stats and len(mlflow_runs()) == 1
+
+    with open(code / "tasks" / "write.py", "a") as source:
+        source.write("#\n")
+    [kept, second] = trigger()
+    assert kept == first and (first / "stats.json").read_text() == stats  # the finished run is left as it was
+    assert second.name == f"{first.name}.r2"
+    changes = json.loads((second / "changes.json").read_text())
+    assert changes["previous"] == str(first) and changes["what"] == ["the code"]
+    assert changes["compared"] > 0 and changes["flipped"] == []  # same scores: no verdict moved
+    assert "Since the previous run of this config" in (second / "report" / "index.html").read_text()
+    runs = {run.data.tags["run_dir"]: run for run in mlflow_runs()}
+    assert set(runs) == {str(first), str(second)}
+    assert runs[str(second)].data.tags["previous_run_dir"] == str(first)
+    assert runs[str(second)].data.tags["changed_since_previous"] == "the code"
+    assert runs[str(second)].data.metrics["run/verdicts_changed"] == 0

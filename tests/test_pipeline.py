@@ -561,3 +561,34 @@ def test_parts_that_do_not_match_the_plan_are_recomputed_not_read(reference_run,
     tables = run_tables(outcome["run_dir"])
     for name, expected in reference_run[1].items():
         assert_same_table(tables[name], expected, name)
+
+
+def test_other_weights_under_the_same_config_are_refused_or_start_a_revision(tmp_path):
+    """The same config with a weights file rewritten in place (retrained, or another checkpoint under the
+    same name): resuming would mix two models' scores. An interactive run refuses; a scheduled run is told
+    which of code, weights and data changed (it then starts the next revision). Random weights are drawn
+    under the config's seed, so they are the same model on every plan."""
+    import torch
+
+    from tasks.plan import RevisionChanged, plan_shards, weights_digest
+    from tasks.shards import load_configured_model
+
+    weights = tmp_path / "weights.pt"
+    cfg = load_config(overrides=["data.limit=4", "methods.ids=gradient", f"storage.out={tmp_path / 'out'}",
+                                 f"model.weights={weights}", "tracking.enabled=false"])
+    model = load_configured_model(load_config(overrides=["data.limit=4"]))
+    torch.save(model.state_dict(), weights)
+    first = plan_shards.fn(cfg)
+    assert first.manifest.weights_sha256 == weights_digest(model)
+    assert plan_shards.fn(cfg).manifest.weights_sha256 == first.manifest.weights_sha256  # resumable
+    state = model.state_dict()
+    state[next(iter(state))].mul_(1.01)
+    torch.save(state, weights)
+    with pytest.raises(ConfigError, match="the model's weights changed since the run directory's parts were "
+                                          "computed"):
+        plan_shards.fn(cfg)
+    with pytest.raises(RevisionChanged, match=r"^the model's weights changed since .*out/reference-mnist-"):
+        plan_shards.fn(cfg, revisions=True)
+    random = load_config(overrides=["model.name=resnet18", "data.dataset=cifar10_sample"])
+    torch.manual_seed(123)  # whatever the process drew before
+    assert weights_digest(load_configured_model(random)) == weights_digest(load_configured_model(random))
