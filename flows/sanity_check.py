@@ -26,7 +26,7 @@ from tasks.aggregate import aggregate
 from tasks.config import Config, ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
-from tasks.answer import CHANGES_FILE, changes_since
+from tasks.answer import CHANGES_FILE, change_lines, changes_since
 from tasks.plan import Plan, RevisionChanged, plan_shards, revision_changes
 from tasks.report_run import render_report
 from tasks.storage import RunDir, join, next_revision, resource_error, resource_message, revision_dirs
@@ -386,6 +386,7 @@ def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: flo
                                                                 plan.manifest.to_json()),
                                 previous.read_table("verdicts.parquet"), agg.verdicts)
         plan.run_dir.write_json(changes, CHANGES_FILE)
+        logger.warning("\n".join(change_lines(changes)))  # a served run's terminal is its log
     with phase(progress and cfg.storage.report, "writing the report"):
         report_dir = render_report(plan.run_dir, agg, plan.manifest, plan.dataset) if cfg.storage.report else None
     stats = {"images": plan.n_images, "images_computed": computed, "failures": agg.failures.num_rows,
