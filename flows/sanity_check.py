@@ -23,10 +23,10 @@ from rich.text import Text
 from flows.services import keep_stop_handlers
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
+from tasks.answer import CHANGES_FILE, change_lines, changes_since
 from tasks.config import Config, ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
-from tasks.answer import CHANGES_FILE, change_lines, changes_since
 from tasks.plan import Plan, RevisionChanged, plan_shards, revision_changes
 from tasks.report_run import render_report
 from tasks.storage import RunDir, join, next_revision, resource_error, resource_message, revision_dirs
