@@ -592,3 +592,15 @@ def test_other_weights_under_the_same_config_are_refused_or_start_a_revision(tmp
     random = load_config(overrides=["model.name=resnet18", "data.dataset=cifar10_sample"])
     torch.manual_seed(123)  # whatever the process drew before
     assert weights_digest(load_configured_model(random)) == weights_digest(load_configured_model(random))
+
+
+def test_a_configs_revisions_are_listed_in_order_and_the_next_one_follows_the_last(tmp_path):
+    from tasks.storage import next_revision, revision_dirs
+
+    out = str(tmp_path)
+    assert revision_dirs(out, "m-d-abc") == [] and next_revision(out, "m-d-abc") == f"{out}/m-d-abc"
+    for name in ("m-d-abc", "m-d-abc.r2", "m-d-abc.r10", "m-d-abcd", "m-d-abc.rx", "other.r3"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "m-d-abc.r4").write_text("a file, not a run directory")
+    assert revision_dirs(out, "m-d-abc") == [f"{out}/m-d-abc", f"{out}/m-d-abc.r2", f"{out}/m-d-abc.r10"]
+    assert next_revision(out, "m-d-abc") == f"{out}/m-d-abc.r11"
