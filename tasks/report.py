@@ -2,7 +2,8 @@
 
 The first screen answers the question: the run in one line, the verdict matrix (methods grouped by
 family, one column per test and verdict scope, each cell coloured by its verdict with R and its CI) and
-a paragraph read off the numbers. Then the paper's comparison (signed vs pos/abs, and its figure), the
+a short list read off the numbers (what fails, what passes, what is inconclusive, the paired result,
+then the caveats). Then the paper's comparison (signed vs pos/abs, and its figure), the
 MPRT small multiples, the map grids, and the full tables collapsed, with CSV exports and links to the
 Parquet files. Images are embedded as data URIs (and also written as PNGs), so the page is one file
 that works from a copied folder and inside MLflow's artifact view.

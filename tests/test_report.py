@@ -420,22 +420,38 @@ def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
             assert rows[r["method"]][columns.index((r["test"], r["scope"]))][0] == r["verdict"]
 
 
-def test_reading_counts_the_failures_it_names(tmp_path):
+def reading_items(page: str) -> dict[str, tuple[str, str]]:
+    """The reading of a page, a list: per item (data-item) its label and its text without the detail."""
+    block = re.search(r'<ul class="reading" id="reading">(.*?)</ul>', page, re.S).group(1)
+    items = re.findall(r'<li data-item="([^"]+)"><strong>([^<]+):</strong> (.*?)</li>', block, re.S)
+    return {key: (html.unescape(label), html.unescape(text)) for key, label, text in items}
+
+
+def test_reading_is_a_short_list_what_fails_passes_is_inconclusive_and_the_paired_result(tmp_path):
+    """Issue 23: the reading is a list, not a paragraph repeating the matrix column by column: methods
+    (not cells) under fails / passes / inconclusive, then the paired result and the caveats."""
     summary, verdict, paired = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired,
                                     manifest=manifest()).read_text(encoding="utf-8")
-    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
-    assert ("1 of 3 methods fail Class sensitivity (least likely class, ssim): gradcampp; 1 pass, 1 inconclusive."
-            in reading)
-    assert "1 of 3 methods fail Model parameter randomisation (MPRT) (head randomised, ssim): gradcampp;" in reading
-    assert "Controls: " in reading and "checks hold." in reading
-    assert re.search(r"In \d+ of \d+ paired comparisons", reading)
+    assert '<p class="reading"' not in page
+    items = reading_items(page)
+    assert list(items) == ["fail", "pass", "inconclusive", "paired", "emprt", "sign"]
+    assert [label for label, _ in items.values()][:4] == ["Fails", "Passes", "Inconclusive", "Paired"]
+    assert items["fail"][1] == "1 of 3 methods: gradcampp — Class sensitivity (min, random, second) and MPRT (head, cascade)."
+    assert items["pass"][1] == "1 of 3 methods pass every Class sensitivity and MPRT verdict: gradient."
+    assert items["inconclusive"][1].startswith("1 of 3 methods fail nothing but do not pass everything: gradcampp/signed — ")
+    n_pairs = sum(r["metric"] == "ssim" for r in paired.to_pylist())
+    n_more = sum(r["metric"] == "ssim" and r["significant"] and r["mean_difference"] > 0 for r in paired.to_pylist())
+    assert (f"keeps significantly more of its map than its signed twin in {n_more} of {n_pairs} comparisons"
+            in items["paired"][1])
+    assert "Controls" not in page[page.index('id="reading"'):page.index("</ul>", page.index('id="reading"'))]
 
 
 def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads_emprt_as_complexity(tmp_path):
-    """SPEC §4 / issue 19: a verdict that changes at R threshold ± spread gets † in the matrix and is
-    named; where ssim and the sign-invariant spearman_abs disagree, the reading says so; eMPRT is read
-    as a rise in map complexity, and its disagreement with MPRT over the cascade is named."""
+    """SPEC §4 / issue 19: a verdict that changes at R threshold ± spread gets † in the matrix and on the
+    method in the reading, the cells named in a detail; where ssim and the sign-invariant spearman_abs
+    disagree, the reading names the methods (the cells in a detail); eMPRT is read as a rise in map
+    complexity, and its disagreement with MPRT over the cascade is named."""
     from saliency.statistics import VERDICT_SCHEMA
 
     summary, verdict, paired = run_tables()
@@ -453,12 +469,18 @@ def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads
     _, cells, _ = matrix_cells(page)
     assert cells["gradcampp"][0] == ("fail", "fail 0.90 [0.90, 0.90] †")
     assert "†" not in cells["gradcampp"][1][1]
-    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
-    assert ("1 of these verdicts are threshold-sensitive (†: another verdict at R threshold ± the spread): "
-            "gradcampp class_sensitivity/min fail (inconclusive / fail).") in reading
-    assert "disagrees in 1 of " in reading and "gradient mprt/head (ssim pass, spearman_abs fail)" in reading
-    assert "eMPRT measures a rise in map complexity" in reading
-    assert "gradient (eMPRT fail, MPRT pass)" in reading
+    items = reading_items(page)
+    assert items["fail"][1].startswith("1 of 3 methods: gradcampp † — ")
+    assert "gradient." in items["pass"][1] and "†" not in items["pass"][1]
+    label, text = items["sensitive"]
+    assert label == "Threshold-sensitive †" and text.startswith("1 of 15 verdicts change at the R threshold ± its spread")
+    assert ("<details><summary>the cells</summary>gradcampp class_sensitivity/min fail (inconclusive / fail).</details>"
+            in page)
+    assert items["sign"][1].startswith("spearman_abs (a sign flip is no change) disagrees with ssim in 1 of 15 cells, "
+                                       "for gradient.")
+    assert "gradient mprt/head (ssim pass, spearman_abs fail)" in html.unescape(page)
+    assert items["emprt"][1].startswith("2 pass, 1 fail (gradient). eMPRT measures a rise in map complexity")
+    assert "gradient (eMPRT fail, MPRT pass)" in items["emprt"][1]
     assert 'title="fail: CI_low(R) = 0.900 &gt; 0.5; threshold-sensitive: inconclusive at the lower threshold' in page
 
 
