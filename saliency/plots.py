@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 from saliency.methods import available_methods, family_order, get_method
 from saliency.methods.base import POLICIES
 from saliency.sanity import get_test, sanity_tests
-from saliency.statistics import VerdictRules
+from saliency.statistics import VerdictRules, verdicts
 
 CONTROLS = ("edge_sobel", "random")
 """Model-independent reference methods: drawn grey/black and dashed so they read as references."""
@@ -195,12 +195,12 @@ def mprt_curve_figure(summary: pa.Table, metric: str = "spearman_abs", model: st
         ax_r.axhline(0.0, color="0.4", linestyle=(0, (1, 2)), linewidth=0.9, label="R = 0: another image's map")
         _curves(ax_r, _informative(model_rows, rules), states, styles, "retention_")
         ax_r.set_ylim(*_limits(_informative(model_rows, rules), "retention_", bound=(-1.0, 2.0)))
-        ax_r.set_ylabel(f"retention R ({metric})\n1 = unchanged, 0 = as another image")
+        ax_r.set_ylabel(f"retention R ({metric})\n1 = unchanged, 0 = as another image", fontsize=9)
         ax_r.set_title(f"MPRT — {model_name}: retention R", fontsize=10)
         ax_s.axhline(1.0, color="0.4", linestyle=(0, (2, 2)), linewidth=0.9, label="original (identical map)")
         _curves(ax_s, model_rows, states, styles, "")
         ax_s.set_ylim(*_limits(model_rows, ""))
-        ax_s.set_ylabel(f"similarity to original ({metric})")
+        ax_s.set_ylabel(f"similarity s ({metric})\nto the original map", fontsize=9)
         ax_s.set_title(f"MPRT — {model_name}: raw similarity", fontsize=10)
     _shared_legend(fig, axes.ravel())
     return fig
@@ -267,16 +267,17 @@ def mprt_small_multiples(summary: pa.Table, metric: str = "ssim", model: str | N
         _curves(ax_s, [r for r in rows if r["method"] in members], states, styles, "")
         ax_s.set_ylim(*s_limits)
         ax_r.set_xlabel("")
-        if i % n_cols == 0:
-            ax_r.set_ylabel(f"retention R ({metric})\n1 = unchanged, 0 = another image")
-            ax_s.set_ylabel(f"similarity s ({metric})\nto the original map")
+        if i % n_cols == 0:  # short: two stacked panels of ~2 inches share the left margin
+            ax_r.set_ylabel(f"retention R\n({metric})", fontsize=9)
+            ax_s.set_ylabel(f"similarity s\n({metric})", fontsize=9)
     fig.legend(references, [line.get_label() for line in references], loc="outside lower center", ncols=2,
                fontsize=8, frameon=False)
     for j in range(len(panels), n_blocks * n_cols):
         for ax in (axes[2 * (j // n_cols), j % n_cols], axes[2 * (j // n_cols) + 1, j % n_cols]):
             ax.set_visible(False)
-    fig.suptitle(f"{get_test(test).title} — {models[0]}: R (upper rows) and raw similarity (lower rows) "
-                 f"per layer randomised, logits → input; bands: 95% CI", fontsize=11)
+    fig.suptitle(f"{get_test(test).title} — {models[0]}, {metric}, per layer randomised (logits → input)\n"
+                 f"upper rows: retention R (1 = unchanged, 0 = as different as another image's map); "
+                 f"lower rows: similarity s to the original map; bands: 95% CI", fontsize=10.5)
     return fig
 
 
@@ -390,31 +391,63 @@ def _limits(rows: list[dict], prefix: str,
     return low - 0.05, high + 0.05
 
 
+FAMILY_GAP = 0.6
+"""Extra space between two families' bar groups (in bar-group widths)."""
+
+
+def family_positions(methods: Iterable[str]) -> tuple[list[str], np.ndarray, list[tuple[str, float, float]]]:
+    """Methods in the verdict matrix's order (``method_groups``: families, the controls last), their x
+    positions with a gap of FAMILY_GAP between families, and (family label, first x, last x) per family."""
+    ordered, x, spans, at = [], [], [], 0.0
+    for label, members in method_groups(methods):
+        start = at
+        for method in members:
+            ordered.append(method)
+            x.append(at)
+            at += 1.0
+        spans.append((label, start, at - 1.0))
+        at += FAMILY_GAP
+    return ordered, np.array(x, dtype=float), spans
+
+
+def _family_axis(ax, methods: list[str], x: np.ndarray, spans: list[tuple[str, float, float]]) -> None:
+    """Method names under the bars, family names above the plot and a thin line between families."""
+    ax.set_xticks(x, labels=methods, rotation=40, ha="right", rotation_mode="anchor", fontsize=8.5)
+    top = ax.get_xaxis_transform()
+    for k, (label, first, last) in enumerate(spans):
+        ax.text((first + last) / 2, 1.01, label, transform=top, ha="center", va="bottom", fontsize=8.5,
+                color="0.25", style="italic")
+        if k:
+            ax.axvline(first - (1.0 + FAMILY_GAP) / 2, color="0.75", linewidth=0.8, zorder=0)
+    middle, half = ((x[0] + x[-1]) / 2, (x[-1] - x[0]) / 2 + 0.6) if len(x) else (0.0, 0.0)
+    half = max(half, 2.1)  # room for at least four groups: one or two methods do not give absurdly wide bars
+    ax.set_xlim(middle - half, middle + half)
+
+
 def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str | None = None,
                              rules: VerdictRules = VerdictRules(), test: str = "class_sensitivity") -> Figure:
-    """Retention R of the top-class map in each other-class map, grouped bars per method with 95% CIs.
+    """Retention R of the top-class map in each other-class map, grouped bars per method with 95% CIs,
+    methods in the verdict matrix's order (families, the controls last; ``family_positions``).
 
     R = 0: the other class's map is as different as another image's; R = 1: unchanged (the map ignores
     the target). The dashed line is the verdict threshold: a CI wholly above it fails, wholly below passes.
-    Control groups are shaded and hatched; a method with mean(r − c) < rules.min_gap has no bar
-    ("uninformative").
+    Control bars are hatched (references, not methods under test); a method with mean(r − c) <
+    rules.min_gap has no bar ("uninformative").
     """
     rows, models = _test_rows(summary, test, metric, model)
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
-    fig = Figure(figsize=(min(6.0 + 0.5 * n_methods, 16.0), 1.3 + 3.6 * len(models)), layout="constrained")
+    fig = Figure(figsize=(min(6.0 + 0.5 * n_methods, 14.5), 1.9 + 3.6 * len(models)), layout="constrained")
     axes = _panels(fig, len(models))
     for ax, model_name in zip(axes, models):
         model_rows = _informative([row for row in rows if row["model"] == model_name], rules)
-        methods = order_methods(row["method"] for row in model_rows)
+        methods, x, spans = family_positions({row["method"] for row in model_rows})
         states = sorted({(row["state_index"], row["state"]) for row in model_rows})
         by_key = {(row["method"], row["state_index"], row["state"]): row for row in model_rows}
         width = 0.8 / len(states)
-        x = np.arange(len(methods))
+        ax.set_ylim(*_limits(model_rows, "retention_", bound=(-1.0, 2.0)))
         for i, method in enumerate(methods):
-            if method in CONTROLS:
-                ax.axvspan(i - 0.5, i + 0.5, color="0.9", zorder=0, linewidth=0)
             if all(not math.isfinite(row["retention_mean"]) for row in model_rows if row["method"] == method):
-                ax.text(i, 0.03, "uninformative", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
+                ax.text(x[i], 0.03, "uninformative", rotation=90, ha="center", va="bottom", fontsize=8, color="0.3")
         for j, state in enumerate(states):
             cells = [by_key.get((method, *state)) for method in methods]
             mean, low, high = (np.array([math.nan if c is None else c[f"retention_{key}"] for c in cells],
@@ -425,109 +458,191 @@ def class_sensitivity_figure(summary: pa.Table, metric: str = "ssim", model: str
             for method, bar in zip(methods, bars):
                 if method in CONTROLS:
                     bar.set_hatch("///")
-                    bar.set_edgecolor("0.3")
+                    bar.set_edgecolor("white")
         ax.axhline(rules.retention, color="tab:red", linestyle="--", linewidth=1.0, zorder=3,
-                   label=f"verdict threshold R = {rules.retention:g} (CI above: fails)")
+                   label=f"verdict threshold R = {rules.retention:g} (CI above: fails, below: passes)")
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(x, labels=methods, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
-        _bar_limits(ax, len(methods))
-        ax.set_ylim(*_limits(model_rows, "retention_", bound=(-1.0, 2.0)))
-        ax.set_ylabel(f"retention R, top vs other class ({metric})\nlower = more class-sensitive")
-        ax.set_title(f"{get_test(test).title} — {model_name}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    _shared_legend(fig, axes)
+        _family_axis(ax, methods, x, spans)
+        ax.set_ylabel(f"retention R, top vs other class\n({metric}; lower = more class-sensitive)", fontsize=9)
+        ax.set_title(f"{get_test(test).title} — {model_name}", fontsize=10, pad=16)
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+        ax.set_axisbelow(True)
+    _bottom_legend(fig, axes)
     return fig
 
 
-def _bar_limits(ax, n_groups: int) -> None:
-    """Room for at least four groups, so one or two methods do not give absurdly wide bars."""
-    half = max(n_groups, 4) / 2 + 0.1
-    ax.set_xlim((n_groups - 1) / 2 - half, (n_groups - 1) / 2 + half)
+def _bottom_legend(fig: Figure, axes: Sequence) -> None:
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5),
+                   fontsize=8.5, frameon=False)
+
+
+VERDICT_COLOURS = {"pass": ("#cfeccf", "#124d12"), "fail": ("#f5cccc", "#7d1010"),
+                   "inconclusive": ("#f7e8bf", "#5e4700"), "uninformative": ("#dde4ec", "#3a4d63")}
+"""(background, text) colour per verdict, as on the report page."""
+VERDICT_BAR_COLOURS = {"pass": "#4c9a4c", "fail": "#c44e4e", "inconclusive": "#d9a520", "uninformative": "#7f93a8"}
+"""Bar colour per verdict in the value figures (eMPRT): the verdict matrix's hues (VERDICT_COLOURS),
+saturated enough to read as bars."""
+NO_VERDICT_COLOUR = "0.8"
 
 
 def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "entropy_rise",
-                   test: str = "emprt") -> Figure:
-    """eMPRT (Hedström et al. 2023): mean relative entropy rise per method at its last (fully randomised) state."""
+                   test: str = "emprt", rules: VerdictRules = VerdictRules()) -> Figure:
+    """eMPRT (Hedström et al. 2023): mean relative entropy rise per method at its last (fully randomised)
+    state with its 95% CI, methods in the verdict matrix's order (``family_positions``), each bar
+    coloured by its verdict (VERDICT_BAR_COLOURS, from ``saliency.statistics.verdicts`` with ``rules``)
+    and the verdict threshold drawn: a CI wholly above ``rules.entropy_rise`` passes, one at or below fails."""
     rows, models = _test_rows(summary, test, metric, model)
-    styles = _method_styles(summary)
+    judged = {(r["model"], r["method"], r["state"]): r["verdict"] for r in verdicts(summary, rules).to_pylist()
+              if r["test"] == test and r["metric"] == metric}
     n_methods = max(len({row["method"] for row in rows if row["model"] == m}) for m in models)
-    fig = Figure(figsize=(min(5.0 + 0.45 * n_methods, 16.0), 1.3 + 3.4 * len(models)), layout="constrained")
+    fig = Figure(figsize=(min(5.0 + 0.45 * n_methods, 14.5), 1.9 + 3.4 * len(models)), layout="constrained")
     axes = _panels(fig, len(models))
     for ax, model_name in zip(axes, models):
         model_rows = [row for row in rows if row["model"] == model_name]
-        methods = order_methods(row["method"] for row in model_rows)
+        methods, x, spans = family_positions({row["method"] for row in model_rows})
         last = [max((row for row in model_rows if row["method"] == method), key=lambda row: row["state_index"])
                 for method in methods]
+        found = [judged.get((model_name, row["method"], row["state"])) for row in last]
         mean, low, high = (_column(last, key) for key in ("mean", "ci_low", "ci_high"))
-        bars = ax.bar(np.arange(len(methods)), mean, 0.7, yerr=_ci_errors(mean, low, high), capsize=2,
-                      color=[styles[method]["color"] for method in methods], error_kw={"linewidth": 0.8})
+        bars = ax.bar(x, mean, 0.7, yerr=_ci_errors(mean, low, high), capsize=2, zorder=2,
+                      color=[VERDICT_BAR_COLOURS.get(v, NO_VERDICT_COLOUR) for v in found],
+                      error_kw={"linewidth": 0.8})
         for method, bar in zip(methods, bars):
             if method in CONTROLS:
                 bar.set_hatch("///")
-                bar.set_edgecolor("0.3")
-        ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(np.arange(len(methods)), labels=methods, rotation=40, ha="right",
-                      rotation_mode="anchor", fontsize=8)
-        _bar_limits(ax, len(methods))
+                bar.set_edgecolor("white")
+        for verdict in VERDICT_BAR_COLOURS:
+            if verdict in found:
+                ax.bar(math.nan, math.nan, color=VERDICT_BAR_COLOURS[verdict], label=verdict)
+        if None in found:
+            ax.bar(math.nan, math.nan, color=NO_VERDICT_COLOUR, label="no verdict at this state")
+        ax.axhline(rules.entropy_rise, color="black", linestyle="--", linewidth=1.0, zorder=3,
+                   label=f"verdict threshold {rules.entropy_rise:g} (CI above: passes, at or below: fails)")
+        if rules.entropy_rise != 0.0:
+            ax.axhline(0.0, color="black", linewidth=0.6)
+        _family_axis(ax, methods, x, spans)
+        ax.scatter(x, mean, s=22, zorder=4, linewidths=0.8,  # a bar of height ~0 still shows its verdict
+                   c=[VERDICT_BAR_COLOURS.get(v, NO_VERDICT_COLOUR) for v in found],
+                   edgecolors=[VERDICT_COLOURS[v][1] if v in VERDICT_COLOURS else "0.3" for v in found])
         states = sorted({layer_label(row["state"]) for row in last})
         at = states[0] if len(states) == 1 else "each method's last state"
-        ax.set_ylabel("relative entropy rise\nhigher = more sensitive")
-        ax.set_title(f"{get_test(test).title} — {model_name}: original → {at}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylabel("relative entropy rise\n(higher = the map became noisier)", fontsize=9)
+        ax.set_title(f"{get_test(test).title} — {model_name}: original → {at} (fully randomised)", fontsize=10,
+                     pad=16)
+        ax.grid(axis="y", alpha=0.3, zorder=0)
+        ax.set_axisbelow(True)
+    _bottom_legend(fig, axes)
     return fig
 
 
 def map_grid_figure(maps: Mapping[str, Sequence[torch.Tensor]], columns: Sequence[str],
                     image: torch.Tensor | None = None, title: str | None = None,
                     max_columns: int = MAX_GRID_COLUMNS) -> Figure:
-    """Example maps: rows = methods, columns = the given states ("original", then other classes or
-    randomisation states); `image` (C×H×W or H×W) is the first column of every row.
+    """Example maps of one image: ``example_maps_figure`` with that image alone (`image`: its input,
+    C×H×W or H×W, drawn once above the maps), at most `max_columns` columns."""
+    return example_maps_figure({"": maps}, columns, {"": image}, title=title, per_image=max_columns)
 
-    Each cell is scaled by its own maximum (``draw_map``): a method with negative values anywhere in
-    its row is drawn with the diverging MAP_CMAP centred on 0 at ±max|S|, a non-negative one with the
-    sequential SEQUENTIAL_CMAP from 0 to max S. With more than `max_columns` columns an evenly spaced
-    subset is shown, always keeping the first and the last (the title says so).
+
+MAPS_PER_IMAGE = 4
+"""Columns per image in the example maps: the original map and three states (the first, one in the
+middle, the last), so three images fit the report's width with labels of at least 10 px."""
+_CELL, _GAP, _GROUP_GAP, _LEFT, _RIGHT = 0.85, 0.06, 0.3, 1.9, 0.15
+"""Example-map layout in inches: a map, the space between two maps, between two images' groups, the
+method labels' margin and the right margin (at the report's 90 dpi a cell is 76 px)."""
+MAP_FONT = 8.5
+"""Smallest font of the example maps (points): 10.6 px at the report's 90 dpi."""
+
+
+def example_maps_figure(maps: Mapping[str, Mapping[str, Sequence[torch.Tensor]]], columns: Sequence[str],
+                        images: Mapping[str, torch.Tensor | None] | None = None, title: str | None = None,
+                        per_image: int = MAPS_PER_IMAGE) -> Figure:
+    """Example maps of several images: rows = methods (grouped by family as in the verdict matrix,
+    ``method_groups``), one column group per image (``maps``: image id → method → one map per column)
+    headed by the image id and its input (``images``: id → C×H×W or H×W, None = not available); the
+    columns are the given states ("original", then other classes or randomisation states).
+
+    With more than `per_image` columns the original and an evenly spaced subset of the states are
+    shown, always keeping the first and the last (the title says so). Each cell is scaled by its own
+    maximum (``draw_map``): a method with negative values in any of its cells is drawn with the
+    diverging MAP_CMAP centred on 0 at ±max|S|, a non-negative one with SEQUENTIAL_CMAP from 0 to max S.
+    The layout is fixed in inches (no layout engine: hundreds of cells) and no text is smaller than
+    MAP_FONT. Axes are labelled "input:<id>" and "map:<id>:<method>:<column>".
     """
-    methods = list(maps)
-    columns = list(columns)
+    ids, columns, images = list(maps), list(columns), dict(images or {})
+    methods = list(dict.fromkeys(m for image_id in ids for m in maps[image_id]))
     if not methods or not columns:
-        raise ValueError("map_grid_figure needs at least one method and one column")
-    for method in methods:
-        if len(maps[method]) != len(columns):
-            raise ValueError(f"method {method!r} has {len(maps[method])} maps but there are {len(columns)} "
-                             f"columns {columns}; give one map per column")
-    keep = _subsample(len(columns), max_columns)
-    offset = 0 if image is None else 1
-    n_cols = len(keep) + offset
-    # a fixed layout (inches), not "constrained": solving it for hundreds of cells took most of a report
-    width, height = 1.9 + 1.0 * n_cols, 1.35 + 1.0 * len(methods)
-    fig = Figure(figsize=(width, height))
-    axes = fig.subplots(len(methods), n_cols, squeeze=False, gridspec_kw={
-        "left": 1.75 / width, "right": 1 - 0.15 / width, "top": 1 - 0.6 / height, "bottom": 0.75 / height,
-        "wspace": 0.08, "hspace": 0.12})
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    picture = None if image is None else _display_image(image)
-    for row, method in enumerate(methods):
-        cells = [_as_2d(maps[method][index], f"map of {method!r} at column {columns[index]!r}") for index in keep]
-        signed = is_signed(cells)
-        axes[row, 0].set_ylabel(f"{method}\n({'signed' if signed else '≥ 0'})", rotation=0, ha="right",
-                                va="center", fontsize=8)
-        if picture is not None:
-            axes[row, 0].imshow(picture[0], cmap=picture[1])
-            if row == 0:
-                axes[row, 0].set_title("input", fontsize=8)
-        for col, (index, cell) in enumerate(zip(keep, cells), start=offset):
-            draw_map(axes[row, col], cell, signed)
-            if row == 0:
-                axes[row, col].set_title(_short(layer_label(columns[index])), fontsize=6.5)
-    _map_colorbars(fig, axes)
+        raise ValueError("example_maps_figure needs at least one image, one method and one column")
+    for image_id in ids:
+        for method, cells in maps[image_id].items():
+            if len(cells) != len(columns):
+                raise ValueError(f"method {method!r} has {len(cells)} maps but there are {len(columns)} "
+                                 f"columns {columns}; give one map per column")
+    keep = [0] + [1 + k for k in _subsample(len(columns) - 1, max(per_image - 1, 1))] if len(columns) > 1 else [0]
+    families = method_groups(methods)
+    has_input = any(images.get(image_id) is not None for image_id in ids)
+    group_width = len(keep) * _CELL + (len(keep) - 1) * _GAP
+    width = _LEFT + len(ids) * group_width + (len(ids) - 1) * _GROUP_GAP + _RIGHT
     heading = title or ""
     if len(keep) < len(columns):
-        heading = f"{heading} (showing {len(keep)} of {len(columns)} states)".strip()
+        heading = f"{heading} (showing {len(keep) - 1} of {len(columns) - 1} states per image)".strip()
+    y = 0.12 + (0.45 if heading else 0.0)  # inches from the top
+    id_line = y if any(ids) else None
+    y += 0.3 if any(ids) else 0.0
+    input_top = y if has_input else None
+    y += _CELL + 0.08 if has_input else 0.0
+    rows = []  # (family label, method, top, first of its family: the column titles repeat above it)
+    for label, members in families:
+        y += 0.32
+        for k, method in enumerate(members):
+            rows.append((label if len(families) > 1 else None, method, y, k == 0))
+            y += _CELL + _GAP
+    height = y + 0.95
+    fig = Figure(figsize=(width, height))
+
+    def cell(left: float, top: float, name: str):
+        ax = fig.add_axes((left / width, 1 - (top + _CELL) / height, _CELL / width, _CELL / height), label=name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax
+
+    lefts = [_LEFT + g * (group_width + _GROUP_GAP) for g in range(len(ids))]
+    for left, image_id in zip(lefts, ids):
+        if id_line is not None:
+            fig.text((left + group_width / 2) / width, 1 - (id_line + 0.15) / height, image_id, ha="center",
+                     va="center", fontsize=MAP_FONT + 1, weight="bold")
+        if input_top is not None:
+            ax = cell(left, input_top, f"input:{image_id}")
+            if images.get(image_id) is not None:
+                picture, cmap = _display_image(images[image_id])
+                ax.imshow(picture, cmap=cmap)
+    if input_top is not None:
+        fig.text((_LEFT - 0.1) / width, 1 - (input_top + _CELL / 2) / height, "input", ha="right", va="center",
+                 fontsize=MAP_FONT + 0.5)
+    signed = {m: is_signed(_as_2d(maps[i][m][k], f"map of {m!r}") for i in ids if m in maps[i] for k in keep)
+              for m in methods}
+    for family, method, top, first in rows:
+        if family and first:
+            fig.text(0.1 / width, 1 - (top - 0.16) / height, family, ha="left", va="center", fontsize=MAP_FONT,
+                     style="italic", color="0.3")
+        fig.text((_LEFT - 0.1) / width, 1 - (top + _CELL / 2) / height,
+                 f"{method}\n({'signed' if signed[method] else '≥ 0'})", ha="right", va="center",
+                 fontsize=MAP_FONT + 0.5)
+        for left, image_id in zip(lefts, ids):
+            for j, index in enumerate(keep):
+                ax = cell(left + j * (_CELL + _GAP), top, f"map:{image_id}:{method}:{columns[index]}")
+                if first:
+                    ax.set_title(_short(layer_label(columns[index]), 12), fontsize=MAP_FONT, pad=3)
+                if method in maps[image_id]:
+                    draw_map(ax, _as_2d(maps[image_id][method][index], f"map of {method!r} at column "
+                                                                        f"{columns[index]!r}"), signed[method])
+    _map_colorbars(fig, [ax for ax in fig.axes if ax.images])
     if heading:
-        fig.suptitle(heading, fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
+        fig.suptitle(heading, fontsize=MAP_FONT + 2.5, y=1 - 0.1 / height, va="top")
     return fig
 
 
@@ -555,16 +670,20 @@ def draw_map(ax, cell: np.ndarray, signed: bool) -> None:
 
 
 def _map_colorbars(fig: Figure, axes) -> None:
+    """The colour scales of the maps drawn, side by side under the grid (0.14 inch high)."""
     kinds = {ax.images[-1].get_cmap().name for ax in np.ravel(axes) if ax.images}
     bars = [(MAP_CMAP, Normalize(-1.0, 1.0), "signed: S / max|S| (per cell)"),
             (SEQUENTIAL_CMAP, Normalize(0.0, 1.0), "≥ 0: S / max S (per cell)")]
     shown = [bar for bar in bars if bar[0] in kinds]
     width, height = fig.get_size_inches()
-    for k, (cmap, norm, label) in enumerate(shown):  # side by side under the grid, 0.12 inch high
-        ax = fig.add_axes((0.1 + 0.45 * k, 0.42 / height, 0.35, 0.12 / height), label="<colorbar>")
+    bar_width = min(3.2, (width - 1.0) / 2 - 0.4)
+    for k, (cmap, norm, label) in enumerate(shown):
+        ax = fig.add_axes(((0.5 + k * (bar_width + 0.8)) / width, 0.5 / height, bar_width / width, 0.14 / height),
+                          label="<colorbar>")
         bar = fig.colorbar(ScalarMappable(norm, cmap=cmap), cax=ax, orientation="horizontal")
-        bar.set_label(label, fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        bar.set_ticks([-1.0, -0.5, 0.0, 0.5, 1.0] if norm.vmin < 0 else [0.0, 0.5, 1.0])
+        bar.set_label(label, fontsize=MAP_FONT)
+        bar.ax.tick_params(labelsize=MAP_FONT)
 
 
 #: The paper's figure (``paper_figure``): (title, [(method, state)]) per group; state "original" is the
@@ -632,11 +751,6 @@ def paper_figure(images: Mapping[str, torch.Tensor | None], maps: Mapping[tuple[
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-
-VERDICT_COLOURS = {"pass": ("#cfeccf", "#124d12"), "fail": ("#f5cccc", "#7d1010"),
-                   "inconclusive": ("#f7e8bf", "#5e4700"), "uninformative": ("#dde4ec", "#3a4d63")}
-"""(background, text) colour per verdict, as on the report page."""
 
 
 def verdict_matrix_figure(rows: Sequence[tuple[str, str, Sequence[tuple[str, str] | None]]],
@@ -714,7 +828,7 @@ def test_figure(summary: pa.Table, test: str, metric: str, rules: VerdictRules =
     bars of R per state, or bars of its raw value (a test whose high score passes, as eMPRT)."""
     declared = get_test(test)
     if declared.figure == "value":
-        return entropy_figure(summary, metric=metric, test=test)
+        return entropy_figure(summary, metric=metric, test=test, rules=rules)
     if declared.curve:
         return mprt_small_multiples(summary, metric, model=model, rules=rules, test=test)
     return class_sensitivity_figure(summary, metric, rules=rules, test=test)

@@ -2,7 +2,8 @@
 
 The first screen answers the question: the run in one line, the verdict matrix (methods grouped by
 family, one column per test and verdict scope, each cell coloured by its verdict with R and its CI) and
-a paragraph read off the numbers. Then the paper's comparison (signed vs pos/abs, and its figure), the
+a short list read off the numbers (what fails, what passes, what is inconclusive, the paired result,
+then the caveats). Then the paper's comparison (signed vs pos/abs, and its figure), the
 MPRT small multiples, the map grids, and the full tables collapsed, with CSV exports and links to the
 Parquet files. Images are embedded as data URIs (and also written as PNGs), so the page is one file
 that works from a copied folder and inside MLflow's artifact view.
@@ -30,8 +31,10 @@ from tasks.manifest import Manifest
 from tasks.report_content import (comparison_table, controls_section, facts, paired_section, reading, run_line,
                                    summary_table, verdict_matrices, verdict_table)
 
-MAPS_CAPTION = ("Example maps of one image: rows are methods, columns the input, the original model's map, "
-                f"then each state; {MAP_NORMALISATION}.")
+MAPS_CAPTION = ("Example maps of the first stored images: rows are methods, grouped by family as in the verdict "
+                "matrix; one column group per image, headed by its input: the original model's map, then the "
+                "states (the other classes, or the first, a middle and the last randomised layer); "
+                f"{MAP_NORMALISATION}.")
 PAPER_CAPTION = ("The paper's comparison at a glance: per image, the input, then the maps for the top class and "
                  "for the least likely class (min) of GradCAM++, FullGrad and GradCAM with pos/abs aggregation "
                  "beside their signed twins, and the maps of the trained and the head-randomised model for "
@@ -40,6 +43,11 @@ PAPER_CAPTION = ("The paper's comparison at a glance: per image, the input, then
 TABLE_FILES = ("summary", "verdicts", "comparisons")
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
                                 undefined=jinja2.StrictUndefined)
+
+
+FIGURE_DPI = 90
+"""Resolution of the page's figures (1.25 px per point): a figure up to 13.3 inches wide is 1200 px, shown
+unscaled on a page at least that wide, so an 8-point label is 10 px there."""
 
 
 def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | None = None,
@@ -70,11 +78,11 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     curves, other_figures = [], []
     for stem, fig in report_figures(summary, rules).items():
         test = next(t for t in sanity_tests() if stem.startswith(f"{t.id}_"))
-        entry = image(stem, fig, 90) | {"alt": stem, "caption": test.description}
+        entry = image(stem, fig, FIGURE_DPI) | {"alt": stem, "caption": test.description}
         (curves if test.curve and test.figure != "value" else other_figures).append(entry)
-    grids = [image(f"maps_{slug(name)}", fig, 90) | {"alt": f"maps {name}", "caption": f"{MAPS_CAPTION} ({name})"}
+    grids = [image(f"maps_{slug(name)}", fig, FIGURE_DPI) | {"alt": f"maps {name}", "caption": f"{MAPS_CAPTION} ({name})"}
              for name, fig in (map_grids or {}).items()]
-    paper_entry = image("paper_figure", paper, 90) | {"alt": "paper figure", "caption": PAPER_CAPTION} if paper else None
+    paper_entry = image("paper_figure", paper, FIGURE_DPI) | {"alt": "paper figure", "caption": PAPER_CAPTION} if paper else None
     tables = {"summary": summary, "verdicts": verdicts, "comparisons": comparisons}
     exports = []
     for name in TABLE_FILES:

@@ -3,6 +3,7 @@ reading, the paired table, the full tables, and the number formats (``tasks.repo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -135,45 +136,137 @@ def matrix_cell(row: dict | None) -> dict | None:
     return {"verdict": verdict, "label": label, "value": value, "reason": reason, "sensitive": sensitive}
 
 
-def reading(verdicts: pa.Table, comparisons: pa.Table | None) -> str:
-    """One paragraph read off the matrix: per column how many of the non-control methods fail (named)
-    and pass; how many paired comparisons are significant; whether the controls behave."""
+def reading(verdicts: pa.Table, comparisons: pa.Table | None) -> list[dict]:
+    """The matrix read as a short list (per model when there are several): the methods that fail a
+    retention test (grouped by the cells they fail), those that pass every retention verdict, those
+    left inconclusive; the paired result; then the caveats: eMPRT read as complexity, threshold-sensitive
+    verdicts (†, also on the methods named), where the sign-invariant metric disagrees. Controls are
+    left to the controls banner, unless a check fails: then the list opens with it. Each item: key,
+    label, text and an optional detail (the cells named)."""
     headline = headline_metrics(verdicts)
     rows = [r for r in verdicts.to_pylist() if r["metric"] == headline[r["test"]] and r["method"] not in CONTROLS]
-    sentences = []
-    for model in sorted({r["model"] for r in rows}):
+    models = sorted({r["model"] for r in rows})
+    wrong = [c for c in control_checks(verdicts) if not c["ok"]]
+    items = [{"key": "controls", "label": "Controls",
+              "text": f"{len(wrong)} of {len(control_checks(verdicts))} control checks do not hold — the verdicts "
+                      f"are suspect (below)."}] if wrong else []  # when all hold, the banner below says so
+    for model in models:
+        prefix = f"{model}: " if len(models) > 1 else ""
         mine = [r for r in rows if r["model"] == model]
-        n = len({r["method"] for r in mine})
-        prefix = f"{model}: " if len({r["model"] for r in rows}) > 1 else ""
-        for test, scope in matrix_columns(mine):
-            cells = [r for r in mine if (r["test"], r["scope"]) == (test, scope)]
-            order = {m: i for i, m in enumerate(m for _, ms in method_groups(r["method"] for r in cells) for m in ms)}
-            by = {v: sorted((r["method"] for r in cells if r["verdict"] == v), key=order.get)
-                  for v in ("fail", "pass", "inconclusive", "uninformative")}
-            where = f"{get_test(test).title} ({SCOPE_WORDS.get(scope, scope)}, {headline[test]})"
-            text = f"{prefix}{len(by['fail'])} of {n} methods fail {where}"
-            text += f": {', '.join(by['fail'])}" if by["fail"] else ""
-            rest = [f"{len(by[v])} {v}" for v in ("pass", "inconclusive", "uninformative") if by[v]]
-            sentences.append(text + (f"; {', '.join(rest)}" if rest else "") + ".")
-    sensitive = [r for r in rows if r.get("threshold_sensitive")]
+        retention = [r for r in mine if get_test(r["test"]).normalised]
+        items += [item | {"label": prefix + item["label"]} for item in _verdict_items(retention)]
+        if comparisons is not None and comparisons.num_rows:
+            pairs = [r for r in comparisons.to_pylist() if r["model"] == model and r["metric"] == headline.get(r["test"])]
+            if pairs:
+                items.append(_paired_item(pairs) | {"label": prefix + "Paired"})
+        items += [item | {"label": prefix + item["label"]}
+                  for item in _value_test_items([r for r in mine if not get_test(r["test"]).normalised], verdicts)]
+    judged = [r for r in rows if get_test(r["test"]).normalised]  # a value test's threshold is not a free choice
+    sensitive = [r for r in judged if r.get("threshold_sensitive")]
     if sensitive:
-        sentences.append(f"{len(sensitive)} of these verdicts are threshold-sensitive (†: another verdict at R "
-                         f"threshold ± the spread): " + "; ".join(_cell_name(r) for r in sensitive) + ".")
-    sentences += _sign_invariant_reading(verdicts, headline)
-    sentences += _complexity_reading(verdicts)
-    if comparisons is not None and comparisons.num_rows:
-        pairs = [r for r in comparisons.to_pylist() if r["metric"] == headline.get(r["test"])]
-        more = [r for r in pairs if r["significant"] and (r["mean_difference"] or 0) > 0]
-        names = sorted({r["variant"] for r in more})
-        sentences.append(f"In {len(more)} of {len(pairs)} paired comparisons a pos/abs variant keeps significantly "
-                         f"more of its map than its signed twin (Holm-corrected; "
-                         f"{', '.join(names) if names else 'none'}).")
-    checks = control_checks(verdicts)
-    wrong = [c for c in checks if not c["ok"]]
-    if checks:
-        sentences.append(f"Controls: {len(checks) - len(wrong)} of {len(checks)} checks hold"
-                         + (" — the verdicts are suspect." if wrong else "."))
-    return " ".join(sentences)
+        items.append({"key": "sensitive", "label": "Threshold-sensitive †",
+                      "text": f"{len(sensitive)} of {len(judged)} verdicts change at the R threshold ± its spread (a "
+                              f"threshold without a source in the literature); marked † in the matrix and on the "
+                              f"methods above.",
+                      "detail": "; ".join(_cell_name(r) for r in sensitive) + "."})
+    items += _sign_invariant_reading(verdicts, headline)
+    return items
+
+
+def _short_title(test: str) -> str:
+    """A test's name in running text: the acronym of its title ("Model parameter randomisation (MPRT)"
+    → "MPRT"), else the title."""
+    title = get_test(test).title
+    acronym = re.fullmatch(r".*\(([A-Za-z]*[A-Z][A-Za-z]*)\)", title)
+    return acronym.group(1) if acronym else title
+
+
+def _cells_text(cells: Sequence[tuple[str, str]], verdicts: Sequence[str] | None = None) -> str:
+    """(test, scope) cells as "Class sensitivity (min, random) and MPRT (head)"; with ``verdicts``, a
+    scope whose verdict is not "inconclusive" is followed by it."""
+    by_test: dict[str, list[str]] = {}
+    for k, (test, scope) in enumerate(cells):
+        word = "" if verdicts is None or verdicts[k] == "inconclusive" else f": {verdicts[k]}"
+        by_test.setdefault(test, []).append(scope + word)
+    return " and ".join(f"{_short_title(test)} ({', '.join(scopes)})" for test, scopes in by_test.items())
+
+
+def _verdict_items(rows: list[dict]) -> list[dict]:
+    """Fails / passes / inconclusive over the retention verdicts of one model (non-control methods)."""
+    columns = matrix_columns(rows)
+    methods = [m for _, ms in method_groups({r["method"] for r in rows}) for m in ms]
+    cell = {(r["method"], r["test"], r["scope"]): r for r in rows}
+    n = len(methods)
+    failing: dict[tuple, list[str]] = {}
+    unsettled: dict[tuple, list[str]] = {}
+    passing = []
+    for method in methods:
+        mine = [(c, cell[(method, *c)]) for c in columns if (method, *c) in cell]
+        fails = [(c, r) for c, r in mine if r["verdict"] == "fail"]
+        others = [(c, r) for c, r in mine if r["verdict"] != "pass"]
+        chosen = fails or others or mine
+        name = method + (" †" if any(r.get("threshold_sensitive") for _, r in chosen) else "")
+        if fails:
+            failing.setdefault(tuple(c for c, _ in fails), []).append(name)
+        elif others:
+            unsettled.setdefault(tuple((c, r["verdict"]) for c, r in others), []).append(name)
+        else:
+            passing.append(name)
+    tests = " and ".join(dict.fromkeys(_short_title(t) for t, _ in columns))
+    n_fail = sum(map(len, failing.values()))
+    n_unsettled = sum(map(len, unsettled.values()))
+    return [
+        {"key": "fail", "label": "Fails",
+         "text": f"{n_fail} of {n} methods" + (": " + "; ".join(f"{', '.join(names)} — {_cells_text(cells)}"
+                                                                for cells, names in failing.items()) if failing else "")
+                 + "."},
+        {"key": "pass", "label": "Passes",
+         "text": f"{len(passing)} of {n} methods pass every {tests} verdict"
+                 + (f": {', '.join(passing)}" if passing else "") + "."},
+        {"key": "inconclusive", "label": "Inconclusive",
+         "text": f"{n_unsettled} of {n} methods fail nothing but do not pass everything"
+                 + (": " + "; ".join(f"{', '.join(names)} — {_cells_text([c for c, _ in key], [v for _, v in key])}"
+                                    for key, names in unsettled.items()) if unsettled else "") + "."},
+    ]
+
+
+def _paired_item(pairs: list[dict]) -> dict:
+    """The paired comparisons of one model at the headline metrics: how many show a pos/abs variant
+    keeping significantly more (or less) of its map than its signed twin, per variant."""
+    order = {m: i for i, m in enumerate(m for _, ms in method_groups({r["variant"] for r in pairs}) for m in ms)}
+    more = [r for r in pairs if r["significant"] and (r["mean_difference"] or 0) > 0]
+    less = [r for r in pairs if r["significant"] and (r["mean_difference"] or 0) < 0]
+    per_variant = {}
+    for variant in sorted({r["variant"] for r in pairs}, key=order.get):
+        per_variant[variant] = (sum(r["variant"] == variant for r in more), sum(r["variant"] == variant for r in pairs))
+    every = [v for v, (k, total) in per_variant.items() if k == total]
+    some = [f"{v} ({k} of {total})" for v, (k, total) in per_variant.items() if 0 < k < total]
+    never = [v for v, (k, _) in per_variant.items() if k == 0]
+    text = (f"a pos/abs variant keeps significantly more of its map than its signed twin in {len(more)} of "
+            f"{len(pairs)} comparisons (Wilcoxon signed-rank, Holm-corrected)")
+    if more:
+        parts = [f"every comparison of {', '.join(every)}" if every else "", f"some of {', '.join(some)}" if some else "",
+                 f"none of {', '.join(never)}" if never else ""]
+        text += ": " + "; ".join(p for p in parts if p)
+    if less:
+        text += f"; significantly less in {len(less)}: " + ", ".join(dict.fromkeys(r["variant"] for r in less))
+    return {"key": "paired", "text": text + "."}
+
+
+def _value_test_items(rows: list[dict], verdicts: pa.Table) -> list[dict]:
+    """One item per test read by its value (eMPRT): its verdict counts, the failures named, and for eMPRT
+    the caveat that it measures complexity, with where it differs from MPRT over the cascade."""
+    items = []
+    for test in dict.fromkeys(r["test"] for r in rows):
+        cells = [r for r in rows if r["test"] == test]
+        order = [m for _, ms in method_groups({r["method"] for r in cells}) for m in ms]
+        verdict_of = {r["method"]: r["verdict"] for r in cells}
+        counts = {v: [m for m in order if verdict_of[m] == v] for v in ("pass", "fail", "inconclusive", "uninformative")}
+        text = ", ".join(f"{len(ms)} {v}" + (f" ({', '.join(ms)})" if v != "pass" and len(ms) <= 6 else "")
+                         for v, ms in counts.items() if ms)
+        caveat = "".join(_complexity_reading(verdicts)) if test == "emprt" else ""
+        items.append({"key": test, "label": _short_title(test), "text": text + (f". {caveat}" if caveat else ".")})
+    return items
 
 
 SIGN_INVARIANT = "spearman_abs"
@@ -184,9 +277,9 @@ def _cell_name(row: dict) -> str:
     return f"{row['method']} {row['test']}/{row['scope']} {row['verdict']} ({row['verdict_at_low']} / {row['verdict_at_high']})"
 
 
-def _sign_invariant_reading(verdicts: pa.Table, headline: dict[str, str]) -> list[str]:
-    """Where the headline metric and the sign-invariant one give different verdicts, named: a signed
-    metric counts a sign flip of the map as a change."""
+def _sign_invariant_reading(verdicts: pa.Table, headline: dict[str, str]) -> list[dict]:
+    """Where the headline metric and the sign-invariant one give different verdicts: the methods named,
+    the cells as detail (a signed metric counts a sign flip of the map as a change)."""
     rows = verdicts.to_pylist()
     invariant = {(r["model"], r["method"], r["test"], r["scope"]): r["verdict"] for r in rows
                  if r["metric"] == SIGN_INVARIANT}
@@ -194,13 +287,18 @@ def _sign_invariant_reading(verdicts: pa.Table, headline: dict[str, str]) -> lis
                 and (r["model"], r["method"], r["test"], r["scope"]) in invariant]
     if not compared:
         return []
-    differ = [f"{r['method']} {r['test']}/{r['scope']} ({r['metric']} {r['verdict']}, {SIGN_INVARIANT} "
-              f"{invariant[(r['model'], r['method'], r['test'], r['scope'])]})" for r in compared
-              if r["verdict"] != invariant[(r["model"], r["method"], r["test"], r["scope"])]]
+    differ = [r for r in compared if r["verdict"] != invariant[(r["model"], r["method"], r["test"], r["scope"])]]
+    item = {"key": "sign", "label": "Sign-invariant"}
     if not differ:
-        return [f"The sign-invariant {SIGN_INVARIANT} gives the same verdict in all {len(compared)} cells."]
-    return [f"The sign-invariant {SIGN_INVARIANT} disagrees in {len(differ)} of {len(compared)} cells: "
-            + "; ".join(differ) + "."]
+        return [item | {"text": f"{SIGN_INVARIANT} gives the same verdict in all {len(compared)} cells."}]
+    order = {m: i for i, m in enumerate(m for _, ms in method_groups({r["method"] for r in differ}) for m in ms)}
+    methods = sorted({r["method"] for r in differ}, key=order.get)
+    metrics = ", ".join(dict.fromkeys(r["metric"] for r in differ))
+    return [item | {
+        "text": f"{SIGN_INVARIANT} (a sign flip is no change) disagrees with {metrics} in {len(differ)} of "
+                f"{len(compared)} cells, for {', '.join(methods)}.",
+        "detail": "; ".join(f"{r['method']} {r['test']}/{r['scope']} ({r['metric']} {r['verdict']}, {SIGN_INVARIANT} "
+                            f"{invariant[(r['model'], r['method'], r['test'], r['scope'])]})" for r in differ) + "."}]
 
 
 def _complexity_reading(verdicts: pa.Table) -> list[str]:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from saliency.plots import PAPER_FIGURE, map_grid_figure, method_groups, paper_figure
+from saliency.plots import PAPER_FIGURE, example_maps_figure, method_groups, paper_figure
 from saliency.sanity import ORIGINAL, get_test, sanity_tests
 from tasks.manifest import Manifest, read_manifest
 from tasks.report import write_report
@@ -24,6 +24,8 @@ from tasks.storage import RunDir
 
 SAMPLE_IMAGES = 6
 """Most images in the paper's figure (those whose maps were stored: storage.sample_images)."""
+EXAMPLE_IMAGES = 3
+"""Most images in the example maps (a column group each): three fit the page at readable labels."""
 
 def stored_maps(run_dir: RunDir, most_images: int = SAMPLE_IMAGES) -> pa.Table | None:
     """The stored map rows (storage.store_maps) of the first ``most_images`` images, reading parts in
@@ -85,13 +87,14 @@ def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, st
     return keyed
 
 
-def map_grids(maps: pa.Table | None, images: Mapping[str, torch.Tensor | None] | None = None) -> dict:
-    """For the first stored image: one grid per test with maps of its own (the MPRT states, the other
-    classes), the input and the original first."""
+def map_grids(maps: pa.Table | None, images: Mapping[str, torch.Tensor | None] | None = None,
+              most_images: int = EXAMPLE_IMAGES) -> dict:
+    """For the first ``most_images`` stored images: one grid per test with maps of its own (the MPRT
+    states, the other classes), methods as rows, one column group per image headed by its input."""
     if maps is None or maps.num_rows == 0:
         return {}
-    image_id = maps["image_id"][0].as_py()
-    rows = maps.filter(pc.equal(maps["image_id"], image_id)).to_pylist()
+    ids = list(dict.fromkeys(maps["image_id"].to_pylist()))[:most_images]
+    rows = maps.filter(pc.is_in(maps["image_id"], pa.array(ids, pa.string()))).to_pylist()
     shape = maps.schema.field("map").type.shape
     methods = [m for _, ms in method_groups(dict.fromkeys(r["method"] for r in rows)) for m in ms]
     grids = {}
@@ -100,11 +103,15 @@ def map_grids(maps: pa.Table | None, images: Mapping[str, torch.Tensor | None] |
         columns = list(dict.fromkeys(r["state"] for r in chosen))
         if len(columns) < 2:
             continue
-        cells = {(r["method"], r["state"]): r["map"] for r in chosen}
-        grid = {m: [torch.from_numpy(np.asarray(cells[(m, c)], dtype=np.float32).reshape(shape))
-                    for c in columns] for m in methods}
-        grids[name] = map_grid_figure(grid, columns, image=(images or {}).get(image_id),
-                                      title=f"{get_test(name).title}: {image_id}")
+        cells = {(r["image_id"], r["method"], r["state"]): r["map"] for r in chosen}
+        complete = [i for i in ids if all((i, m, c) in cells for m in methods for c in columns)]
+        if not complete:
+            continue
+        grid = {i: {m: [torch.from_numpy(np.asarray(cells[(i, m, c)], dtype=np.float32).reshape(shape))
+                        for c in columns] for m in methods} for i in complete}
+        grids[name] = example_maps_figure(grid, columns, {i: (images or {}).get(i) for i in complete},
+                                          title=f"{get_test(name).title}: {len(complete)} "
+                                                f"image{'s' if len(complete) > 1 else ''}")
     return grids
 
 

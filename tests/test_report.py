@@ -147,62 +147,170 @@ def test_figures_name_the_missing_rows():
         report.entropy_figure(summary_table())
 
 
-def test_class_sensitivity_retention_bars_with_controls_and_threshold():
+FAMILY_ORDER = ["gradient", "gradcampp/signed", "gradcampp", "edge_sobel", "random"]
+"""METHODS as the verdict matrix orders them (report.method_groups): families, signed first, controls last."""
+
+
+def test_class_sensitivity_bars_in_the_matrix_order_with_controls_and_threshold():
     fig = report.class_sensitivity_figure(summary_table(), metric="ssim")
     (ax,) = fig.axes
     containers = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert len(containers) == 3 and all(len(c) == len(METHODS) for c in containers)
     assert [c.get_label() for c in containers] == ["other class: min", "other class: random", "other class: second"]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["gradcampp", "gradcampp/signed", "gradient",
-                                                            "edge_sobel", "random"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == FAMILY_ORDER  # not alphabetical: the matrix's rows
+    assert [t.get_text() for t in ax.texts if t.get_text() != "uninformative"] == ["plain gradient", "aggregation",
+                                                                                 "controls"]
     heights = [bar.get_height() for bar in containers[1]]
-    np.testing.assert_allclose(heights[:4], [0.9, 0.5, 0.1, 1.0], atol=1e-9)
+    np.testing.assert_allclose(heights[:4], [0.1, 0.5, 0.9, 1.0], atol=1e-9)
     assert np.isnan(heights[4])  # random: uninformative, no R
     assert "uninformative" in [text.get_text() for text in ax.texts]
     hatched = [[bool(bar.get_hatch()) for bar in c] for c in containers]
     assert all(h == [False, False, False, True, True] for h in hatched)
     threshold = [line for line in ax.get_lines() if line.get_label().startswith("verdict threshold")]
     assert len(threshold) == 1 and np.allclose(threshold[0].get_ydata(), 0.5)
-    assert len(ax.patches) - 3 * len(METHODS) == 2  # the two shaded control groups
+    # nothing is drawn over a bar: no shaded band (every patch is a bar), separators and grid behind the bars
+    assert len(ax.patches) == 3 * len(METHODS)
+    bar_z = containers[0][0].get_zorder()
+    separators = [line for line in ax.get_lines() if len(set(np.ravel(line.get_xdata()))) == 1]
+    assert len(separators) == 2 and all(line.get_zorder() < bar_z for line in separators)
+    assert ax.get_axisbelow()  # the grid too
     assert all(len(c.errorbar.lines[2]) == 1 for c in containers)  # CI error bars
+    positions = [bar.get_x() + bar.get_width() / 2 for bar in containers[1]]
+    gaps = np.diff(positions)
+    assert gaps[0] > gaps[1] and gaps[2] > gaps[1]  # a wider gap between families
 
 
-def test_entropy_figure_one_bar_per_method_at_the_last_state():
-    ax = report.entropy_figure(summary_table(tests=("emprt",))).axes[0]
-    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
-    heights = dict(zip([t.get_text() for t in ax.get_xticklabels()], [b.get_height() for b in bars]))
-    assert set(heights) == set(METHODS)
-    assert heights["gradient"] == pytest.approx(0.27)  # 0.1 * last index 3 * (1 − 0.1)
+def test_entropy_bars_coloured_by_the_verdict_with_its_threshold():
+    """eMPRT bars: the matrix's order, one colour per verdict (statistics.verdicts under the same rules),
+    the threshold drawn; a stricter threshold turns bars from pass to fail."""
+    summary = summary_table(tests=("emprt",))
+    for rules, expected in ((VerdictRules(), {"gradient": "pass", "gradcampp/signed": "pass", "gradcampp": "pass",
+                                              "edge_sobel": "fail", "random": "pass"}),
+                            (VerdictRules(entropy_rise=0.2), {"gradient": "pass", "gradcampp/signed": "fail",
+                                                              "gradcampp": "fail", "edge_sobel": "fail",
+                                                              "random": "fail"})):
+        judged = {r["method"]: r["verdict"] for r in verdicts(summary, rules).to_pylist() if r["test"] == "emprt"}
+        assert judged == expected
+        ax = report.entropy_figure(summary, rules=rules).axes[0]
+        (bars,) = [c for c in ax.containers if isinstance(c, BarContainer) and len(c) == len(METHODS)]
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        assert names == FAMILY_ORDER
+        heights = dict(zip(names, [b.get_height() for b in bars]))
+        assert heights["gradient"] == pytest.approx(0.27)  # 0.1 * last index 3 * (1 − 0.1)
+        colours = {name: mcolors.to_hex(bar.get_facecolor()) for name, bar in zip(names, bars)}
+        assert colours == {m: mcolors.to_hex(report.VERDICT_BAR_COLOURS[v]) for m, v in expected.items()}
+        assert len(set(colours.values())) == len(set(expected.values()))  # as many colours as verdicts
+        (threshold,) = [line for line in ax.get_lines() if line.get_label().startswith("verdict threshold")]
+        assert np.allclose(threshold.get_ydata(), rules.entropy_rise)
+        legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
+        assert set(expected.values()) <= set(legend)
 
 
-def test_map_grid_has_rows_times_columns_and_symmetric_limits_per_cell():
-    columns = ["original"] + [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)]
-    maps = {method: [torch.randn(8, 8) * (i + 1) for i in range(len(columns))]
-            for method in ("gradient", "gradcampp/signed", "<b>odd</b>")}
-    fig = report.map_grid_figure(maps, columns, image=torch.rand(1, 8, 8), title="image 0")
-    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert len(grid) == 3 * (len(columns) + 1)
-    assert grid[0].images[0].get_cmap().name == "gray"
-    assert [ax.get_title() for ax in grid[1:len(columns) + 1]] == ["original"] + LAYERS
-    cells = [ax for ax in grid if ax.images and ax.images[0].get_cmap().name == report.MAP_CMAP]
-    assert len(cells) == 3 * len(columns)
-    for ax in cells:
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_mprt_small_multiples_y_labels_do_not_overlap_for_any_metric():
+    """The stacked R and s panels share the left margin: their y-labels must not run into each other
+    (spearman_abs's two-line labels did)."""
+    methods = ["gradient", "smoothgrad", "gradcam", "gradcam/pos", "edge_sobel", "random"]
+    summary = summary_table(methods=methods, metrics=("spearman_abs", "ssim"), tests=("mprt",))
+    for metric in ("spearman_abs", "ssim"):
+        fig = report.mprt_small_multiples(summary, metric)
+        fig.draw_without_rendering()
+        renderer = fig._get_renderer()
+        labelled = [ax for ax in fig.axes if ax.get_visible() and ax.get_ylabel()]
+        assert len(labelled) == 2 and all(metric in ax.get_ylabel() for ax in labelled)
+        boxes = [ax.yaxis.label.get_window_extent(renderer) for ax in labelled]
+        assert not _overlaps(*boxes), boxes
+        for ax, box in zip(labelled, boxes):  # each label stays beside its own panel
+            panel = ax.get_window_extent(renderer)
+            assert panel.y0 - 2 <= box.y0 and box.y1 <= panel.y1 + 2
+
+
+def map_axes(fig) -> dict[str, object]:
+    """The cells of an example-maps figure by label: "input:<id>" and "map:<id>:<method>:<column>"."""
+    return {ax.get_label(): ax for ax in fig.axes if ax.get_label().startswith(("input:", "map:"))}
+
+
+def smallest_text_px(fig, display_px: int = 1366) -> float:
+    """The smallest visible text of a figure in screen pixels on the report page: points at the page's
+    dpi, scaled down when the figure is wider than the page (1400-px window less the body margins)."""
+    from tasks.report import FIGURE_DPI
+
+    fig.draw_without_rendering()
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+             if t.get_visible() and t.get_text().strip()]
+    shrink = min(1.0, display_px / (fig.get_figwidth() * FIGURE_DPI))
+    return min(t.get_fontsize() for t in texts) * FIGURE_DPI / 72 * shrink
+
+
+def test_example_maps_one_column_group_per_image_methods_as_rows_readable_labels():
+    """Issue 23: three images side by side (each headed by its input), methods as rows in the matrix's
+    order, at most MAPS_PER_IMAGE columns per image (the original, the first, a middle and the last
+    state), every label at least 10 px on the page."""
+    columns = ["original"] + [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)] + ["04:extra"]
+    ids = ["img0", "img1", "img2"]
+    methods = ("gradcampp/signed", "gradient", "<b>odd</b>")
+    maps = {i: {m: [torch.randn(8, 8) * (k + 1) for k in range(len(columns))] for m in methods} for i in ids}
+    fig = report.example_maps_figure(maps, columns, {i: torch.rand(1, 8, 8) for i in ids}, title="MPRT")
+    cells = map_axes(fig)
+    assert [label for label in cells if label.startswith("input:")] == [f"input:{i}" for i in ids]
+    assert all(cells[f"input:{i}"].images[0].get_cmap().name == "gray" for i in ids)
+    shown = ["original", "00:fc", "02:layer4.1.conv1", "04:extra"]  # the first, a middle and the last state
+    rows = list(dict.fromkeys(label.split(":", 2)[2].rsplit(":", 2)[0] for label in cells if label.startswith("map:")))
+    assert rows == ["gradient", "gradcampp/signed", "<b>odd</b>"]  # families in the matrix's order, unknown last
+    assert len(cells) == len(ids) * (1 + len(methods) * len(shown))
+    assert all(f"map:{i}:{m}:{c}" in cells for i in ids for m in methods for c in shown)
+    first_row = [cells[f"map:{i}:gradient:{c}"] for i in ids for c in shown]
+    assert [ax.get_title() for ax in first_row] == ["original", "fc", "…er4.1.conv1", "extra"] * len(ids)  # 12 chars
+    left = [cells[f"map:{i}:gradient:original"].get_position().x0 for i in ids]
+    assert left == sorted(left)  # image groups side by side, in order
+    assert "showing 3 of 5 states per image" in fig.get_suptitle()
+    texts = {t.get_text() for t in fig.texts}
+    assert set(ids) <= texts and "gradient\n(signed)" in texts and "input" in texts
+    for ax in (a for label, a in cells.items() if label.startswith("map:")):
         low, high = ax.images[0].get_clim()
         data = np.asarray(ax.images[0].get_array())
         assert low == -high and high == pytest.approx(np.abs(data).max())
-        assert data.min() < 0  # signed maps are not clipped
+    assert smallest_text_px(fig) >= 10.0
 
 
-def test_map_grid_subsamples_columns_keeping_first_and_last():
+PAPER_FOUR = ["gradient", "gradcampp/signed", "lrp_epsilon_plus_flat", "edge_sobel"]
+
+
+def test_example_maps_of_the_report_show_three_images_at_readable_size():
+    """tasks.report_run.map_grids: the first EXAMPLE_IMAGES stored images of four, one grid per test;
+    the longest method name of the paper still leaves every label at 10 px."""
+    from tasks import report_run
+    from tasks.storage import maps_schema, tensor_column
+
+    states = ["original"] + [f"{k:02d}:{name}" for k, name in enumerate(LAYERS)]
+    keys = [(f"img{i}", m, "original" if s == "original" else "mprt", s, max(k - 1, 0))
+            for i in range(4) for m in PAPER_FOUR for k, s in enumerate(states)]
+    table = pa.table({"run_id": ["r"] * len(keys), "shard": [0] * len(keys), "image_id": [k[0] for k in keys],
+                      "method": [k[1] for k in keys], "test": [k[2] for k in keys], "state": [k[3] for k in keys],
+                      "state_index": [k[4] for k in keys], "target_class": [1] * len(keys),
+                      "map": tensor_column(np.random.default_rng(0).normal(size=(len(keys), 6, 6)))},
+                     schema=maps_schema(6, 6))
+    (fig,) = report_run.map_grids(table, {"img0": torch.rand(1, 6, 6)}).values()
+    cells = map_axes(fig)
+    assert [label for label in cells if label.startswith("input:")] == ["input:img0", "input:img1", "input:img2"]
+    assert not cells["input:img1"].images  # input not available: an empty cell, the maps still drawn
+    assert len(cells) == 3 * (1 + len(PAPER_FOUR) * report.MAPS_PER_IMAGE)
+    assert smallest_text_px(fig) >= 10.0
+
+
+def test_map_grid_of_one_image_subsamples_columns_keeping_first_and_last():
     columns = ["original"] + [f"{k:02d}:l{k}" for k in range(19)]
     maps = {"gradient": [torch.full((4, 4), float(i)) - 0.5 for i in range(len(columns))]}
     fig = report.map_grid_figure(maps, columns, image=torch.rand(3, 4, 4), max_columns=6)
-    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert len(grid) == 1 + 6
-    titles = [ax.get_title() for ax in grid[1:]]
-    assert titles[0] == "original" and titles[-1] == "l18"
-    assert "showing 6 of 20" in fig.get_suptitle()
-    assert grid[0].images[0].get_array().shape == (4, 4, 3)
+    cells = map_axes(fig)
+    assert len(cells) == 1 + 6
+    titles = [ax.get_title() for label, ax in cells.items() if label.startswith("map:")]
+    assert titles[0] == "original" and titles[1] == "l0" and titles[-1] == "l18"
+    assert "showing 5 of 19 states" in fig.get_suptitle()
+    assert cells["input:"].images[0].get_array().shape == (4, 4, 3)
 
 
 def test_map_grid_rejects_a_wrong_number_of_maps():
@@ -312,22 +420,38 @@ def test_verdict_matrix_groups_methods_by_family_with_r_and_ci(tmp_path):
             assert rows[r["method"]][columns.index((r["test"], r["scope"]))][0] == r["verdict"]
 
 
-def test_reading_counts_the_failures_it_names(tmp_path):
+def reading_items(page: str) -> dict[str, tuple[str, str]]:
+    """The reading of a page, a list: per item (data-item) its label and its text without the detail."""
+    block = re.search(r'<ul class="reading" id="reading">(.*?)</ul>', page, re.S).group(1)
+    items = re.findall(r'<li data-item="([^"]+)"><strong>([^<]+):</strong> (.*?)</li>', block, re.S)
+    return {key: (html.unescape(label), html.unescape(text)) for key, label, text in items}
+
+
+def test_reading_is_a_short_list_what_fails_passes_is_inconclusive_and_the_paired_result(tmp_path):
+    """Issue 23: the reading is a list, not a paragraph repeating the matrix column by column: methods
+    (not cells) under fails / passes / inconclusive, then the paired result and the caveats."""
     summary, verdict, paired = run_tables()
     page = page_report.write_report(summary, tmp_path, verdicts=verdict, comparisons=paired,
                                     manifest=manifest()).read_text(encoding="utf-8")
-    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
-    assert ("1 of 3 methods fail Class sensitivity (least likely class, ssim): gradcampp; 1 pass, 1 inconclusive."
-            in reading)
-    assert "1 of 3 methods fail Model parameter randomisation (MPRT) (head randomised, ssim): gradcampp;" in reading
-    assert "Controls: " in reading and "checks hold." in reading
-    assert re.search(r"In \d+ of \d+ paired comparisons", reading)
+    assert '<p class="reading"' not in page
+    items = reading_items(page)
+    assert list(items) == ["fail", "pass", "inconclusive", "paired", "emprt", "sign"]
+    assert [label for label, _ in items.values()][:4] == ["Fails", "Passes", "Inconclusive", "Paired"]
+    assert items["fail"][1] == "1 of 3 methods: gradcampp — Class sensitivity (min, random, second) and MPRT (head, cascade)."
+    assert items["pass"][1] == "1 of 3 methods pass every Class sensitivity and MPRT verdict: gradient."
+    assert items["inconclusive"][1].startswith("1 of 3 methods fail nothing but do not pass everything: gradcampp/signed — ")
+    n_pairs = sum(r["metric"] == "ssim" for r in paired.to_pylist())
+    n_more = sum(r["metric"] == "ssim" and r["significant"] and r["mean_difference"] > 0 for r in paired.to_pylist())
+    assert (f"keeps significantly more of its map than its signed twin in {n_more} of {n_pairs} comparisons"
+            in items["paired"][1])
+    assert "Controls" not in page[page.index('id="reading"'):page.index("</ul>", page.index('id="reading"'))]
 
 
 def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads_emprt_as_complexity(tmp_path):
-    """SPEC §4 / issue 19: a verdict that changes at R threshold ± spread gets † in the matrix and is
-    named; where ssim and the sign-invariant spearman_abs disagree, the reading says so; eMPRT is read
-    as a rise in map complexity, and its disagreement with MPRT over the cascade is named."""
+    """SPEC §4 / issue 19: a verdict that changes at R threshold ± spread gets † in the matrix and on the
+    method in the reading, the cells named in a detail; where ssim and the sign-invariant spearman_abs
+    disagree, the reading names the methods (the cells in a detail); eMPRT is read as a rise in map
+    complexity, and its disagreement with MPRT over the cascade is named."""
     from saliency.statistics import VERDICT_SCHEMA
 
     summary, verdict, paired = run_tables()
@@ -345,12 +469,18 @@ def test_reading_marks_threshold_sensitive_verdicts_sign_disagreements_and_reads
     _, cells, _ = matrix_cells(page)
     assert cells["gradcampp"][0] == ("fail", "fail 0.90 [0.90, 0.90] †")
     assert "†" not in cells["gradcampp"][1][1]
-    reading = html.unescape(re.search(r'<p class="reading" id="reading">(.*?)</p>', page, re.S).group(1))
-    assert ("1 of these verdicts are threshold-sensitive (†: another verdict at R threshold ± the spread): "
-            "gradcampp class_sensitivity/min fail (inconclusive / fail).") in reading
-    assert "disagrees in 1 of " in reading and "gradient mprt/head (ssim pass, spearman_abs fail)" in reading
-    assert "eMPRT measures a rise in map complexity" in reading
-    assert "gradient (eMPRT fail, MPRT pass)" in reading
+    items = reading_items(page)
+    assert items["fail"][1].startswith("1 of 3 methods: gradcampp † — ")
+    assert "gradient." in items["pass"][1] and "†" not in items["pass"][1]
+    label, text = items["sensitive"]
+    assert label == "Threshold-sensitive †" and text.startswith("1 of 15 verdicts change at the R threshold ± its spread")
+    assert ("<details><summary>the cells</summary>gradcampp class_sensitivity/min fail (inconclusive / fail).</details>"
+            in page)
+    assert items["sign"][1].startswith("spearman_abs (a sign flip is no change) disagrees with ssim in 1 of 15 cells, "
+                                       "for gradient.")
+    assert "gradient mprt/head (ssim pass, spearman_abs fail)" in html.unescape(page)
+    assert items["emprt"][1].startswith("2 pass, 1 fail (gradient). eMPRT measures a rise in map complexity")
+    assert "gradient (eMPRT fail, MPRT pass)" in items["emprt"][1]
     assert 'title="fail: CI_low(R) = 0.900 &gt; 0.5; threshold-sensitive: inconclusive at the lower threshold' in page
 
 
@@ -447,13 +577,15 @@ def test_map_cells_are_diverging_for_signed_rows_and_sequential_for_non_negative
     positive = [torch.tensor([[1.0, 4.0], [2.0, 0.0]]), torch.zeros(2, 2)]
     fig = report.map_grid_figure({"gradcam": signed, "gradcampp": positive}, ["original", "00:fc"],
                                  image=torch.rand(3, 2, 2))
-    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert [ax.images[0].get_cmap().name for ax in grid] == ["viridis", report.MAP_CMAP, report.MAP_CMAP,
-                                                           "viridis", report.SEQUENTIAL_CMAP, report.SEQUENTIAL_CMAP]
-    assert grid[1].images[0].get_clim() == (-2.0, 2.0) and grid[2].images[0].get_clim() == (-3.0, 3.0)
-    assert grid[4].images[0].get_clim() == (0.0, 4.0)
-    assert grid[5].images[0].get_clim() == (0.0, 1.0)  # an all-zero map: white, not a saturated square
-    assert "(signed)" in grid[0].get_ylabel() and "(≥ 0)" in grid[3].get_ylabel()
+    cells = map_axes(fig)
+    assert [ax.images[0].get_cmap().name for ax in cells.values()] == ["viridis", report.MAP_CMAP, report.MAP_CMAP,
+                                                                     report.SEQUENTIAL_CMAP, report.SEQUENTIAL_CMAP]
+    assert cells["map::gradcam:original"].images[0].get_clim() == (-2.0, 2.0)
+    assert cells["map::gradcam:00:fc"].images[0].get_clim() == (-3.0, 3.0)
+    assert cells["map::gradcampp:original"].images[0].get_clim() == (0.0, 4.0)
+    assert cells["map::gradcampp:00:fc"].images[0].get_clim() == (0.0, 1.0)  # all zero: white, not saturated
+    texts = {t.get_text() for t in fig.texts}
+    assert "gradcam\n(signed)" in texts and "gradcampp\n(≥ 0)" in texts
     assert "white at 0" in report.MAP_NORMALISATION and "own maximum" in report.MAP_NORMALISATION
 
 
