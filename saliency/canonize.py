@@ -23,8 +23,8 @@ before any relevance is computed. Covered, with why relevance is conserved on a 
   and is piecewise linear; GELU, SiLU, Hardswish, sigmoid … give negative or smooth outputs no rule here
   is derived for, and are refused;
 - routing ops whose gradient moves each value to one place, sums copies or averages (max pools, mean,
-  functional average pools, flatten / view / reshape / permute, expand, getitem, constant zero
-  padding, dropout, identity): their gradient keeps the sum of relevance;
+  functional average pools, flatten / view / reshape / permute, expand, chunk / split (ShuffleNet),
+  getitem, constant zero padding, dropout, identity): their gradient keeps the sum of relevance;
 - arithmetic on shapes (``x.size(0)``, ``x.shape``), which carries no relevance.
 """
 from __future__ import annotations
@@ -52,9 +52,10 @@ ROUTING_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d,
     F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout,
     torch.mean, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem, F.pad,
+    torch.chunk, torch.split,
 }
 ROUTING_METHODS = {"view", "reshape", "flatten", "mean", "relu", "relu_", "contiguous", "squeeze",
-                   "unsqueeze", "permute", "transpose", "expand", "expand_as"}
+                   "unsqueeze", "permute", "transpose", "expand", "expand_as", "chunk", "split"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _IN_PLACE = {operator.iadd, "add_", "relu_"}
 

@@ -8,8 +8,6 @@ import torch
 import torchvision
 from torch import nn
 
-from saliency.methods.lrp import bias_free  # noqa: F401 - tests import it from here
-
 
 def resnet18(num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
