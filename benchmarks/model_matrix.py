@@ -9,8 +9,9 @@ torchvision initialises to zeros gets N(0, 0.01²) weights, or every gradient wo
 images at the smallest of ``SIZES`` the model runs on and whose default CAM layer is more than 1×1,
 × every method id of the registry, and ``gradient`` with ``propagation="pos"``. Each cell is
 - ``ok``: finite maps and the method's property holds — LRP: Σ R within 1% of y_c (|y_c| for z⁺, α2β1)
-  on a bias-free copy; a ReLU rule: the forward runs no nonlinearity but ReLU (an allow-list count, wider
-  than the library's) and the rule's backward ran at every ReLU call; a CAM: the layer output is
+  on a bias-free copy; a ReLU rule: the forward runs none of the nonlinearities the rule does not define
+  (the library's census and more: clamp, maximum, abs, exp, erf, layer_norm, …) and the rule's backward ran
+  at every ReLU call; a CAM: the layer output is
   B×K×h×w with h·w > 1 after the library's layout handling;
 - ``refused: …``: a ValueError raised by saliency itself (it refuses before any compute);
 - ``WRONG: …``: finite maps whose property fails;
@@ -93,8 +94,8 @@ def _cam_is_spatial(model: nn.Module, x: Tensor) -> bool:
     try:
         layer = cam_layer(model, x, ["gradcam"])
         return _cam_shape(model, x, layer)[-2:].numel() > 1
-    except ValueError:
-        return True  # no CAM layer at any size: the CAM cells say so
+    except ValueError:  # too small (convnext_tiny at 32² picks a Linear of its 1×1 blocks), or no conv at all
+        return not any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def inputs(model: nn.Module, size: int | None = None) -> Tensor | None:
@@ -323,9 +324,11 @@ def render(data: dict) -> str:
              f"{'PARTIAL: ' if data.get('partial') else ''}{count['architectures']} architectures, {count['cells']} "
              f"cells: {count['ok']} ok, {count['refused']} refused, {count['WRONG']} WRONG, {count['ERROR']} ERROR"
              + (f", {count['skipped']} skipped" if count["skipped"] else "") + ".", "",
-             data.get("how", ""), "",
-             "| architecture | input | " + " | ".join(label for _, label in GROUPS) + " |",
-             "|---|---|" + "---|" * len(GROUPS)]
+             data.get("how", ""), ""]
+    if data.get("partial"):
+        lines += [f"Not run yet (the run was cut; the script resumes it): {', '.join(data['partial'])}.", ""]
+    lines += ["| architecture | input | " + " | ".join(label for _, label in GROUPS) + " |",
+              "|---|---|" + "---|" * len(GROUPS)]
     details = []
     for name, row in models.items():
         by_group = {g: [] for g, _ in GROUPS}
@@ -386,7 +389,6 @@ def main(argv: list[str] | None = None) -> None:
         [n for n in FIRST if n in everything] + [n for n in everything if n not in FIRST + LAST]
         + [n for n in LAST if n in everything])
     if not args.render:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         for name in names:
             if name in data["models"] and not args.redo:
                 continue

@@ -24,14 +24,14 @@ RELU_REFUSED, LRP_REFUSED = "refused: guided_backprop: a ReLU backward rule", "r
 
 def _small(name: str) -> tuple[nn.Module, int]:
     """The architecture at the smallest input it runs on with a CAM layer larger than 1×1 (a ViT built
-    for 64² inputs: 4×4 patches, the same graph; densenet121 at 32², its CAM layer given: 2×2)."""
+    for 32² inputs: 2×2 patches, the same graph; densenet121 at 32², its CAM layer given: 2×2)."""
     if name == "functional_resnet":
         return load_model("models_for_tests:functional_resnet"), 32
     if name == "vit_b_16":
         torch.manual_seed(0)
-        model = torchvision.models.vit_b_16(num_classes=10, image_size=64)
+        model = torchvision.models.vit_b_16(num_classes=10, image_size=32)
         nn.init.normal_(model.heads.head.weight, std=0.01)
-        return model, 64
+        return model, 32
     sizes = {"resnet18": 64, "densenet121": 32, "mobilenet_v3_small": 64, "efficientnet_b0": 64,
              "convnext_tiny": 64, "swin_t": 64}
     return matrix.build(name), sizes[name]
