@@ -23,8 +23,8 @@ before any relevance is computed. Covered, with why relevance is conserved on a 
   and is piecewise linear; GELU, SiLU, Hardswish, sigmoid … give negative or smooth outputs no rule here
   is derived for, and are refused;
 - routing ops whose gradient moves each value to one place, sums copies or averages (max pools, mean,
-  functional average pools, flatten / view / reshape / permute, expand, getitem, constant zero
-  padding, dropout, identity): their gradient keeps the sum of relevance;
+  functional average pools, flatten / view / reshape / permute, expand, chunk / split (ShuffleNet),
+  getitem, constant zero padding, dropout, identity): their gradient keeps the sum of relevance;
 - arithmetic on shapes (``x.size(0)``, ``x.shape``), which carries no relevance.
 """
 from __future__ import annotations
@@ -52,9 +52,10 @@ ROUTING_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d,
     F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout,
     torch.mean, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, operator.getitem, F.pad,
+    torch.chunk, torch.split,
 }
 ROUTING_METHODS = {"view", "reshape", "flatten", "mean", "relu", "relu_", "contiguous", "squeeze",
-                   "unsqueeze", "permute", "transpose", "expand", "expand_as"}
+                   "unsqueeze", "permute", "transpose", "expand", "expand_as", "chunk", "split"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _IN_PLACE = {operator.iadd, "add_", "relu_"}
 
@@ -209,8 +210,11 @@ def _averages_as_modules(graph_module: fx.GraphModule) -> None:
             module = Mean(args.get("dim"), bool(args.get("keepdim", False)))
         else:
             continue
-        if node.meta["tensor_meta"].shape == node.args[0].meta["tensor_meta"].shape:
-            continue  # averages over one value each: the identity, nothing to share
+        if not isinstance(module, nn.modules.pooling._AvgPoolNd) and (
+                node.meta["tensor_meta"].shape == node.args[0].meta["tensor_meta"].shape):
+            continue  # a mean or adaptive pool over one value each: the identity, nothing to share
+        # (a padded k×k average pool with stride 1 keeps the shape too, and still averages: inception_v3's
+        # F.avg_pool2d(x, 3, 1, 1) left to the gradient lost its padded shares, Σ R = 0.52 |y_c| under z⁺)
         name = f"{node.name}_module"
         graph_module.add_submodule(name, module)
         node.op, node.target, node.args, node.kwargs = "call_module", name, node.args[:1], {}

@@ -267,20 +267,6 @@ def functional_resnet(num_classes: int = 10) -> nn.Module:
     return model.eval()
 
 
-def bias_free(model: nn.Module) -> nn.Module:
-    """A copy in which no layer adds a constant: conv and linear biases 0, BatchNorm running mean and β 0
-    (its scale γ/√(σ² + ε) stays). LRP's conservation, Σ R = y_c, holds only on such a copy."""
-    clone = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for module in clone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.zero_()
-                module.bias.zero_()
-            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is not None:
-                module.bias.zero_()
-    return clone
-
-
 class NanGradient(nn.Module):
     """Finite logits, NaN input gradients: |z| written as √(z²) on a channel whose conv weights are zero,
     so z = 0 and d√u/du = ∞ times 2z = 0 is NaN, which the conv's backward carries to every pixel."""

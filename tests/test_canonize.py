@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 import saliency
-from models_for_tests import (assert_model_untouched, bias_free, mixed_activations, state_snapshot)
+from models_for_tests import assert_model_untouched, mixed_activations, state_snapshot
 from saliency.canonize import canonize
-from saliency.methods.lrp import lrp_relevance
+from saliency.methods.lrp import bias_free, lrp_relevance
 from saliency.models import load_model
 
 
@@ -189,3 +189,54 @@ def test_what_no_rule_conserves_is_refused(layer, found):
     with pytest.raises(ValueError, match=r"LRP cannot cover Net: no rule conserves relevance at 1 graph node"
                                          rf".*\({re.escape(found)}"):
         canonize(Net().eval(), torch.rand(2, 1, 6, 6))
+
+
+def test_a_padded_average_pool_that_keeps_the_shape_still_shares_in_proportion():
+    """inception_v3's ``F.avg_pool2d(x, 3, 1, 1)`` keeps the shape, yet averages: taken for an identity and
+    left to the gradient, it lost the shares of the padding and gave relevance to zeros (Σ R = 0.52 |y_c|
+    under z⁺ on the whole bias-free net, 0.90 y_c after the pool alone)."""
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+            self.fc = nn.Linear(4, 3, bias=False)
+
+        def forward(self, x):
+            out = torch.nn.functional.avg_pool2d(torch.relu(self.conv(x)), 3, 1, 1)
+            return self.fc(out.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    x = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    y = model(x)[:, 0].detach()
+    for rule, start in (("lrp_epsilon", y), ("lrp_zplus", y.abs())):
+        relevance = lrp_relevance(model, x, targets, rule)[:, 0].sum((1, 2, 3))
+        torch.testing.assert_close(relevance, start, rtol=1e-3, atol=1e-6)
+
+
+def test_chunk_and_split_route_relevance_as_shufflenet_needs():
+    """ShuffleNet halves its channels with ``chunk``: each value goes to one part, so the sum is kept."""
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+            self.branch = nn.Conv2d(2, 2, 1, bias=False)
+            self.fc = nn.Linear(4, 3, bias=False)
+
+        def forward(self, x):
+            left, right = torch.relu(self.conv(x)).chunk(2, dim=1)
+            right = torch.relu(self.branch(right))
+            out = torch.cat(torch.split(torch.cat([left, right], 1), 2, dim=1), 1)
+            return self.fc(out.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Halves().eval()
+    x = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    targets = torch.zeros(2, 1, dtype=torch.long)
+    y = model(x)[:, 0].detach()
+    for rule, start in (("lrp_epsilon", y), ("lrp_zplus", y.abs())):
+        relevance = lrp_relevance(model, x, targets, rule)[:, 0].sum((1, 2, 3))
+        torch.testing.assert_close(relevance, start, rtol=1e-3, atol=1e-6)

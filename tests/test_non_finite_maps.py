@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import saliency
-from models_for_tests import bias_free, deep_residual, nan_gradient
+from models_for_tests import deep_residual, nan_gradient
+from saliency.methods.lrp import bias_free
 from saliency.sanity import SanityRun, Settings
 from tasks.actor import ShardWorker
 from tasks.config import load_config

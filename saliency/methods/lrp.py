@@ -10,6 +10,7 @@ as a sign flip.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,22 @@ def lrp_relevance(model: nn.Module, x: Tensor, targets: Tensor, name: str,
                                           retain_graph=t + 1 < targets.shape[1])
             relevance.append(grad)
     return torch.stack(relevance, dim=1)
+
+
+def bias_free(model: nn.Module) -> nn.Module:
+    """A copy in which no layer adds a constant: conv and linear biases 0, BatchNorm running mean and β 0
+    (its scale γ/√(σ² + ε) stays). LRP's conservation, Σ R = y_c, holds only on such a copy."""
+    clone = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for module in clone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if module.running_mean is not None:
+                    module.running_mean.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is not None:
+                module.bias.zero_()
+    return clone
 
 
 def _canonical(ctx) -> nn.Module:
