@@ -57,8 +57,10 @@ RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 @contextmanager
 def ray_connection() -> Iterator[None]:
     """Use the connected Ray, else ``ray.init()``: $RAY_ADDRESS names a cluster, unset starts a local one
-    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG). Quietly: Ray's INFO lines are off (its
-    warnings stay) and so is its advice to opt out of authentication (_NoAuthOptOutAdvice)."""
+    (without the metrics export: LOCAL_RAY_SYSTEM_CONFIG) — always a new one: Ray's own rule for no address
+    joins the latest cluster started on the machine (`ray start`'s /tmp/ray/ray_current_cluster), someone
+    else's perhaps. Quietly: Ray's INFO lines are off (its warnings stay) and so is its advice to opt out
+    of authentication (_NoAuthOptOutAdvice)."""
     import ray
 
     started = not ray.is_initialized()
@@ -68,7 +70,7 @@ def ray_connection() -> Iterator[None]:
         if not any(isinstance(f, _NoAuthOptOutAdvice) for f in auth_logger.filters):
             auth_logger.addFilter(_NoAuthOptOutAdvice())
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 **({"_system_config": LOCAL_RAY_SYSTEM_CONFIG} if local else {}))
+                 **({"address": "local", "_system_config": LOCAL_RAY_SYSTEM_CONFIG} if local else {}))
         keep_stop_handlers()  # the CLI's SIGINT/SIGTERM handling, not Ray's exit with a stack dump
     try:
         yield

@@ -406,3 +406,30 @@ def test_serve_refuses_a_deployment_whose_factory_is_not_allowed(tmp_path, monke
 
     monkeypatch.setenv(ALLOWED_FACTORIES_ENV, "models_for_tests:small_cnn")
     check_factory_allowed(load_config(overrides=["model.name=models_for_tests:small_cnn"]), deployed=True)
+
+
+@pytest.mark.slow
+def test_a_local_run_starts_its_own_ray_even_where_another_cluster_was_started(tmp_path):
+    """With $RAY_ADDRESS unset, Ray's own rule joins the latest cluster started on the machine (`ray start`
+    writes its address to /tmp/ray/ray_current_cluster): a run would join someone else's cluster, and our
+    local settings then made ray.init raise "When connecting to an existing cluster, _system_config must not
+    be provided". A run without $RAY_ADDRESS starts a cluster of its own (here the recorded address is
+    dead, so joining it could only fail)."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    before = marker.read_bytes() if marker.exists() else None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("127.0.0.1:1")
+    script = ("from flows.sanity_check import ray_connection\nimport ray\nwith ray_connection():\n"
+              "    print('GCS', ray.get_runtime_context().gcs_address)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        if before is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(before)
+    assert done.returncode == 0, done.stderr[-3000:]
+    address = re.search(r"^GCS (\S+)$", done.stdout, re.MULTILINE).group(1)
+    assert address != "127.0.0.1:1"
