@@ -262,9 +262,14 @@ def track_or_explain(cfg, plan: Plan, agg, stats: dict[str, Any], report_dir,
         return track_mlflow(cfg, plan.run_dir, plan.manifest, agg.summary, stats, agg.verdicts, report_dir,
                             agg.comparisons, started_at=started_at), None
     except Exception as error:
-        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        reason = first_line(error)
         get_run_logger().warning("MLflow tracking failed (%s); the results are complete in %s", reason, plan.run_dir)
         return None, reason
+
+
+def first_line(error: BaseException) -> str:
+    """'TrackingTimeout: the MLflow tracking server … did not answer': an error in one line."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 @flow(name="sanity_check")
@@ -320,7 +325,7 @@ def previous_revision(cfg, plan: Plan, scheduled: bool) -> RunDir | None:
     return earlier[-1] if earlier else None
 
 
-def already_complete(cfg, plan: Plan, progress: bool, started: float) -> dict[str, Any] | None:
+def already_complete(cfg, plan: Plan, started: float) -> dict[str, Any] | None:
     """The outcome of a finished run re-triggered with the same code, weights, data and verdict rules: its
     stored results (and its MLflow run, logged now only if it never was); None when there is work to do."""
     if not plan.complete:
@@ -331,27 +336,31 @@ def already_complete(cfg, plan: Plan, progress: bool, started: float) -> dict[st
         try:
             mlflow_run_id, _ = track_run_dir(plan.run_dir, uri, cfg.tracking.experiment)
         except Exception as error:
-            tracking_error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            tracking_error = first_line(error)
     stats = {**plan.run_dir.read_json("stats.json"), "images_computed": 0, "shards_skipped": len(plan.shards),
              "shards_rejected": 0, "shard_seconds": 0.0, "images_per_second": 0.0,
              "wall_seconds": time.perf_counter() - started}
     stats.pop("started_at", None)
-    if progress:
-        print(f"already complete: {plan.run_dir}" + (f", MLflow run {mlflow_run_id}" if mlflow_run_id else ""),
-              flush=True)
-    get_run_logger().info("already complete: %s (MLflow run %s): nothing computed or logged", plan.run_dir,
-                          mlflow_run_id)
-    report = plan.run_dir.file("report", "index.html")
-    return {"run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
-            "report": report if plan.run_dir.exists("report", "index.html") else None,
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-            "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
-            "tracking_error": tracking_error, "ignored_files": plan.strays, "shards": {},
-            "already_complete": True, "changes": _stored_changes(plan.run_dir)}
+    get_run_logger().info("already complete: %s (MLflow run %s): nothing computed", plan.run_dir, mlflow_run_id)
+    changes = plan.run_dir.read_json(CHANGES_FILE) if plan.run_dir.exists(CHANGES_FILE) else None
+    return run_outcome(plan, stats, plan.run_dir.exists("report", "index.html"), (mlflow_run_id, uri, tracking_error),
+                       [], changes, already_complete=True)
 
 
-def _stored_changes(run_dir: RunDir) -> dict[str, Any] | None:
-    return run_dir.read_json(CHANGES_FILE) if run_dir.exists(CHANGES_FILE) else None
+def run_outcome(plan: Plan, stats: dict[str, Any], has_report: bool, tracking: tuple, results: list[dict],
+                changes: dict[str, Any] | None, already_complete: bool = False) -> dict[str, Any]:
+    """What the flow returns (the CLI prints it): where the results are, the counts, the MLflow run
+    (``tracking`` = (run id, URI, error)), the shards computed now and what changed since the previous run."""
+    mlflow_run_id, uri, tracking_error = tracking
+    return {
+        "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
+        "report": plan.run_dir.file("report", "index.html") if has_report else None,
+        "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
+        "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
+        "tracking_error": tracking_error, "ignored_files": plan.strays,
+        "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")} for r in results},
+        "already_complete": already_complete, "changes": changes,
+    }
 
 
 def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: float,
@@ -360,7 +369,7 @@ def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: flo
     logger = get_run_logger()
     logger.info("run %s: %d images in %d shards, %d to compute, %d layers", plan.run_dir, plan.n_images,
                 len(plan.shards), len(plan.pending), len(plan.manifest.layers))
-    finished = already_complete(cfg, plan, progress, started)
+    finished = already_complete(cfg, plan, started)
     if finished is not None:
         return finished
     if progress:  # the terminal's first lines: what is about to run, counted from the plan
@@ -405,16 +414,6 @@ def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: flo
         uri = tracking_uri(cfg)
         with phase(progress, "logging to MLflow"):
             mlflow_run_id, tracking_error = track_or_explain(cfg, plan, agg, stats, report_dir, started_at)
-    outcome = {
-        "run_dir": str(plan.run_dir), "run_id": plan.run_id, "summary": plan.run_dir.file("summary.parquet"),
-        "report": None if report_dir is None else plan.run_dir.file("report", "index.html"),
-        "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
-        "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
-        "tracking_error": tracking_error,
-        "ignored_files": plan.strays,
-        "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")}
-                   for r in results},
-        "already_complete": False, "changes": changes,
-    }
+    outcome = run_outcome(plan, stats, report_dir is not None, (mlflow_run_id, uri, tracking_error), results, changes)
     logger.info("results in %s; MLflow run %s (%s)", outcome["run_dir"], mlflow_run_id, outcome["mlflow_ui"])
     return outcome

@@ -131,8 +131,9 @@ def write_run_report(run_dir: RunDir, results: Any = None, manifest: Manifest | 
     """Write RUN_DIR/report/ (index.html, PNGs, CSVs); returns a local folder holding the report.
 
     The flow passes what it holds — ``results`` (its aggregate: summary, verdicts, comparisons), the
-    plan's ``manifest`` and ``dataset`` — so that nothing is read back or loaded again; the ``report``
-    command passes only the run directory and everything is read from it."""
+    plan's ``manifest`` and ``dataset`` — so that no table is read back and nothing loaded again (only the
+    small changes.json, written just before, is read); the ``report`` command passes only the run directory
+    and everything is read from it."""
     if results is None:
         summary = run_dir.read_table("summary.parquet")
         verdicts = run_dir.read_table("verdicts.parquet") if run_dir.exists("verdicts.parquet") else None
