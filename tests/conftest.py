@@ -35,8 +35,18 @@ def prefect_server():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024**2)
+    # the workers unpickle the suite's own models (tests/models_for_tests.py): tests/ on their path
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, previous]))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 1024**2)
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = previous
     yield ray
     ray.shutdown()
 
