@@ -234,13 +234,13 @@ def _one_module_per_call(graph_module: fx.GraphModule) -> None:
 
 
 def _merge_batchnorms(graph_module: fx.GraphModule) -> None:
-    """Fold each BatchNorm into the one Linear/Conv that alone feeds it, as zennit's MergeBatchNorm does
-    (the BatchNorm stays, computing the identity up to its √(1 + eps), as zennit leaves it: the same
-    numbers as zennit's canonizers); any other BatchNorm becomes the per-channel ``Affine`` layer it is
-    in eval mode, for the composite's ε rule."""
+    """Fold each BatchNorm into the one Linear/Conv that alone feeds it, with zennit's MergeBatchNorm, and
+    take the BatchNorm out of the graph: zennit leaves it in, computing x/√(1 + eps) — 0.9995 per layer at
+    inception_v3's eps = 1e-3, which lost 1.4% of y_c over its depth; any other BatchNorm becomes the
+    per-channel ``Affine`` layer it is in eval mode, for the composite's ε rule."""
     from zennit.canonizers import MergeBatchNorm
 
-    for node in graph_module.graph.nodes:
+    for node in list(graph_module.graph.nodes):
         if node.op != "call_module":
             continue
         batch_norm = graph_module.get_submodule(node.target)
@@ -250,6 +250,8 @@ def _merge_batchnorms(graph_module: fx.GraphModule) -> None:
         if (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
                 and isinstance(graph_module.get_submodule(source.target), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))):
             MergeBatchNorm.merge_batch_norm([graph_module.get_submodule(source.target)], batch_norm)
+            node.replace_all_uses_with(source)
+            graph_module.graph.erase_node(node)
             continue
         name = f"{node.target.replace('.', '_')}_affine"
         graph_module.add_submodule(name, Affine(batch_norm))
