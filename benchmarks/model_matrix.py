@@ -13,7 +13,8 @@ images at the smallest of ``SIZES`` the model runs on and whose default CAM laye
   (the library's census and more: clamp, maximum, abs, exp, erf, layer_norm, …) and the rule's backward ran
   at every ReLU call; a CAM: the layer output is
   B×K×h×w with h·w > 1 after the library's layout handling;
-- ``refused: …``: a ValueError raised by saliency itself (it refuses before any compute);
+- ``refused: …``: a ValueError raised by saliency itself before any compute: by ``explain``'s checks, or by
+  ``saliency.methods.lrp.check_conservation``, which the pipeline's planner runs before any shard;
 - ``WRONG: …``: finite maps whose property fails;
 - ``ERROR: …``: an exception from inside torch/zennit, or a non-finite map.
 The json is rewritten after each model, so a cut run resumes where it stopped.
@@ -41,7 +42,7 @@ from saliency import passes
 from saliency.engine import cam_layer
 from saliency.layers import _OTHER_ACTIVATIONS, cam_layout
 from saliency.methods import get_method
-from saliency.methods.lrp import FROM_ABSOLUTE_LOGIT, bias_free, lrp_relevance
+from saliency.methods.lrp import FROM_ABSOLUTE_LOGIT, bias_free, check_conservation, lrp_relevance
 from saliency.reshape import as_channels_first
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +186,8 @@ def _explain(model: nn.Module, x: Tensor, targets: Tensor, method_ids: list[str]
              counter: list[int]) -> dict[str, Tensor | str]:
     """{id: maps} of one explain call, or {id: "refused: …" / "ERROR: …"} for every id when it raises."""
     try:
+        # what the pipeline's planner runs before any shard (explain itself does not)
+        check_conservation(model, x, [m for m in method_ids if get_method(m).family == "lrp"])
         with _counting_rule_backward(counter):
             return saliency.explain(model, x, method_ids, targets, **options)
     except ValueError as error:
@@ -288,7 +291,8 @@ def short(reason: str) -> str:
     for pattern, form in ((r"also runs (.*?) \(calls in one forward\)", r"ReLU rule: runs \1"),
                           (r"LRP cannot cover \w+: no rule conserves relevance at \d+ graph node\(s\) \((.*?)\):",
                            r"LRP: \1"),
-                          (r"torch.fx cannot trace \w+ \((\w+)", r"LRP: fx cannot trace (\1)")):
+                          (r"torch.fx cannot trace \w+ \((\w+)", r"LRP: fx cannot trace (\1)"),
+                          (r"LRP does not conserve relevance on \w+ for \S+ \((.*?)\), measured", r"LRP: \1")):
         found = re.search(pattern, text)
         if found:
             return found.expand(form)
@@ -345,7 +349,8 @@ HOW = ("Random init, 10 classes, BatchNorm statistics of the batch, two seeded i
        "(32² … 299²) the model runs on with a default CAM layer larger than 1×1; IG and SmoothGrad with 4 steps/samples. "
        "ok = finite maps and the method's property (LRP: Σ R within 1% of y_c on a bias-free copy; ReLU rules: no "
        "nonlinearity but ReLU in the forward and the rule ran at every ReLU; CAMs: a B×K×h×w layer, h·w > 1). "
-       "refused = the library's own error before any compute. WRONG = finite maps, property fails. "
+       "refused = the library's own error before any compute (explain's checks, and the LRP conservation check the "
+       "pipeline's planner runs on the first image). WRONG = finite maps, property fails. "
        "ERROR = an exception from inside torch/zennit or a non-finite map.")
 
 

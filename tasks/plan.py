@@ -21,6 +21,7 @@ from saliency.checks import check_input
 from saliency.engine import cam_layer, check_relu_rules
 from saliency.layers import cam_layout
 from saliency.methods import get_method
+from saliency.methods.lrp import check_conservation
 from saliency.models import has_random_weights
 from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, state_names
@@ -143,8 +144,10 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     outputs = check_model_on_data(cfg, model, example)
     try:
         check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
-        if any(get_method(m).family == "lrp" for m in cfg.methods.ids):
+        lrp_ids = [m for m in cfg.methods.ids if get_method(m).family == "lrp"]
+        if lrp_ids:
             canonize(model, example)  # LRP on a node no rule covers: refused here, not per image
+            check_conservation(model, example, lrp_ids)  # and a rule that loses or creates relevance
     except ValueError as error:
         raise ConfigError(f"config field `methods.ids`: {error}") from None
     layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)

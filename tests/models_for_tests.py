@@ -215,6 +215,31 @@ def mixed_activations(num_classes: int = 10) -> nn.Module:
     return MixedActivations(num_classes=num_classes).eval()
 
 
+class DepthwiseWithoutReLU(nn.Module):
+    """ShuffleNet's pattern at its plainest: a depthwise conv feeds a 1×1 conv without a ReLU between.
+    Both have negative weights, so every depthwise output is negative (its inputs come from a ReLU) and
+    still receives z⁺ relevance (x⁻·w⁻ > 0 at the 1×1 conv), but has no positive contribution of its own:
+    z⁺ loses it all there. ε conserves."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1, bias=False)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.pointwise = nn.Conv2d(4, 4, 1, bias=False)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes, bias=False))
+        with torch.no_grad():
+            self.depthwise.weight.copy_(-self.depthwise.weight.abs())
+            self.pointwise.weight.copy_(-self.pointwise.weight.abs())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.pointwise(self.depthwise(torch.relu(self.conv(x))))))
+
+
+def depthwise_without_relu(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return DepthwiseWithoutReLU(num_classes=num_classes).eval()
+
+
 class _FunctionalBlock(nn.Module):
     """A CIFAR BasicBlock as users write it: functional ReLUs, the residual sum as ``out + shortcut`` or
     ``out += identity``, and an option-A shortcut (subsample, zero-pad the new channels with F.pad)."""

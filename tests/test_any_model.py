@@ -85,6 +85,19 @@ def test_the_pipeline_refuses_lrp_on_uncovered_layers_before_any_shard(prefect_s
     assert not any(tmp_path.rglob("*.parquet"))
 
 
+def test_the_pipeline_refuses_a_rule_that_does_not_conserve_before_any_shard(prefect_server, tmp_path):
+    from flows.sanity_check import sanity_check
+    from tasks.config import ConfigError
+    from test_pipeline import tiny
+
+    config = tiny(model={"name": "models_for_tests:depthwise_without_relu"},
+                  methods={"ids": ["gradient", "lrp_epsilon", "lrp_zplus"]})
+    with pytest.raises(ConfigError, match=r"config field `methods.ids`: LRP does not conserve relevance on "
+                                          r"DepthwiseWithoutReLU for lrp_zplus \(Σ R / \|y_c\| = "):
+        sanity_check(config=config, out=str(tmp_path))
+    assert not any(tmp_path.rglob("*.parquet"))
+
+
 class _HugeGradient(torch.nn.Module):
     """Finite logits, finite float32 input gradients of ±2e38: their range (4e38) overflows float32."""
 

@@ -264,3 +264,20 @@ def test_chunk_and_split_route_relevance_as_shufflenet_needs():
     for rule, start in (("lrp_epsilon", y), ("lrp_zplus", y.abs())):
         relevance = lrp_relevance(model, x, targets, rule)[:, 0].sum((1, 2, 3))
         torch.testing.assert_close(relevance, start, rtol=1e-3, atol=1e-6)
+
+
+def test_a_rule_that_does_not_conserve_on_this_model_is_refused_with_its_ratio():
+    """z⁺ on a depthwise conv that feeds the next layer without a ReLU (ShuffleNet's pattern: 0.36 of |y_c|
+    left in the model matrix) loses the relevance its negative outputs receive; ε conserves there."""
+    from models_for_tests import depthwise_without_relu
+    from saliency.methods.lrp import check_conservation
+
+    model = depthwise_without_relu()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    snapshot = state_snapshot(model)
+    check_conservation(model, x, ["lrp_epsilon"])
+    with pytest.raises(ValueError, match=r"^LRP does not conserve relevance on DepthwiseWithoutReLU for lrp_zplus "
+                                         r"\(Σ R / \|y_c\| = 0(\.0+\d*)?(e-\d+)?, 0(\.0+\d*)?(e-\d+)?\), measured on a "
+                                         r"bias-free copy at the top class of 2 image\(s\), where it must be 1 ± 0.01"):
+        check_conservation(model, x, ["lrp_epsilon", "lrp_zplus"])
+    assert_model_untouched(model, snapshot)

@@ -33,7 +33,7 @@ def _small(name: str) -> tuple[nn.Module, int]:
         nn.init.normal_(model.heads.head.weight, std=0.01)
         return model, 32
     sizes = {"resnet18": 64, "densenet121": 32, "mobilenet_v3_small": 64, "efficientnet_b0": 64,
-             "convnext_tiny": 64, "swin_t": 64}
+             "convnext_tiny": 64, "swin_t": 64, "shufflenet_v2_x0_5": 64}
     return matrix.build(name), sizes[name]
 
 
@@ -47,6 +47,7 @@ def _small(name: str) -> tuple[nn.Module, int]:
     ("convnext_tiny", ["ok", "ok", RELU_REFUSED, LRP_REFUSED]),
     ("swin_t", ["ok", "ok", RELU_REFUSED, LRP_REFUSED]),  # a channels-last CAM layer
     ("vit_b_16", ["ok", "ok", RELU_REFUSED, LRP_REFUSED]),  # a token CAM layer
+    ("shufflenet_v2_x0_5", ["ok", "ok", "ok", "refused: LRP does not conserve relevance on ShuffleNetV2 for lrp_zplus"]),
 ])
 def test_each_cell_is_right_or_refused(name, expected):
     model, size = _small(name)
@@ -81,15 +82,21 @@ def _one_sign_net() -> nn.Module:
     return model.eval()
 
 
-def test_the_checks_can_fail():
+def test_the_checks_can_fail(monkeypatch):
     """A ReLU rule that meets an activation it does not define, and an LRP rule that does not conserve,
-    are WRONG, never ok; a CAM at a 1×1 layer too."""
+    are WRONG, never ok; a CAM at a 1×1 layer too. The library refuses the LRP rule before any compute;
+    without that refusal the matrix's own property check finds it."""
     x = torch.rand(2, 3, 8, 8)
     row = matrix.model_row("clamp", model=_ClampNet(), size=8, only=["gradient", "guided_backprop"])["cells"]
     assert row["gradient"] == "ok"
     assert row["guided_backprop"] == "WRONG: the rule met nonlinearities it does not define (clamp ×1)"
     row = matrix.model_row("one sign", model=_one_sign_net(), size=8, only=["lrp_zplus", "lrp_alpha2beta1"])["cells"]
-    assert row["lrp_zplus"] == "ok" and row["lrp_alpha2beta1"].startswith("WRONG: Σ R / |y_c| on a bias-free copy = ")
+    assert row["lrp_zplus"] == "ok"
+    assert row["lrp_alpha2beta1"].startswith("refused: LRP does not conserve relevance on Sequential for "
+                                             "lrp_alpha2beta1 (Σ R / |y_c| = ")
+    monkeypatch.setattr(matrix, "check_conservation", lambda *args: None)
+    row = matrix.model_row("one sign", model=_one_sign_net(), size=8, only=["lrp_alpha2beta1"])["cells"]
+    assert row["lrp_alpha2beta1"].startswith("WRONG: Σ R / |y_c| on a bias-free copy = ")
     ratios = [float(r) for r in row["lrp_alpha2beta1"].rsplit("= ", 1)[1].split(", ")]
     assert all(r > 1.9 for r in ratios), ratios  # α = 2 at each one-signed layer (the head and the 1×1 conv)
     model = nn.Sequential(nn.Conv2d(3, 4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).eval()
