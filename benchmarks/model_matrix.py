@@ -292,7 +292,8 @@ def short(reason: str) -> str:
                           (r"LRP cannot cover \w+: no rule conserves relevance at \d+ graph node\(s\) \((.*?)\):",
                            r"LRP: \1"),
                           (r"torch.fx cannot trace \w+ \((\w+)", r"LRP: fx cannot trace (\1)"),
-                          (r"LRP does not conserve relevance on \w+ for \S+ \((.*?)\), measured", r"LRP: \1")):
+                          (r"LRP does not conserve relevance on (\w+) for (\S+) \((.*?)\), measured",
+                           r"LRP \2 not conserved on \1: \3")):
         found = re.search(pattern, text)
         if found:
             return found.expand(form)
