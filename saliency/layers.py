@@ -21,6 +21,13 @@ _OTHER_ACTIVATIONS = {
     F.hardsigmoid: "Hardsigmoid", torch.sigmoid: "sigmoid", Tensor.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
     Tensor.sigmoid_: "sigmoid", torch.tanh: "tanh", Tensor.tanh: "tanh", torch.tanh_: "tanh", Tensor.tanh_: "tanh",
     F.softmax: "softmax", torch.softmax: "softmax", Tensor.softmax: "softmax",
+    # a ReLU written as clamp(min=0) or maximum(x, 0), a hand-written GELU's erf: nonlinearities the rule
+    # would differentiate as usual just the same
+    torch.clamp: "clamp", Tensor.clamp: "clamp", torch.clamp_: "clamp", Tensor.clamp_: "clamp",
+    torch.clamp_min: "clamp", Tensor.clamp_min: "clamp", torch.clamp_min_: "clamp", Tensor.clamp_min_: "clamp",
+    torch.clip: "clamp", Tensor.clip: "clamp", torch.maximum: "maximum", Tensor.maximum: "maximum",
+    torch.minimum: "minimum", Tensor.minimum: "minimum", F.threshold: "threshold", F.threshold_: "threshold",
+    torch.abs: "abs", Tensor.abs: "abs", torch.erf: "erf", Tensor.erf: "erf",
 }
 
 

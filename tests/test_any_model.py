@@ -39,9 +39,27 @@ def test_positive_propagation_is_refused_there_too_but_plain_gradients_run():
         saliency.explain(model, x, ["gradient", "lrp_epsilon"])  # no LRP rule for GELU and SiLU either
 
 
+class _HandWritten(torch.nn.Module):
+    """A ReLU written as clamp(min=0), another as maximum(x, 0), and GELU written with erf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).clamp(min=0)
+        x = torch.maximum(x - 0.1, torch.zeros_like(x))
+        x = 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+        return self.head(x.mean((2, 3)))
+
+
 def test_the_census_sees_modules_and_functional_calls_and_nothing_on_relu_nets():
     assert other_activations(mixed_activations(), torch.zeros(1, 1, 8, 8)) == {
         "GELU": 1, "Hardtanh/ReLU6": 1, "SiLU": 1}
+    with pytest.raises(ValueError, match=r"guided_backprop: a ReLU backward rule .* also runs clamp ×1, erf ×1, "
+                                         r"maximum ×1 "):
+        saliency.explain(_HandWritten().eval(), torch.randn(1, 1, 8, 8), "guided_backprop")
     resnet = torchvision.models.resnet18(num_classes=4).eval()
     assert other_activations(resnet, torch.zeros(1, 3, 32, 32)) == {}
     maps = saliency.explain(resnet, torch.randn(1, 3, 32, 32), ["guided_backprop"], [[0, 1]])
