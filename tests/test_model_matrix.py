@@ -58,8 +58,9 @@ def test_each_cell_is_right_or_refused(name, expected):
         assert row["cells"][column].startswith(want), (name, column, row["cells"][column])
 
 
-class _ClampNet(nn.Module):
-    """ReLU written as ``clamp(min=0)``: no ReLU rule reaches it, and the library's census does not list it."""
+class _ExpNet(nn.Module):
+    """A soft rectifier written as log(1 + exp(x)): no ReLU rule reaches it, and the library's census does
+    not list exp (the matrix's does)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,7 +68,7 @@ class _ClampNet(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).clamp(min=0).mean((2, 3)))
+        return self.fc(torch.log1p(torch.exp(self.conv(x))).mean((2, 3)))
 
 
 def _one_sign_net() -> nn.Module:
@@ -87,9 +88,9 @@ def test_the_checks_can_fail(monkeypatch):
     are WRONG, never ok; a CAM at a 1×1 layer too. The library refuses the LRP rule before any compute;
     without that refusal the matrix's own property check finds it."""
     x = torch.rand(2, 3, 8, 8)
-    row = matrix.model_row("clamp", model=_ClampNet(), size=8, only=["gradient", "guided_backprop"])["cells"]
+    row = matrix.model_row("exp", model=_ExpNet(), size=8, only=["gradient", "guided_backprop"])["cells"]
     assert row["gradient"] == "ok"
-    assert row["guided_backprop"] == "WRONG: the rule met nonlinearities it does not define (clamp ×1)"
+    assert row["guided_backprop"] == "WRONG: the rule met nonlinearities it does not define (exp ×1)"
     row = matrix.model_row("one sign", model=_one_sign_net(), size=8, only=["lrp_zplus", "lrp_alpha2beta1"])["cells"]
     assert row["lrp_zplus"] == "ok"
     assert row["lrp_alpha2beta1"].startswith("refused: LRP does not conserve relevance on Sequential for "

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from saliency.canonize import Affine, Mean, canonize
 from saliency.methods.base import Method
+from saliency.passes import forward_logits
 
 EPSILON = 1e-6
 
@@ -80,20 +81,33 @@ def bias_free(model: nn.Module) -> nn.Module:
     return clone
 
 
-def check_conservation(model: nn.Module, x: Tensor, methods: list[str], tolerance: float = 0.01) -> None:
+#: The Σ R / y_c (|y_c| for ``FROM_ABSOLUTE_LOGIT``) a rule must keep on a bias-free copy. ε and z⁺
+#: conserve on every graph LRP covers, up to the stabiliser: within 1%. α2β1 conserves only where each
+#: neuron has contributions of both signs; a neuron with one sign only hands on α = 2 times its relevance
+#: (in every implementation, zennit's included: the trained reference CNN's digits give 1.00–1.14), so its
+#: bounds are the factor of one such layer, [1/2, 2] — our choice, not the literature's; beyond them the
+#: map is mostly relevance the rule created or lost (MobileNetV2 8.8, ShuffleNet 0.3).
+CONSERVATION_BOUNDS = {"lrp_alpha2beta1": (0.5, 2.0)}
+
+
+def conservation_bounds(name: str) -> tuple[float, float]:
+    return CONSERVATION_BOUNDS.get(name, (0.99, 1.01))
+
+
+def check_conservation(model: nn.Module, x: Tensor, methods: list[str]) -> None:
     """Refuse, before any map, an LRP rule that does not conserve relevance on this model: on a bias-free
-    copy, at the top class of each image of ``x``, Σ R must be within ``tolerance`` of y_c (|y_c| for
-    z⁺, α2β1). Why it can fail on a model LRP covers: z⁺ loses the relevance a neuron receives when it
-    has no positive contribution (a depthwise convolution that feeds the next layer without a ReLU, as in
-    ShuffleNet: 0.35 of |y_c| left), α2β1 doubles it where it finds no negative one (depthwise
-    convolutions after a ReLU: 6–9× in MobileNetV2 and MnasNet). ``methods``: LRP ids. Costs one LRP
-    pass per rule on a copy; the pipeline's planner runs it on the first image (``explain`` does not)."""
+    copy, at the model's top class of each image of ``x``, Σ R / y_c must lie within ``conservation_bounds``. Why
+    it can fail on a model LRP covers: z⁺ loses the relevance a neuron receives when it has no positive
+    contribution (a depthwise convolution that feeds the next layer without a ReLU, as in ShuffleNet:
+    0.35 of |y_c| left); α2β1 creates it where a neuron has no negative one (depthwise convolutions after
+    a ReLU: 6–9× in MobileNetV2 and MnasNet). ``methods``: LRP ids. Costs one LRP pass per rule on a copy;
+    the pipeline's planner runs it on the first image (``explain`` does not)."""
     if not methods:
         return
     free = bias_free(model)
+    targets = forward_logits(model, x).argmax(dim=1, keepdim=True)  # the class a run explains, not the copy's
     with torch.no_grad():
         logits = free(x)
-    targets = logits.argmax(dim=1, keepdim=True)
     y = logits.gather(1, targets)[:, 0]
     measurable = y.abs() > 1e-6 * logits.abs().amax(dim=1)  # a top logit of 0 has no ratio
     canonical = canonize(free, x)
@@ -102,16 +116,17 @@ def check_conservation(model: nn.Module, x: Tensor, methods: list[str], toleranc
         total = lrp_relevance(free, x, targets, name, canonical)[:, 0].flatten(1).sum(dim=1)
         start = y.abs() if name in FROM_ABSOLUTE_LOGIT else y
         ratio = (total / start)[measurable]
-        if not ((ratio - 1).abs() <= tolerance).all():
+        low, high = conservation_bounds(name)
+        if not ((ratio >= low) & (ratio <= high)).all():
             failed.append(f"{name} (Σ R / {'|y_c|' if name in FROM_ABSOLUTE_LOGIT else 'y_c'} = "
-                          f"{', '.join(f'{float(r):.3g}' for r in ratio)})")
+                          f"{', '.join(f'{float(r):.3g}' for r in ratio)}, allowed [{low:g}, {high:g}])")
     if failed:
         raise ValueError(
             f"LRP does not conserve relevance on {type(model).__name__} for {'; '.join(failed)}, measured on a "
-            f"bias-free copy at the top class of {x.shape[0]} image(s), where it must be 1 ± {tolerance:g}: the "
-            f"rule loses relevance at neurons that receive some but have no positive contribution (z⁺; e.g. "
-            f"a depthwise convolution feeding the next layer without a ReLU) or creates it where it finds no "
-            f"negative one (α2β1). Refused before any compute; drop these methods for this model")
+            f"bias-free copy at the model's top class of {x.shape[0]} image(s): the rule loses relevance at neurons that "
+            f"receive some but have no positive contribution (z⁺; e.g. a depthwise convolution feeding the next "
+            f"layer without a ReLU) or creates it where it finds no negative one (α2β1). Refused before any "
+            f"compute; drop these methods for this model")
 
 
 def _canonical(ctx) -> nn.Module:
