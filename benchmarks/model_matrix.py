@@ -8,8 +8,8 @@ random init (10 classes, BatchNorm statistics of the batch, as after training; a
 torchvision initialises to zeros gets N(0, 0.01²) weights, or every gradient would be 0), on two seeded
 images at the smallest of ``SIZES`` the model runs on and whose default CAM layer is more than 1×1,
 × every method id of the registry, and ``gradient`` with ``propagation="pos"``. Each cell is
-- ``ok``: finite maps and the method's property holds — LRP: Σ R within 1% of y_c (|y_c| for z⁺; α2β1,
-  which creates relevance at one-signed neurons by design, within [1/2, 2] of |y_c|) on a bias-free copy; a ReLU rule: the forward runs none of the nonlinearities the rule does not define
+- ``ok``: finite maps and the method's property holds — LRP: Σ R / y_c (|y_c| for z⁺, α2β1) on a bias-free
+  copy within the rule's ``conservation_bounds`` (ε 1%; z⁺ and ε+flat 10%; α2β1 [1/2, 2]); a ReLU rule: the forward runs none of the nonlinearities the rule does not define
   (the library's census and more: clamp, maximum, abs, exp, erf, layer_norm, …) and the rule's backward ran
   at every ReLU call; a CAM: the layer output is
   B×K×h×w with h·w > 1 after the library's layout handling;
@@ -350,7 +350,7 @@ def render(data: dict) -> str:
 
 HOW = ("Random init, 10 classes, BatchNorm statistics of the batch, two seeded images at the smallest input "
        "(32² … 299²) the model runs on with a default CAM layer larger than 1×1; IG and SmoothGrad with 4 steps/samples. "
-       "ok = finite maps and the method's property (LRP: Σ R within 1% of y_c on a bias-free copy, α2β1 within [1/2, 2]; ReLU rules: no "
+       "ok = finite maps and the method's property (LRP: Σ R / y_c on a bias-free copy within 1% for ε, 10% for z⁺ and ε+flat, [1/2, 2] for α2β1; ReLU rules: no "
        "nonlinearity but ReLU in the forward and the rule ran at every ReLU; CAMs: a B×K×h×w layer, h·w > 1). "
        "refused = the library's own error before any compute (explain's checks, and the LRP conservation check the "
        "pipeline's planner runs on the first image). WRONG = finite maps, property fails. "
