@@ -179,13 +179,11 @@ def test_the_graph_canonizer_merges_batchnorm_and_makes_residual_sums_explicit(m
     with torch.no_grad():
         before = model(x)
         canonical = canonize(model, x)
-        norms = [m for m in canonical.modules() if isinstance(m, nn.BatchNorm2d)]
-        assert len(norms) == 19 and all(m.running_var.eq(1).all() and m.weight.eq(1).all() for m in norms)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in canonical.modules())  # merged, then taken out
         merged = [m for m in canonical.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
         assert len(merged) == 19  # the stem and both convs of all 9 blocks
         assert sum(isinstance(m, Sum) for m in canonical.modules()) == 9  # one per block
-        # equal but for zennit's "identity" BatchNorm, which still divides by √(1 + eps): 1 − 5e-6 per layer
-        torch.testing.assert_close(canonical(x), before, rtol=0, atol=1e-4 * before.abs().max().item())
+        torch.testing.assert_close(canonical(x), before, rtol=0, atol=1e-5 * before.abs().max().item())
     assert_model_untouched(model, snapshot)
 
 
