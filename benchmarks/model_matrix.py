@@ -42,8 +42,7 @@ from saliency import passes
 from saliency.engine import cam_layer
 from saliency.layers import _OTHER_ACTIVATIONS, cam_layout
 from saliency.methods import get_method
-from saliency.methods.lrp import (FROM_ABSOLUTE_LOGIT, bias_free, check_conservation, conservation_bounds,
-                                  lrp_relevance)
+from saliency.methods.lrp import FROM_ABSOLUTE_LOGIT, check_conservation, conservation_bounds, conservation_ratios
 from saliency.reshape import as_channels_first
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,11 +164,8 @@ def _cam_shape(model: nn.Module, x: Tensor, layer: str) -> torch.Size:
 
 def lrp_ratio(model: nn.Module, x: Tensor, targets: Tensor, rule: str) -> list[float]:
     """Σ R / y_c (|y_c| for ``FROM_ABSOLUTE_LOGIT``) per image on a bias-free copy."""
-    copy = bias_free(model)
-    with torch.no_grad():
-        y = copy(x).gather(1, targets)[:, 0]
-    total = lrp_relevance(copy, x, targets, rule)[:, 0].sum((1, 2, 3))
-    return (total / (y.abs() if rule in FROM_ABSOLUTE_LOGIT else y)).tolist()
+    ratios, _ = conservation_ratios(model, x, targets, [rule])
+    return ratios[rule].tolist()
 
 
 # ------------------------------------------------------------------------------------------ one cell

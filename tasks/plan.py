@@ -16,7 +16,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from saliency.canonize import canonize
 from saliency.checks import check_input
 from saliency.engine import cam_layer, check_relu_rules
 from saliency.layers import cam_layout
@@ -145,9 +144,9 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     try:
         check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
         lrp_ids = [m for m in cfg.methods.ids if get_method(m).family == "lrp"]
-        if lrp_ids:
-            canonize(model, example)  # LRP on a node no rule covers: refused here, not per image
-            check_conservation(model, example, lrp_ids)  # and a rule that loses or creates relevance
+        # LRP on a node no rule covers (canonize's refusal), or a rule that loses or creates relevance:
+        # refused here, not per image
+        check_conservation(model, example, lrp_ids)
     except ValueError as error:
         raise ConfigError(f"config field `methods.ids`: {error}") from None
     layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)

@@ -93,7 +93,23 @@ CONSERVATION_BOUNDS = {"lrp_zplus": (0.9, 1.1), "lrp_epsilon_plus_flat": (0.9, 1
 
 
 def conservation_bounds(name: str) -> tuple[float, float]:
+    """The (low, high) bounds of ``CONSERVATION_BOUNDS`` for an LRP id; ε's 1% for any rule not listed."""
     return CONSERVATION_BOUNDS.get(name, (0.99, 1.01))
+
+
+def conservation_ratios(model: nn.Module, x: Tensor, targets: Tensor, methods: list[str]
+                        ) -> tuple[dict[str, Tensor], Tensor]:
+    """({rule: Σ R / y_c per image}, measurable): on a bias-free copy at ``targets`` (B×1), |y_c| for
+    ``FROM_ABSOLUTE_LOGIT``, one LRP pass per rule over one canonized copy; ``measurable`` is False where
+    y_c is ~0 next to the copy's largest logit (no ratio to read)."""
+    free = bias_free(model)
+    with torch.no_grad():
+        logits = free(x)
+    y = logits.gather(1, targets)[:, 0]
+    canonical = canonize(free, x)
+    ratios = {name: lrp_relevance(free, x, targets, name, canonical)[:, 0].flatten(1).sum(dim=1)
+              / (y.abs() if name in FROM_ABSOLUTE_LOGIT else y) for name in methods}
+    return ratios, y.abs() > 1e-6 * logits.abs().amax(dim=1)
 
 
 def check_conservation(model: nn.Module, x: Tensor, methods: list[str]) -> None:
@@ -103,21 +119,15 @@ def check_conservation(model: nn.Module, x: Tensor, methods: list[str]) -> None:
     contribution (a depthwise convolution that feeds the next layer without a ReLU, as in ShuffleNet:
     0.35 of |y_c| left); α2β1 creates it where a neuron has no negative one (depthwise convolutions after
     a ReLU: 6–9× in MobileNetV2 and MnasNet). ``methods``: LRP ids. Costs one LRP pass per rule on a copy;
-    the pipeline's planner runs it on the first image (``explain`` does not)."""
+    the pipeline's planner runs it on the first image (``explain`` does not). A model with layers no rule
+    covers is refused here too (by ``canonize``, with its own message)."""
     if not methods:
         return
-    free = bias_free(model)
     targets = forward_logits(model, x).argmax(dim=1, keepdim=True)  # the class a run explains, not the copy's
-    with torch.no_grad():
-        logits = free(x)
-    y = logits.gather(1, targets)[:, 0]
-    measurable = y.abs() > 1e-6 * logits.abs().amax(dim=1)  # a top logit of 0 has no ratio
-    canonical = canonize(free, x)
+    ratios, measurable = conservation_ratios(model, x, targets, methods)
     failed = []
     for name in methods:
-        total = lrp_relevance(free, x, targets, name, canonical)[:, 0].flatten(1).sum(dim=1)
-        start = y.abs() if name in FROM_ABSOLUTE_LOGIT else y
-        ratio = (total / start)[measurable]
+        ratio = ratios[name][measurable]
         low, high = conservation_bounds(name)
         if not ((ratio >= low) & (ratio <= high)).all():
             failed.append(f"{name} (Σ R / {'|y_c|' if name in FROM_ABSOLUTE_LOGIT else 'y_c'} = "
