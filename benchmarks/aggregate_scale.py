@@ -55,9 +55,9 @@ def synthetic_part(first_image: int, n_images: int, shard: int, seed: int = 0):
     from tasks.config import Config
 
     cfg = Config()
-    methods, metrics, seeds = cfg.methods.ids, cfg.metrics.names, cfg.randomization.seeds
+    methods, metrics, seeds = cfg.methods.ids, cfg.metrics.names, cfg.tests.mprt.seeds
     states = [f"{k:02d}:layer{k}" for k in range(10)]
-    blocks = [("class_sensitivity", other, 0, None, metric) for other in cfg.tests.others for metric in metrics]
+    blocks = [("class_sensitivity", other, 0, None, metric) for other in cfg.tests.class_sensitivity.others for metric in metrics]
     blocks += [("mprt", state, k, s, metric) for s in seeds for k, state in enumerate(states) for metric in metrics]
     blocks += [("emprt", state, k, s, "entropy_rise") for s in seeds for k, state in enumerate(states)]
     m, b, n = len(methods), len(blocks), n_images
@@ -141,8 +141,8 @@ def driver_child(n_images: int, out: str, n_boot: int) -> dict:
 
     overrides = ["model.name=cifar_resnet20", "data.dataset=imagefolder", f"data.root={out}/images",
                  "data.image_size=32", f"data.limit={n_images}", "methods.ids=gradient,edge_sobel,random",
-                 "metrics.names=ssim", f"metrics.n_boot={n_boot}", "randomization.seeds=0",
-                 "randomization.granularity=block", "tests.mprt=false", "tests.emprt=false", "storage.store_maps=none",
+                 "metrics.names=ssim", f"metrics.n_boot={n_boot}", "tests.mprt.seeds=0",
+                 "tests.mprt.granularity=block", "tests.mprt.enabled=false", "tests.emprt.enabled=false", "storage.store_maps=none",
                  "storage.report=false", "tracking.enabled=false", "compute.batch_size=100"]
     start = time.perf_counter()
     outcome = sanity_check(config=None, out=out, overrides=overrides, progress=False)

@@ -34,8 +34,8 @@ def main() -> None:
     rows = {}
     for _ in range(args.repeats):
         for k in times:
-            settings = Settings(methods=PAPER_METHODS, others=("min", "random"), randomization_seeds=[0],
-                                chance_partners=k)
+            settings = Settings(methods=PAPER_METHODS, chance_partners=k,
+                                options={"class_sensitivity": {"others": ["min", "random"]}, "mprt": {"seeds": [0]}})
             start = time.perf_counter()
             rows[k] = run_sanity(model, x, settings, image_ids=ids, labels=labels).num_rows
             times[k].append(time.perf_counter() - start)

@@ -98,7 +98,7 @@ from flows.sanity_check import sanity_check
 work = sys.argv[1]
 overrides = ["model.name=$MODEL", "model.num_classes=1000", "data.dataset=imagefolder", f"data.root={work}/images",
              "data.image_size=$SIZE", "data.limit=$IMAGES", "methods.ids=$METHODS", "metrics.names=ssim,spearman_abs",
-             "randomization.seeds=0", "randomization.granularity=block", "compute.device=$DEVICE",
+             "tests.mprt.seeds=0", "tests.mprt.granularity=block", "compute.device=$DEVICE",
              "compute.batch_size=$BATCH", "compute.images_per_shard=$PER_SHARD", "storage.store_maps=sample",
              "storage.report=false", "tracking.enabled=false"]
 start = time.perf_counter()

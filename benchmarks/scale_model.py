@@ -101,7 +101,7 @@ def measure_driver(n_shards: int) -> dict:
     from flows.sanity_check import sanity_check
 
     overrides = [f"data.limit={2 * n_shards}", "methods.ids=random", "metrics.names=ssim", "metrics.n_boot=10",
-                 "tests.mprt=false", "tests.emprt=false", "tests.others=min", "compute.images_per_shard=2",
+                 "tests.mprt.enabled=false", "tests.emprt.enabled=false", "tests.class_sensitivity.others=min", "compute.images_per_shard=2",
                  "compute.batch_size=2", "compute.actors=1", "storage.store_maps=none", "storage.report=false",
                  "tracking.enabled=false"]
     outcome = sanity_check(config=None, out=tempfile.mkdtemp(prefix="scale-driver-"), overrides=overrides)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "deployments" / "configs" / "cifar_resnet20.yaml"
-RUN = ["data.limit=50", "randomization.seeds=[0]", "compute.images_per_shard=25", "storage.sample_images=6",
+RUN = ["data.limit=50", "tests.mprt.seeds=[0]", "compute.images_per_shard=25", "storage.sample_images=6",
        "tracking.enabled=false"]
 MAX_BYTES = 300_000
 

@@ -389,7 +389,7 @@ def run_planned(cfg, plan: Plan, progress: bool, started: float, started_at: flo
     computed = sum(r["n_images"] for r in results)
     with phase(progress, "aggregating the scores (bootstrap CIs, verdicts)"):
         agg = aggregate(plan.run_dir, len(plan.shards), cfg.metrics.n_boot, cfg.seed, cfg.verdicts.rules(),
-                        cfg.randomization.order, plan.manifest)
+                        cfg.tests.options(), plan.manifest)
     previous = previous_revision(cfg, plan, scheduled)
     changes = None
     if previous is not None:  # what changed since the previous run of this config: terminal, report, MLflow

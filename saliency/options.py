@@ -22,11 +22,21 @@ PROPAGATION_POLICIES = ("signed", "pos")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, config: bool = True) -> Any:
-    """An ``Options`` field: ``choices``/``ge``/``gt``/``le`` are checked by ``explain`` and enforced by
-    the config; ``config=False`` keeps it out of the ``methods`` section (set elsewhere or per call)."""
+           gt: float | None = None, le: float | None = None, config: bool = True,
+           config_default: Any = dataclasses.MISSING, noun: str | None = None) -> Any:
+    """A field of an options dataclass (``Options``, a sanity test's options): ``choices``/``ge``/``gt``/
+    ``le`` are checked by ``check_options`` and enforced by the config; ``config=False`` keeps it out of
+    the config section (set elsewhere or per call); ``config_default``: the pipeline's default where it
+    differs from the library call's (MPRT: three seeds in a run, the call's own seed alone); ``noun``: what
+    one value is called in a refusal ("unknown other class 'max'"), default the field's name."""
     return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le,
-                                            "config": config})
+                                            "config": config, "config_default": config_default, "noun": noun})
+
+
+def config_default(f: dataclasses.Field) -> Any:
+    """The default of an option's config field."""
+    given = f.metadata["config_default"]
+    return f.default if given is dataclasses.MISSING else given
 
 
 @dataclass(frozen=True)
@@ -56,35 +66,50 @@ class Options:
         None, "images per chunk for integrated gradients and SmoothGrad (None = automatic)", ge=1, config=False)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check_option(f, getattr(self, f.name))
+        check_options(self)
 
 
 def check_option(f: dataclasses.Field, value: Any) -> None:
-    """Refuse a value outside the field's choices or bounds (None passes where None is the default)."""
+    """Refuse a value outside the field's choices or bounds (None passes where None is the default); a
+    tuple-valued field's choices and bounds hold for each of its items."""
     meta = f.metadata
     if value is None and f.default is None:
         return
-    if meta["choices"] is not None:
-        check_choice(f.name, value, meta["choices"])
-        return
-    bounds = [(meta["ge"], "≥", lambda v, b: v >= b), (meta["gt"], ">", lambda v, b: v > b),
-              (meta["le"], "≤", lambda v, b: v <= b)]
-    for bound, sign, holds in bounds:
-        if bound is not None and not (isinstance(value, (int, float)) and holds(value, bound)):
-            wanted = " and ".join(f"{s} {b:g}" for b, s, _ in bounds if b is not None)
-            raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
+    for item in value if isinstance(value, (tuple, list)) else [value]:
+        if meta["choices"] is not None:
+            check_choice(meta["noun"] or f.name, item, meta["choices"])
+            continue
+        bounds = [(meta["ge"], "≥", lambda v, b: v >= b), (meta["gt"], ">", lambda v, b: v > b),
+                  (meta["le"], "≤", lambda v, b: v <= b)]
+        for bound, sign, holds in bounds:
+            if bound is not None and not (isinstance(item, (int, float)) and holds(item, bound)):
+                wanted = " and ".join(f"{s} {b:g}" for b, s, _ in bounds if b is not None)
+                raise ValueError(f"{f.name} must be {wanted}, got {item!r}")
 
 
-def option_fields(config_only: bool = False) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(Options) if f.metadata["config"] or not config_only]
+def check_options(options: Any) -> None:
+    """Refuse any field of an options dataclass (``Options``, a sanity test's options) outside its
+    choices or bounds: call it from the dataclass's ``__post_init__``."""
+    for f in dataclasses.fields(options):
+        check_option(f, getattr(options, f.name))
 
 
-def option_types() -> dict[str, Any]:
+def option_fields(config_only: bool = False, cls: type = None) -> list[dataclasses.Field]:
+    """The ``option()`` fields of ``cls`` (default ``Options``); ``config_only``: those the config sets."""
+    return [f for f in dataclasses.fields(cls or Options) if f.metadata["config"] or not config_only]
+
+
+def option_types(cls: type = None) -> dict[str, Any]:
     """Each option's annotation, resolved (with its choices as a Literal, for the config)."""
-    hints = typing.get_type_hints(Options)
-    return {f.name: typing.Literal[f.metadata["choices"]] if f.metadata["choices"] else hints[f.name]
-            for f in option_fields()}
+    cls = cls or Options
+    hints = typing.get_type_hints(cls)
+
+    def resolved(f: dataclasses.Field) -> Any:
+        if not f.metadata["choices"]:
+            return hints[f.name]
+        choice = typing.Literal[f.metadata["choices"]]
+        return tuple[choice, ...] if typing.get_origin(hints[f.name]) is tuple else choice
+    return {f.name: resolved(f) for f in option_fields(cls=cls)}
 
 
 def make_options(**values: Any) -> Options:

@@ -495,7 +495,7 @@ def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "e
     """eMPRT (Hedström et al. 2023): mean relative entropy rise per method at its last (fully randomised)
     state with its 95% CI, methods in the verdict matrix's order (``family_positions``), each bar
     coloured by its verdict (VERDICT_BAR_COLOURS, from ``saliency.statistics.verdicts`` with ``rules``)
-    and the verdict threshold drawn: a CI wholly above ``rules.entropy_rise`` passes, one at or below fails."""
+    and the verdict threshold drawn: a CI wholly above ``rules.threshold('entropy_rise')`` passes, one at or below fails."""
     rows, models = _test_rows(summary, test, metric, model)
     judged = {(r["model"], r["method"], r["state"]): r["verdict"] for r in verdicts(summary, rules).to_pylist()
               if r["test"] == test and r["metric"] == metric}
@@ -521,9 +521,9 @@ def entropy_figure(summary: pa.Table, model: str | None = None, metric: str = "e
                 ax.bar(math.nan, math.nan, color=VERDICT_BAR_COLOURS[verdict], label=verdict)
         if None in found:
             ax.bar(math.nan, math.nan, color=NO_VERDICT_COLOUR, label="no verdict at this state")
-        ax.axhline(rules.entropy_rise, color="black", linestyle="--", linewidth=1.0, zorder=3,
-                   label=f"verdict threshold {rules.entropy_rise:g} (CI above: passes, at or below: fails)")
-        if rules.entropy_rise != 0.0:
+        ax.axhline(rules.threshold('entropy_rise'), color="black", linestyle="--", linewidth=1.0, zorder=3,
+                   label=f"verdict threshold {rules.threshold('entropy_rise'):g} (CI above: passes, at or below: fails)")
+        if rules.threshold('entropy_rise') != 0.0:
             ax.axhline(0.0, color="black", linewidth=0.6)
         _family_axis(ax, methods, x, spans)
         ax.scatter(x, mean, s=22, zorder=4, linewidths=0.8,  # a bar of height ~0 still shows its verdict

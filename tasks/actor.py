@@ -175,7 +175,7 @@ class ShardWorker:
         keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
         run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
                         model_name=self.cfg.model.name, logits=logits, progress=self._within_batch)
-        first_seed = self.cfg.randomization.seeds[0]
+        first_seed = self.cfg.tests.mprt.seeds[0]
         stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
         map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
                         for f in run.failures]

@@ -10,7 +10,7 @@ passes the manifest's); otherwise a second pass, after the first has found them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,11 +53,11 @@ def score_parts(run_dir: RunDir, n_shards: int, methods: Sequence[str] | None = 
 
 
 def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
-                    order: str = "cascade_top_down", plan: Manifest | None = None) -> Aggregate:
+                    options: Mapping[str, Any] | None = None, plan: Manifest | None = None) -> Aggregate:
     """Summary, verdicts and comparisons of a run directory's score parts, written next to them; with the
     run's ``plan`` (its methods and MPRT states) every part is read once."""
     summarizer, rows = SummaryAccumulator(n_boot, seed), 0
-    comparer = None if plan is None else ComparisonAccumulator(plan.methods, planned_curves(plan), order, n_boot,
+    comparer = None if plan is None else ComparisonAccumulator(plan.methods, planned_curves(plan), options, n_boot,
                                                                seed, rules)
     for part in score_parts(run_dir, n_shards):
         summarizer.add(part)
@@ -66,11 +66,11 @@ def aggregate_parts(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rule
         rows += part.num_rows
     summary = summarizer.summary()
     run_dir.write_table(summary, "summary.parquet")
-    verdict = verdicts(summary, rules, order=order)
+    verdict = verdicts(summary, rules, options)
     run_dir.write_table(verdict, "verdicts.parquet")
     if comparer is None:
         methods = sorted(set(summary["method"].to_pylist()))
-        comparer = ComparisonAccumulator(methods, curve_lengths(summary), order, n_boot, seed, rules)
+        comparer = ComparisonAccumulator(methods, curve_lengths(summary), options, n_boot, seed, rules)
         if comparer.methods:
             for part in score_parts(run_dir, n_shards, comparer.methods):
                 comparer.add(part)
@@ -87,5 +87,5 @@ def planned_curves(plan: Manifest) -> dict[tuple[str, str], int]:
 
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(run_dir: RunDir, n_shards: int, n_boot: int, seed: int, rules: VerdictRules = VerdictRules(),
-              order: str = "cascade_top_down", plan: Manifest | None = None) -> Aggregate:
-    return aggregate_parts(run_dir, n_shards, n_boot, seed, rules, order, plan)
+              options: Mapping[str, Any] | None = None, plan: Manifest | None = None) -> Aggregate:
+    return aggregate_parts(run_dir, n_shards, n_boot, seed, rules, options, plan)

@@ -15,7 +15,7 @@ import pyarrow as pa
 from saliency.plots import method_groups, mprt_overlay_figure
 from saliency.sanity import get_test, sanity_tests
 from tasks.manifest import Manifest, read_manifest
-from tasks.report_content import SCOPE_WORDS, headline_metrics, matrix_cell, matrix_columns, run_line
+from tasks.report_content import headline_metrics, matrix_cell, matrix_columns, run_line, scope_words
 from tasks.storage import RunDir
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
@@ -123,7 +123,7 @@ def write_comparison(runs: list[Run], out_dir: str | Path) -> Path:
             figures.append({"file": name, "alt": name, "caption": f"{test.title}: R per randomised layer, "
                             f"{metric}, one line per run, 95% CI bands",
                             "data": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()})
-    heads = [{"test": get_test(t).title, "scope": s, "words": SCOPE_WORDS.get(s, "")} for t, s in columns]
+    heads = [{"test": get_test(t).title, "scope": s, "words": scope_words(t, s)} for t, s in columns]
     page = _TEMPLATES.get_template("compare.html").render(
         runs=[{"label": r.label, "location": r.location, "line": run_line(r.summary, None, r.manifest)} for r in runs],
         heads=heads, groups=[(family, [r for r in rows if r["family"] == family])

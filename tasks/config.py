@@ -5,9 +5,12 @@ file. A bad value raises ``ConfigError`` naming the field (``tests.others``) and
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from saliency.data import DATASETS, SPLITS
 from saliency.methods import PAPER_METHODS, available_methods
-from saliency.options import option_fields, option_types
-from saliency.randomize import BN_STATS, GRANULARITIES, INITS, ORDERS
+from saliency.options import config_default, option_fields, option_types
 from saliency.reshape import LAYER_LAYOUTS
-from saliency.sanity import CHANCE_PARTNERS, OTHERS, TARGET_MODES, Settings, sanity_tests
+from saliency.sanity import CHANCE_PARTNERS, Settings, sanity_tests
 from saliency.similarity import METRICS
 from saliency.statistics import VerdictRules
 
@@ -32,7 +34,7 @@ class ConfigError(ValueError):
 
 
 def _split_commas(value: Any) -> Any:
-    """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set randomization.seeds=0`` a
+    """``--set methods.ids=gradient,gradcampp`` gives a string and ``--set tests.mprt.seeds=0`` a
     number; lists accept comma-separated strings and single values (``--set methods.ids=`` gives None: no
     value, so an empty list, which the field then refuses with what is allowed)."""
     if value is None:
@@ -110,82 +112,117 @@ class _MethodsBase(Section):
         return self.model_dump(exclude={"ids"})
 
 
-def _option_field(f) -> tuple[Any, Any]:
+def _is_sequence(annotation: Any) -> bool:
+    """A tuple/list annotation, or an optional one."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_sequence(arg) for arg in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (tuple, list)
+
+
+def _lists_for_tuples(annotation: Any) -> Any:
+    """The config's type of an option: ``tuple[X, ...]`` (an immutable dataclass field) as ``list[X]``,
+    as YAML and ``--set a,b`` give them."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_lists_for_tuples(arg) for arg in typing.get_args(annotation))]
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
+
+
+def _option_field(f: dataclasses.Field, cls: type | None = None) -> tuple[Any, Any]:
+    """A config field from an ``option()`` field of ``cls`` (default ``saliency.options.Options``): its type
+    (choices as a Literal), its config default, its help and its bounds (a sequence's bounds hold for each
+    item and are checked by the dataclass itself)."""
     meta = f.metadata
-    bounds = {key: meta[key] for key in ("ge", "gt", "le") if meta[key] is not None}
-    return option_types()[f.name], Field(f.default, description=meta["help"], **bounds)
+    annotation = _lists_for_tuples(option_types(cls)[f.name])
+    bounds = {} if _is_sequence(annotation) else {key: meta[key] for key in ("ge", "gt", "le") if meta[key] is not None}
+    default = config_default(f)
+    return annotation, Field(list(default) if isinstance(default, tuple) else default, description=meta["help"],
+                             **bounds)
 
 
 MethodsConfig = create_model("MethodsConfig", __base__=_MethodsBase,
                              **{f.name: _option_field(f) for f in option_fields(config_only=True)})
 
 
-class _TestsBase(Section):
-    """One on/off field per registered sanity test (``saliency.sanity.sanity_tests()``), plus options."""
+class _TestSection(Section):
+    """The section ``tests.<id>`` of one sanity test: ``enabled`` and one field per option of its options
+    dataclass (``SanityTest.options``), checked by that dataclass too."""
 
-    others: list[Literal[OTHERS]] = Field(["min", "random"], description="class sensitivity: the other "
-                                          "classes compared with the top class")
+    enabled: bool = True
 
-    _split = field_validator("others", mode="before")(_split_commas)
-
-    @field_validator("others")
+    @field_validator("*", mode="before")
     @classmethod
-    def _distinct_others(cls, others: list[str]) -> list[str]:
-        return _check_choices(others, OTHERS, "other classes")
+    def _sequences_from_commas(cls, value: Any, info) -> Any:
+        return _split_commas(value) if _is_sequence(cls.model_fields[info.field_name].annotation) else value
+
+    @model_validator(mode="after")
+    def _options_valid(self) -> "_TestSection":
+        self.options()  # the dataclass's own checks (distinct seeds, …) with its message
+        return self
+
+    def options(self) -> Any:
+        """The test's options dataclass with this section's values."""
+        declared = self._declared.options
+        values = self.model_dump(exclude={"enabled"})
+        return declared(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _test_section(test) -> type[_TestSection]:
+    fields: dict[str, Any] = {
+        "enabled": (bool, Field(test.enabled_by_default, description="run this test"
+                                + (f" (scored on the {test.maps_from} maps)" if test.maps_from else "")))}
+    fields |= {f.name: _option_field(f, test.options) for f in option_fields(config_only=True, cls=test.options)}
+    section = create_model(f"TestConfig_{test.id}", __base__=_TestSection, **fields)
+    section._declared = test
+    return section
+
+
+class _TestsBase(Section):
+    """One section per registered sanity test (``saliency.sanity.sanity_tests()``), generated from it."""
 
     def enabled(self) -> list[str]:
         """The ids of the tests switched on, in registry order."""
-        return [test.id for test in sanity_tests() if getattr(self, test.id)]
+        return [test.id for test in sanity_tests() if getattr(self, test.id).enabled]
+
+    def options(self) -> dict[str, Any]:
+        """Every test's options (``Settings.options``), switched on or not: a test reads another's
+        (eMPRT's states are MPRT's)."""
+        return {test.id: getattr(self, test.id).options() for test in sanity_tests()}
 
     @model_validator(mode="after")
     def _some_test_enabled(self) -> "_TestsBase":
         """A run without a test would start Ray and fail in a shard a minute later: refuse it now."""
         if not self.enabled():
             raise ValueError("no sanity test is enabled; set at least one of "
-                             f"{', '.join(test.id for test in sanity_tests())} to true")
+                             f"{', '.join(f'tests.{test.id}.enabled' for test in sanity_tests())} to true")
         return self
 
 
 TestsConfig = create_model(
     "TestsConfig", __base__=_TestsBase,
-    **{test.id: (bool, Field(test.enabled_by_default, description=f"run {test.title}"
-                             + (f" (scored on the {test.maps_from} maps)" if test.maps_from else "")))
-       for test in sanity_tests()})
+    **{test.id: (section, Field(default_factory=section, description=test.title))
+       for test in sanity_tests() for section in [_test_section(test)]})
 
 
-class RandomizationConfig(Section):
-    order: Literal[ORDERS] = Field("cascade_top_down", description="order of the randomised layers")
-    granularity: Literal[GRANULARITIES] = Field("module", description="one state per module or per block")
-    init: Literal[INITS] = Field("reset", description="reset_parameters() or normal(sigma)")
-    sigma: float = Field(0.01, gt=0, description="std of the normal init")
-    bn_stats: Literal[BN_STATS] = Field("reset", description="BatchNorm running statistics of a randomised layer: reset (mean 0, var 1, as Quantus) or keep the trained ones")
-    target: Literal[TARGET_MODES] = Field("original", description="explain the original top class, or "
-                                          "recompute the argmax of each randomised model")
-    seeds: list[int] = Field([0, 1, 2], description="randomisation seeds: every MPRT state is computed once per "
-                             "seed, and the CI resamples seeds, then images")
-
-    _split = field_validator("seeds", mode="before")(_split_commas)
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError("give one or more distinct non-negative seeds")
-        return seeds
-
-
-class VerdictConfig(Section):
+class _VerdictBase(Section):
     retention: float = Field(0.5, gt=0, lt=1, description="R threshold: fail when CI_low(R) is above it, pass "
                              "when CI_high(R) is below it (R = (s − chance)/(retest − chance))")
     min_gap: float = Field(0.2, ge=0, description="uninformative when mean(retest − chance) is below it")
     retention_spread: float = Field(0.1, ge=0, lt=0.5, description="every retention verdict is also read at "
                                     "retention ± this; one that changes there is marked threshold-sensitive")
-    entropy_rise: float = Field(0.0, description="eMPRT passes when the entropy rise's CI is above it")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise level of the Holm-corrected paired "
                          "pos/abs-vs-signed comparisons")
 
     def rules(self) -> VerdictRules:
-        return VerdictRules(**self.model_dump())
+        return VerdictRules.from_dict(self.model_dump())
+
+
+#: The shared thresholds, then each registered test's own (``SanityTest.thresholds``).
+VerdictConfig = create_model(
+    "VerdictConfig", __base__=_VerdictBase,
+    **{f.name: _option_field(f, test.thresholds) for test in sanity_tests()
+       for f in option_fields(config_only=True, cls=test.thresholds)})
 
 
 class MetricsConfig(Section):
@@ -239,12 +276,11 @@ class TrackingConfig(Section):
 
 class Config(Section):
     seed: int = Field(0, ge=0, description="seed of the random classes, noise and bootstrap (randomised models: "
-                      "randomization.seeds)")
+                      "tests.mprt.seeds)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     methods: MethodsConfig = Field(default_factory=MethodsConfig)
     tests: TestsConfig = Field(default_factory=TestsConfig)
-    randomization: RandomizationConfig = Field(default_factory=RandomizationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     verdicts: VerdictConfig = Field(default_factory=VerdictConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
@@ -276,7 +312,6 @@ class Config(Section):
         """The library call this config asks for, per batch (the one place that maps config to
         ``saliency.sanity``: the actor and the benchmarks use it). With the run's ``manifest``, what the
         planner decided — the CAM layer, its layout, MPRT's layers — is passed down, not traced again."""
-        r = self.randomization
         layer, layout = self.model.layer, self.model.layer_layout
         if manifest is not None:
             layer, layout = manifest.cam_layer, manifest.cam_layout or layout
@@ -284,9 +319,7 @@ class Config(Section):
         return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
                         seed=self.seed, layer=layer, layers=None if manifest is None else manifest.layers,
                         explain_kwargs=self.methods.explain_kwargs() | declared,
-                        others=self.tests.others, order=r.order, granularity=r.granularity, init=r.init,
-                        target=r.target, bn_stats=r.bn_stats, sigma=r.sigma, randomization_seeds=r.seeds,
-                        chance_partners=self.metrics.chance_partners)
+                        chance_partners=self.metrics.chance_partners, options=self.tests.options())
 
     def flat(self) -> dict[str, Any]:
         """``{"data.limit": 1000, ...}``: dotted keys, lists joined by commas (for MLflow params)."""
@@ -309,6 +342,9 @@ def _format_errors(error: ValidationError) -> str:
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
+        first_word = message.partition(" ")[0]
+        if item["type"] == "value_error" and first_word in _allowed_keys(item["loc"]):
+            field += f".{first_word}"  # a test's options dataclass names its field first (``seeds must be …``)
         if item["type"] == "extra_forbidden":
             message = f"unknown field; allowed: {', '.join(_allowed_keys(item['loc'][:-1]))}"
         got = item.get("input")
@@ -329,6 +365,41 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 #: Section names of earlier versions, still read: {old: new}.
 RENAMED_SECTIONS = {"randomisation": "randomization"}
+#: Where keys of earlier versions live now: the randomisation section is MPRT's options, class
+#: sensitivity's others its own, and a test's on/off switch is its section's ``enabled``.
+MOVED_KEYS = {("randomization",): ("tests", "mprt"), ("tests", "others"): ("tests", "class_sensitivity", "others")}
+
+
+def _current_path(path: list[str], value: Any) -> list[str]:
+    """An earlier version's key path as today's (``randomization.seeds`` → ``tests.mprt.seeds``,
+    ``tests.mprt=false`` → ``tests.mprt.enabled``)."""
+    for old, new in MOVED_KEYS.items():
+        if tuple(path[:len(old)]) == old:
+            path = list(new) + path[len(old):]
+    if len(path) == 2 and path[0] == "tests" and isinstance(value, bool):
+        path = path + ["enabled"]
+    return path
+
+
+def _current_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping written for an earlier version, its moved keys put where they live now."""
+    tests = data.get("tests")
+    moved: list[tuple[list[str], Any]] = []
+    if isinstance(data.get("randomization"), dict):
+        moved += [(["randomization", key], value) for key, value in data.pop("randomization").items()]
+    if isinstance(tests, dict):
+        for key in [k for k, v in tests.items() if k == "others" or isinstance(v, bool)]:
+            moved.append((["tests", key], tests.pop(key)))
+    for path, value in moved:
+        target = data
+        new = _current_path(path, value)
+        for part in new[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"config field `{'.'.join(new)}` (written as `{'.'.join(path)}`) conflicts "
+                                  "with another value")
+        target[new[-1]] = value
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -338,7 +409,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects key.path=value, got {text!r}")
     path = key.strip().split(".")
     path[0] = RENAMED_SECTIONS.get(path[0], path[0])
-    return path, yaml.safe_load(value) if value.strip() else None
+    parsed = yaml.safe_load(value) if value.strip() else None
+    return _current_path(path, parsed), parsed
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -386,6 +458,7 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
                 raise ConfigError(f"config has both `{old}` and `{new}`; `{old}` is the old name of `{new}`: "
                                   "keep one")
             data[new] = data.pop(old)
+    data = _current_layout(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:
@@ -397,16 +470,19 @@ def load_config(source: str | Path | dict[str, Any] | None = None,
 def default_yaml() -> str:
     """The embedded default configuration as YAML, every field preceded by its description."""
     lines = ["# saliency-sanity configuration: every field with its default."]
-    defaults = Config().model_dump(mode="json")
-    for name, field in Config.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append(f"{name}:")
-            for sub, sub_field in annotation.model_fields.items():
-                lines.append(f"  # {sub_field.description}")
-                dumped = yaml.safe_dump({sub: defaults[name][sub]}, default_flow_style=True, width=10**6)
-                lines.append("  " + dumped.strip().removeprefix("{").removesuffix("}"))
-        else:
-            lines.append(f"# {field.description}")
-            lines.append(f"{name}: {json.dumps(defaults[name])}")
+
+    def section(model: type[BaseModel], values: dict[str, Any], indent: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                if indent:
+                    lines.append(f"{indent}# {field.description}")
+                lines.append(f"{indent}{name}:")
+                section(annotation, values[name], indent + "  ")
+                continue
+            lines.append(f"{indent}# {field.description}")
+            dumped = yaml.safe_dump({name: values[name]}, default_flow_style=True, width=10**6)
+            lines.append(indent + dumped.strip().removeprefix("{").removesuffix("}"))
+
+    section(Config, Config().model_dump(mode="json"), "")
     return "\n".join(lines) + "\n"

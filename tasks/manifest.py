@@ -89,7 +89,15 @@ class Manifest(_Strict):
     model_check: ModelCheck | None = None  # None in manifests written before it was measured
     code_changes: list[CodeChange] = Field(default_factory=list)
     weights_sha256: str = ""  # of the model's state_dict as run ("" in manifests written before it was kept)
+    test_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # each test's options as run
     digest: str = ""  # sha256 of every other field, set when written (see content_digest)
+
+    def options(self) -> dict[str, Any]:
+        """Each test's options as the run used them (``Settings.options``); a manifest written before
+        they were recorded gives MPRT's order, the one option its verdict scopes read."""
+        from saliency.sanity import make_test_options
+        recorded = self.test_options or {"mprt": {"order": self.randomization.order}}
+        return {test: make_test_options(test, values) for test, values in recorded.items()}
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as manifest.json."""

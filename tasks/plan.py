@@ -149,9 +149,9 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         check_conservation(model, example, lrp_ids)
     except ValueError as error:
         raise ConfigError(f"config field `methods.ids`: {error}") from None
-    layers = parameter_layers(model, example_input=example, granularity=cfg.randomization.granularity)
+    layers = parameter_layers(model, example_input=example, granularity=cfg.tests.mprt.granularity)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
-    r = cfg.randomization
+    r = cfg.tests.mprt
     return Manifest.model_validate({
         "run_id": cfg.run_id(),
         "run_name": cfg.run_name(),
@@ -179,6 +179,8 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "cam_layer": (layer := run_cam_layer(cfg, model, example)),
         "cam_layout": run_cam_layout(cfg, model, example, layer),
         "verdict_rules": cfg.verdicts.rules().as_dict(),
+        "test_options": {test: section.model_dump(mode="json", exclude={"enabled"})
+                         for test, section in cfg.tests},
         "layers": layers,
         "states": state_names(layers, r.order),
         "shards": [{"index": s.index, "start": s.start, "stop": s.stop, "n_images": s.n_images,

@@ -65,7 +65,7 @@ def write_report(summary: pa.Table, out_dir: str | Path, *, scores: pa.Table | N
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rules = VerdictRules(**manifest.verdict_rules) if manifest else VerdictRules()
+    rules = VerdictRules.from_dict(manifest.verdict_rules) if manifest else VerdictRules()
     used: set[str] = set()
 
     def image(stem: str, fig: Figure, dpi: int) -> dict:

@@ -11,12 +11,14 @@ import pyarrow.compute as pc
 
 from saliency.plots import CONTROLS, method_groups, order_methods
 from saliency.sanity import get_test, sanity_tests
-from saliency.statistics import CONTROL_EXPECTATIONS, control_checks
+from saliency.statistics import control_checks, control_methods
 from tasks.manifest import Manifest
 
-SCOPE_WORDS = {"min": "least likely class", "random": "random other class", "second": "second class",
-               "head": "head randomised", "cascade": "mean over the cascade", "full": "fully randomised"}
-"""Plain words under a scope's name in the matrix header (a scope not listed shows its name only)."""
+def scope_words(test: str, scope: str) -> str:
+    """Plain words under a scope's name in the matrix header, as its test declares them (a scope it
+    does not name shows its name only)."""
+    return get_test(test).scope_words.get(scope, "")
+
 
 def facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None) -> list[tuple[str, object]]:
     """(label, text) facts of the run: from the manifest, else what the tables tell."""
@@ -103,13 +105,13 @@ def _column_heads(columns: list[tuple[str, str]], headline: dict[str, str]) -> l
     heads = []
     for test, scope in columns:
         if heads and heads[-1]["test"] == test:
-            heads[-1]["scopes"].append({"scope": scope, "words": SCOPE_WORDS.get(scope, "")})
+            heads[-1]["scopes"].append({"scope": scope, "words": scope_words(test, scope)})
             continue
         declared = get_test(test)
         heads.append({"test": test, "title": declared.title, "metric": headline[test],
                       "quantity": "R" if declared.normalised else "value",
                       "description": declared.description,
-                      "scopes": [{"scope": scope, "words": SCOPE_WORDS.get(scope, "")}]})
+                      "scopes": [{"scope": scope, "words": scope_words(test, scope)}]})
     return heads
 
 
@@ -355,7 +357,7 @@ def paired_section(verdicts: pa.Table, comparisons: pa.Table) -> dict:
                     cells.append({"verdict": lines[0]["verdict"] if lines else "", "lines": lines})
                 rows.append({"method": method, "role": "signed" if method == signed else "variant", "cells": cells})
             blocks.append({"model": model if several else None, "rows": rows})
-    return {"columns": [{"test": get_test(t).title, "scope": s, "words": SCOPE_WORDS.get(s, "")} for t, s in columns],
+    return {"columns": [{"test": get_test(t).title, "scope": s, "words": scope_words(t, s)} for t, s in columns],
             "blocks": blocks}
 
 
@@ -389,7 +391,7 @@ def controls_section(verdicts: pa.Table) -> dict:
         if c["scope"] not in scopes:
             scopes.append(c["scope"])
     tests = [t.id for t in sanity_tests()]
-    controls = list(dict.fromkeys(method for method, _, _ in CONTROL_EXPECTATIONS))
+    controls = control_methods()
     made = "; ".join(f"{control} {VERBS.get(expected, expected)} in " + ", ".join(
         f"{test} ({', '.join(by_test[test])})" for test in sorted(by_test, key=lambda t: _rank(t, tests)))
         for (control, expected), by_test in sorted(tested.items(), key=lambda item: _rank(item[0][0], controls)))

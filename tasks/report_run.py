@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saliency.plots import PAPER_FIGURE, example_maps_figure, method_groups, paper_figure
-from saliency.sanity import ORIGINAL, get_test, sanity_tests
+from saliency.sanity import ORIGINAL, get_test, options_of, sanity_tests
 from tasks.manifest import Manifest, read_manifest
 from tasks.report import write_report
 from tasks.storage import RunDir
@@ -71,7 +71,7 @@ def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, st
     n_states: dict[str, int] = {}
     for test, index in zip(maps["test"].to_pylist(), maps["state_index"].to_pylist()):
         n_states[test] = max(n_states.get(test, 0), index + 1)
-    order = manifest.randomization.order if manifest else "cascade_top_down"
+    options = manifest.options() if manifest else {}
     keyed = {}
     for row in maps.to_pylist():
         array = np.asarray(row["map"], dtype=np.float32).reshape(shape)
@@ -79,7 +79,8 @@ def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, st
         if row["test"] == ORIGINAL:
             keys = {ORIGINAL}
         else:
-            scope = get_test(row["test"]).scope(row["state"], row["state_index"], n_states[row["test"]], order)
+            scope = get_test(row["test"]).scope(row["state"], row["state_index"], n_states[row["test"]],
+                                                options_of(options, row["test"]))
             if scope:
                 keys.add(scope)
         for key in keys:

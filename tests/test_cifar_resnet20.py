@@ -246,8 +246,9 @@ def test_shipped_config_runs_the_papers_comparison_on_this_model():
     assert (cfg.model.name, cfg.data.dataset, cfg.data.split, cfg.data.limit) == \
         ("cifar_resnet20", "cifar10_sample", "test", None)
     assert cfg.methods.ids == list(PAPER_METHODS)
-    assert cfg.tests.class_sensitivity and cfg.tests.others == ["min", "random"] and cfg.tests.mprt
-    assert cfg.randomization.seeds == [0, 1, 2] and cfg.randomization.order == "cascade_top_down"
+    assert cfg.tests.enabled() == ["class_sensitivity", "mprt", "emprt"]
+    assert cfg.tests.class_sensitivity.others == ["min", "random"]
+    assert cfg.tests.mprt.seeds == [0, 1, 2] and cfg.tests.mprt.order == "cascade_top_down"
     dataset, model = load_data(cfg), load_configured_model(cfg)
     assert len(dataset) == 100 and isinstance(model, CifarResNet)
     assert len(parameter_layers(model, dataset[0].image[None])) == 39  # stem conv, bn; 9 × 4; linear

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -15,7 +16,7 @@ from saliency.methods import available_methods
 
 runner = CliRunner()
 TINY_SETS = ["data.limit=6", "methods.ids=gradient,edge_sobel", "compute.images_per_shard=3",
-             "compute.batch_size=3", "metrics.names=ssim", "metrics.n_boot=20", "tests.others=min",
+             "compute.batch_size=3", "metrics.names=ssim", "metrics.n_boot=20", "tests.class_sensitivity.others=min",
              "storage.sample_images=1"]
 
 
@@ -38,15 +39,23 @@ def test_config_prints_the_documented_default():
     result = runner.invoke(app, ["config"])
     assert result.exit_code == 0
     assert Config.model_validate(yaml.safe_load(result.output)) == Config()
-    assert result.output.count("  # ") == sum(len(type(getattr(Config(), name)).model_fields)
-                                              for name, field in Config.model_fields.items() if name != "seed")
+
+    def documented(model, depth: int) -> int:  # every field below the top level has its help above it
+        count = 0
+        for field in model.model_fields.values():
+            nested = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            count += (depth > 0) + (documented(field.annotation, depth + 1) if nested else 0)
+        return count
+
+    assert result.output.count("  # ") == documented(Config, 0)
+    assert "  mprt:\n    # run this test\n    enabled: true\n" in result.output  # a test's generated section
 
 
 def test_run_with_a_bad_setting_exits_2_naming_the_field(tmp_path):
-    result = runner.invoke(app, ["run", "--out", str(tmp_path), "--set", "tests.others=max"],
+    result = runner.invoke(app, ["run", "--out", str(tmp_path), "--set", "tests.class_sensitivity.others=max"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 2
-    assert "tests.others" in result.output and "'min', 'random' or 'second'" in result.output
+    assert "tests.class_sensitivity.others" in result.output and "'min', 'random' or 'second'" in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "does not exist" in result.output
 

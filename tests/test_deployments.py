@@ -11,7 +11,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = ["data.limit=4", "methods.ids=gradient", "compute.images_per_shard=2", "compute.batch_size=2",
-                  "metrics.names=ssim", "metrics.n_boot=10", "tests.others=min", "storage.store_maps=none",
+                  "metrics.names=ssim", "metrics.n_boot=10", "tests.class_sensitivity.others=min", "storage.store_maps=none",
                   "storage.report=false", "tracking.enabled=false"]
 
 

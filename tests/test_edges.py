@@ -221,8 +221,8 @@ def test_only_the_names_a_run_writes_are_parts_and_everything_else_is_listed(tmp
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["tests.class_sensitivity=false", "tests.mprt=false", "tests.emprt=false"],
-     "config field `tests`: no sanity test is enabled; set at least one of class_sensitivity, mprt, emprt to true"),
+    (["tests.class_sensitivity.enabled=false", "tests.mprt.enabled=false", "tests.emprt.enabled=false"],
+     "config field `tests`: no sanity test is enabled; set at least one of tests.class_sensitivity.enabled, tests.mprt.enabled, tests.emprt.enabled to true"),
     (["methods.ids="], "config field `methods.ids`: at least one method ids is needed; allowed: gradient, "),
     (["metrics.names="], "config field `metrics.names`: at least one metrics is needed; allowed: ssim, "),
 ], ids=["no test", "no method", "no metric"])

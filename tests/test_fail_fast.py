@@ -186,8 +186,8 @@ def rows_expected(config: dict) -> int:
 
     cfg = load_config(config)
     states = len(parameter_layers(load_model("reference"), example_input=torch.zeros(1, 1, 28, 28)))
-    metrics, seeds = len(cfg.metrics.names), len(cfg.randomization.seeds)
-    per_image = len(cfg.tests.others) * metrics + seeds * (states * metrics + states)
+    metrics, seeds = len(cfg.metrics.names), len(cfg.tests.mprt.seeds)
+    per_image = len(cfg.tests.class_sensitivity.others) * metrics + seeds * (states * metrics + states)
     return cfg.data.limit * len(cfg.methods.ids) * per_image
 
 

@@ -55,7 +55,8 @@ def test_the_net_gives_non_finite_gradients(model):
 
 def test_non_finite_maps_become_failures_and_the_other_scores_stay(model):
     x = torch.rand(B, 1, 8, 8)
-    run = SanityRun(model, x, Settings(methods=["edge_sobel", "gradient"], others=["min", "random"],
+    run = SanityRun(model, x, Settings(methods=["edge_sobel", "gradient"],
+                                       options={"class_sensitivity": {"others": ["min", "random"]}},
                                        metrics=["ssim", "spearman_abs"]))
     blocks = list(run.blocks())
     table = run.table()

@@ -281,8 +281,8 @@ def test_a_client_without_the_ray_token_cannot_attach(ray_local):
 
 # ----------------------------------------------------------------------------------------------- bad input
 def test_config_errors_name_the_field_and_the_allowed_values(tmp_path):
-    with pytest.raises(ConfigError, match=r"`randomization.order`.*'cascade_top_down'.*'independent'"):
-        load_config(overrides=["randomization.order=sideways"])
+    with pytest.raises(ConfigError, match=r"`tests.mprt.order`.*'cascade_top_down'.*'independent'"):
+        load_config(overrides=["tests.mprt.order=sideways"])
     with pytest.raises(ConfigError, match=r"`methods.ids`: unknown method ids \['gradcamm'\]; allowed: .*gradcampp"):
         load_config({"methods": {"ids": ["gradcamm"]}})
     with pytest.raises(ConfigError, match=r"`data.limt`: unknown field; allowed at data: dataset, split, limit"):
@@ -306,25 +306,29 @@ def test_flow_rejects_a_bad_config_before_any_work(prefect_server, tmp_path):
 def test_config_defaults_overrides_and_identity():
     cfg = load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp", "compute.actors=3"])
     assert cfg.data.limit == 32 and cfg.methods.ids == ["gradient", "gradcampp"]
-    assert load_config(overrides=["randomization.seeds=4"]).randomization.seeds == [4]
-    assert load_config(overrides=["randomization.seeds=4,5"]).randomization.seeds == [4, 5]
-    for bad in ("randomization.seeds=1,1", "randomization.seeds=-1", "tests.others=min,min", "data.limit=true",
-                "model.weights=false"):
+    assert load_config(overrides=["tests.mprt.seeds=4"]).tests.mprt.seeds == [4]
+    assert load_config(overrides=["tests.mprt.seeds=4,5"]).tests.mprt.seeds == [4, 5]
+    for bad in ("tests.mprt.seeds=1,1", "tests.mprt.seeds=-1", "tests.class_sensitivity.others=min,min",
+                "tests.emprt.bins=1", "data.limit=true", "model.weights=false"):
         with pytest.raises(ConfigError, match=bad.partition("=")[0]):
             load_config(overrides=[bad])
     # compute settings other than batching/sharding do not change the experiment
     assert cfg.run_id() == load_config(overrides=["data.limit=32", "methods.ids=gradient,gradcampp"]).run_id()
     assert cfg.run_id() != load_config(overrides=["data.limit=32", "methods.ids=gradient"]).run_id()
     default = Config()
-    assert default.data.limit == 1000 and default.randomization.order == "cascade_top_down"
+    assert default.data.limit == 1000 and default.tests.mprt.order == "cascade_top_down"
     # a shard is one batch unless set: the same batches (chance partners), so the same experiment
     assert default.compute.shard_images == default.compute.batch_size == 50
     assert default.run_id() == load_config(overrides=["compute.images_per_shard=50"]).run_id()
     assert default.run_id() != load_config(overrides=["compute.images_per_shard=100"]).run_id()
-    assert default.tests.others == ["min", "random"] and default.randomization.granularity == "module"
+    assert default.tests.class_sensitivity.others == ["min", "random"] and default.tests.mprt.granularity == "module"
     text = default_yaml()
     for section, field in (("compute", "images_per_shard"), ("storage", "store_maps"), ("tracking", "uri")):
         assert f"  {field}:" in text
+    # each test's section, generated from its options dataclass, with each option's help above it
+    assert "  mprt:\n    # run this test\n    enabled: true\n    # order of the randomised layers\n" in text
+    assert "    # equal bins of each map's histogram (Quantus: 100)\n    bins: 100\n" in text
+    assert "  # eMPRT passes when the entropy rise's CI is above it\n  entropy_rise: 0.0\n" in text
     import yaml
 
     assert Config.model_validate(yaml.safe_load(text)) == default
@@ -460,11 +464,16 @@ def test_parts_are_atomic_and_temporaries_are_cleaned(tmp_path):
     assert RunDir("file://" + str(tmp_path / "run")).done_shards() == {1, 3}
 
 
-def test_the_old_spelling_of_the_randomization_section_is_still_read(tmp_path):
+def test_the_keys_of_earlier_versions_are_still_read_where_they_live_now(tmp_path):
     old = tmp_path / "old.yaml"
-    old.write_text("randomisation:\n  seeds: [3, 4]\n")
-    assert load_config(old).randomization.seeds == [3, 4]
-    assert load_config(overrides=["randomisation.order=independent"]).randomization.order == "independent"
+    old.write_text("randomisation:\n  seeds: [3, 4]\ntests:\n  emprt: false\n  others: [second]\n")
+    cfg = load_config(old)
+    assert cfg.tests.mprt.seeds == [3, 4] and not cfg.tests.emprt.enabled
+    assert cfg.tests.class_sensitivity.others == ["second"]
+    assert load_config(overrides=["randomisation.order=independent"]).tests.mprt.order == "independent"
+    again = load_config(overrides=["randomization.seeds=5", "tests.mprt=false", "tests.others=min"])
+    assert again == load_config(overrides=["tests.mprt.seeds=5", "tests.mprt.enabled=false",
+                                           "tests.class_sensitivity.others=min"])
     with pytest.raises(ConfigError, match="both `randomisation` and `randomization`"):
         load_config({"randomisation": {"seeds": [1]}, "randomization": {"seeds": [2]}})
 

@@ -144,7 +144,7 @@ def test_a_module_that_changes_its_input_in_place_where_the_original_did_not_is_
 def test_mprt_rows_are_the_same_with_the_reuse_as_from_states_built_alone():
     model, x = small_cnn(), torch.randn(4, 3, 16, 16)
     settings = Settings(methods=["gradient", "gradcam/abs", "fullgrad/signed"], tests=["mprt"],
-                        metrics=["spearman_abs"], bn_stats="reset")
+                        metrics=["spearman_abs"], options={"mprt": {"bn_stats": "reset"}})
     table = run_sanity(model, x, settings).to_pydict()
     layers = parameter_layers(model, x[:1])
     top = model(x).argmax(1)[:, None]

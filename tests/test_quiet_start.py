@@ -74,7 +74,7 @@ def terminal_run(tmp_path_factory):
     out = tmp_path / "out"
     sets = ["model.name=models_for_tests:untrained_rgb_cnn", "model.num_classes=2", "data.dataset=imagefolder",
             f"data.root={images}", "data.image_size=32", "methods.ids=gradient,edge_sobel", "metrics.names=ssim",
-            "metrics.n_boot=20", "tests.others=min", "compute.batch_size=4", "compute.images_per_shard=4",
+            "metrics.n_boot=20", "tests.class_sensitivity.others=min", "compute.batch_size=4", "compute.images_per_shard=4",
             "compute.actors=1", "storage.sample_images=1"]
     status, text = run_in_terminal([sys.executable, "-m", "flows.cli", "run", "--out", str(out),
                                     *[arg for s in sets for arg in ("--set", s)]], user_environment(tmp_path))

@@ -186,7 +186,7 @@ def test_entropy_bars_coloured_by_the_verdict_with_its_threshold():
     summary = summary_table(tests=("emprt",))
     for rules, expected in ((VerdictRules(), {"gradient": "pass", "gradcampp/signed": "pass", "gradcampp": "pass",
                                               "edge_sobel": "fail", "random": "pass"}),
-                            (VerdictRules(entropy_rise=0.2), {"gradient": "pass", "gradcampp/signed": "fail",
+                            (VerdictRules(thresholds={"entropy_rise": 0.2}), {"gradient": "pass", "gradcampp/signed": "fail",
                                                               "gradcampp": "fail", "edge_sobel": "fail",
                                                               "random": "fail"})):
         judged = {r["method"]: r["verdict"] for r in verdicts(summary, rules).to_pylist() if r["test"] == "emprt"}
@@ -201,7 +201,7 @@ def test_entropy_bars_coloured_by_the_verdict_with_its_threshold():
         assert colours == {m: mcolors.to_hex(report.VERDICT_BAR_COLOURS[v]) for m, v in expected.items()}
         assert len(set(colours.values())) == len(set(expected.values()))  # as many colours as verdicts
         (threshold,) = [line for line in ax.get_lines() if line.get_label().startswith("verdict threshold")]
-        assert np.allclose(threshold.get_ydata(), rules.entropy_rise)
+        assert np.allclose(threshold.get_ydata(), rules.threshold('entropy_rise'))
         legend = [t.get_text() for t in ax.figure.legends[0].get_texts()]
         assert set(expected.values()) <= set(legend)
 

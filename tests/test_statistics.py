@@ -242,7 +242,7 @@ def test_mprt_verdicts_at_the_head_and_for_the_cascade_emprt_at_the_last_state()
     got = {(r["test"], r["scope"]): (r["state_index"], r["verdict"]) for r in verdicts(summary).to_pylist()}
     assert got == {("mprt", "head"): (0, "pass"), ("mprt", CASCADE): (-1, "fail"), ("emprt", "full"): (3, "pass")}
     bottom_up = {(r["test"], r["scope"]): r["state_index"]
-                 for r in verdicts(summary, order="cascade_bottom_up").to_pylist()}
+                 for r in verdicts(summary, options={"mprt": {"order": "cascade_bottom_up"}}).to_pylist()}
     assert bottom_up[("mprt", "head")] == 3
     rows[-1] = _summary_row("g", "emprt", "03:l3", 3, metric="entropy_rise", low=-0.2, high=0.0)
     failing = verdicts(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)).to_pylist()

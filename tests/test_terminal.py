@@ -62,7 +62,7 @@ def test_the_printed_mlflow_ui_command_works_without_the_venv_on_path(tmp_path):
 
 
 TINY_SETS = ["data.limit=6", "methods.ids=gradient,edge_sobel", "compute.images_per_shard=3",
-             "compute.batch_size=3", "metrics.names=ssim", "metrics.n_boot=20", "tests.others=min",
+             "compute.batch_size=3", "metrics.names=ssim", "metrics.n_boot=20", "tests.class_sensitivity.others=min",
              "storage.sample_images=1"]
 
 
@@ -217,7 +217,7 @@ def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
     from tasks.storage import RunDir
 
     cfg = load_config(None, ["data.limit=8", "methods.ids=gradient", "compute.batch_size=2",
-                             "randomization.seeds=0", "metrics.names=ssim", "tests.others=min"])
+                             "tests.mprt.seeds=0", "metrics.names=ssim", "tests.class_sensitivity.others=min"])
     pool = ActorPool(cfg, load_configured_model(cfg), "test", 1, False, RunDir(str(tmp_path)))
     try:
         seen, outcome = [], {}

@@ -18,19 +18,23 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 from torch import Tensor, nn
 
-from saliency.sanity.base import (CHANCE_PARTNERS, ORIGINAL, SCORE_SCHEMA, Block, SanityTest, Settings, as_2d,
-                                  chance_partners, paired, random_other_classes, retest_seed)
-from saliency.sanity.classes import OTHERS, class_targets
+from saliency.sanity.base import (CHANCE_PARTNERS, ORIGINAL, SCORE_SCHEMA, Block, NoOptions, SanityTest, Settings,
+                                  as_2d, chance_partners, make_test_options, options_of, paired, random_other_classes,
+                                  retest_seed)
+from saliency.sanity.classes import OTHERS, ClassSensitivityOptions, class_targets
 from saliency.sanity.emprt import ENTROPY_BINS, ENTROPY_METRIC, discrete_entropy, entropy_rise
-from saliency.sanity.mprt import CASCADE, CASCADE_INDEX, TARGET_MODES, head_state_index
+from saliency.sanity.mprt import CASCADE, CASCADE_INDEX, TARGET_MODES, RandomizationOptions, head_state_index
 from saliency.sanity.registry import available_tests, get_test, register, sanity_tests
+from saliency.sanity.rules import VERDICTS, Verdict, VerdictRules, ci_verdict, retention_verdict
 from saliency.sanity.runner import Progress, SanityRun, run_sanity
 
 __all__ = [
-    "CHANCE_PARTNERS", "ORIGINAL", "SCORE_SCHEMA", "paired", "Block", "SanityTest", "Settings", "SanityRun", "Progress", "run_sanity", "as_2d",
-    "chance_partners", "random_other_classes", "retest_seed", "OTHERS", "class_targets", "ENTROPY_BINS",
+    "CHANCE_PARTNERS", "ORIGINAL", "SCORE_SCHEMA", "paired", "Block", "NoOptions", "SanityTest", "Settings",
+    "make_test_options", "options_of", "SanityRun", "Progress", "run_sanity", "as_2d", "chance_partners",
+    "random_other_classes", "retest_seed", "OTHERS", "ClassSensitivityOptions", "class_targets", "ENTROPY_BINS",
     "ENTROPY_METRIC", "discrete_entropy", "entropy_rise", "CASCADE", "CASCADE_INDEX", "TARGET_MODES",
-    "head_state_index", "available_tests", "get_test", "register", "sanity_tests", "class_sensitivity",
+    "RandomizationOptions", "head_state_index", "available_tests", "get_test", "register", "sanity_tests",
+    "VERDICTS", "Verdict", "VerdictRules", "ci_verdict", "retention_verdict", "class_sensitivity",
     "parameter_randomization",
 ]
 
@@ -49,7 +53,8 @@ def class_sensitivity(model: nn.Module, x: Tensor, methods: str | Sequence[str],
     called as the explain calls finish.
     """
     settings = Settings(methods=methods, tests=["class_sensitivity"], metrics=metrics, seed=seed, layer=layer,
-                        explain_kwargs=explain_kwargs or {}, others=others, chance_partners=chance_partners)
+                        explain_kwargs=explain_kwargs or {}, chance_partners=chance_partners,
+                        options={"class_sensitivity": {"others": [others] if isinstance(others, str) else others}})
     return run_sanity(model, x, settings, progress, image_ids=image_ids, labels=labels, model_name=model_name)
 
 
@@ -70,9 +75,10 @@ def parameter_randomization(model: nn.Module, x: Tensor, methods: str | Sequence
     ``progress(done, total)`` is called after the original maps and after every state (a state of a
     large model on a CPU takes seconds to minutes).
     """
+    randomization = RandomizationOptions(order=order, granularity=granularity, init=init, sigma=sigma,
+                                         bn_stats=bn_stats, target=target, seeds=randomization_seeds,
+                                         states=None if states is None else tuple(states))
     settings = Settings(methods=methods, tests=["mprt", "emprt"] if emprt else ["mprt"], metrics=metrics,
-                        seed=seed, layer=layer, explain_kwargs=explain_kwargs or {}, order=order,
-                        granularity=granularity, init=init, target=target, bn_stats=bn_stats, sigma=sigma,
-                        randomization_seeds=randomization_seeds,
-                        states=None if states is None else list(states), chance_partners=chance_partners)
+                        seed=seed, layer=layer, explain_kwargs=explain_kwargs or {}, chance_partners=chance_partners,
+                        options={"mprt": randomization})
     return run_sanity(model, x, settings, progress, image_ids=image_ids, labels=labels, model_name=model_name)

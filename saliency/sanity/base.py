@@ -11,15 +11,17 @@ whatever the number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
+from saliency.sanity.rules import Verdict, VerdictRules, retention_verdict
 from saliency.seeds import stable_seed
 from saliency.similarity import Prepared, compare, prepare
 
@@ -51,17 +53,34 @@ class Block:
 
 
 @dataclass(frozen=True)
-class SanityTest:
-    """One sanity test: where its maps come from, how it scores them, and how it is read.
+class NoOptions:
+    """The options (or verdict thresholds) of a test that has none."""
 
-    - ``direction``: "lower" — a low score passes (similarity to the original: the map changed);
-      "higher" — a high score passes (eMPRT's entropy rise).
-    - ``normalised``: rows carry chance and retest levels, so statistics report the retention R.
-    - ``curve``: the states form a sequence (layers randomised from the logits down), drawn as curves
-      and tracked in MLflow as steps; a summary over all states ("cascade") is added where normalised.
-    - ``figure``: the kind of figure ``saliency.plots`` draws for it ("retention" or "value").
-    - ``maps_from``: the test whose blocks it scores (itself, or another test's, as eMPRT scores MPRT's).
-    - ``scope(state, index, n_states, order)``: the name of the verdict drawn from a summary row, or None.
+
+@dataclass(frozen=True)
+class SanityTest:
+    """One sanity test: where its maps come from, how it scores them, and how it is read. A test owns
+    everything about itself that the pipeline needs, so adding one is one module plus its ``register``
+    line:
+
+    - ``options``: a frozen dataclass of ``saliency.options.option`` fields (defaults, help, choices,
+      bounds; its ``__post_init__`` checks them); the pipeline's config section ``tests.<id>`` is
+      generated from it, and a run reads the values with ``run.options(test)``.
+    - ``thresholds``: a dataclass of the verdict thresholds it declares beside the shared ones (the
+      config's ``verdicts`` section; values in ``VerdictRules.thresholds``).
+    - ``verdict(row, rules, source_gaps)``: its verdict rule on one summary row. The default reads a
+      normalised test's retention R (SPEC §4); a test whose rows are not normalised must say its own.
+    - ``scope(state, index, n_states, options)``: the verdict scope of a summary row, or None (no
+      verdict there); ``scope_words``: plain words under each scope's name in the report.
+    - ``controls``: (control method, scope or None = every scope, expected verdict on a trained model).
+    - ``rows_per_image(settings, n_states)``: score rows per image and method, so that stored parts
+      can be checked before they are trusted (required).
+    - ``direction``: "lower" (a low score passes: the map changed) or "higher" (eMPRT's entropy rise);
+      ``normalised``: rows carry chance and retest levels, so statistics report the retention R;
+      ``curve``: the states form a sequence (layers randomised from the logits down), drawn as curves and
+      tracked as MLflow steps, with a summary over all states ("cascade") where normalised; ``figure``:
+      the kind of figure ``saliency.plots`` draws ("retention" or "value"); ``maps_from``: the test whose
+      blocks it scores (itself, or another's, as eMPRT scores MPRT's).
 
     A test with its own maps overrides ``extra_targets`` (more classes explained with the top class
     under the trained model, in the same explain call) and/or ``blocks`` (maps under other models or
@@ -78,13 +97,17 @@ class SanityTest:
     figure: str = "retention"
     maps_from: str | None = None  # None: its own blocks
     enabled_by_default: bool = True
+    options: type = NoOptions
+    thresholds: type = NoOptions
+    scope_words: Mapping[str, str] = field(default_factory=dict, hash=False)
+    controls: tuple[tuple[str, str | None, str], ...] = ()
 
     @property
     def source(self) -> str:
         return self.maps_from or self.id
 
     def check(self, run: "SanityRun") -> None:
-        """Refuse bad settings (``run.settings``) before any work is done."""
+        """Refuse what its options cannot do on this run (the batch, the model) before any work."""
 
     def extra_targets(self, run: "SanityRun") -> list[tuple[str, Tensor]]:
         """(state name, B targets) explained with the top class under the trained model."""
@@ -104,13 +127,20 @@ class SanityTest:
                 value, chance = run.paired(method, metric, block)
                 run.rows.add(method, self.id, block, metric, value, chance, run.retest[(method, metric)])
 
-    def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
+    def scope(self, state: str, state_index: int, n_states: int, options: Any) -> str | None:
         return state
 
-    def rows_per_image(self, settings: Settings, n_states: int) -> int | None:
-        """Score rows this test writes per image and method (None: not known in advance), so stored
-        parts can be checked before they are trusted."""
-        return None
+    def verdict(self, row: Mapping[str, Any], rules: VerdictRules, source_gaps: Sequence[float]) -> Verdict:
+        """The verdict of one summary row. ``source_gaps``: mean r − c of every metric of the test whose
+        maps it scores, at the same state (how eMPRT knows MPRT could not tell the maps apart)."""
+        if not self.normalised:
+            raise NotImplementedError(f"sanity test {self.id!r} is not normalised: it must define its verdict rule")
+        return retention_verdict(row, rules)
+
+    def rows_per_image(self, settings: "Settings", n_states: int) -> int:
+        """Score rows this test writes per image and method, so stored parts can be checked before they
+        are trusted. Every test must say it."""
+        raise NotImplementedError(f"sanity test {self.id!r} does not say its rows per image")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -221,8 +251,10 @@ class Rows:
 
 @dataclass
 class Settings:
-    """Everything a sanity run needs besides the model and the batch (SPEC §2); the pipeline builds
-    it from its config (``tasks.config.Config.sanity_settings``)."""
+    """Everything a sanity run needs besides the model and the batch (SPEC §2): what every test shares,
+    and each test's own options (``options``: test id → its options dataclass, or a dict of its fields;
+    a test not named takes its defaults). The pipeline builds it from its config
+    (``tasks.config.Config.sanity_settings``)."""
 
     methods: Sequence[str]
     tests: Sequence[str] = ("class_sensitivity", "mprt", "emprt")
@@ -230,14 +262,36 @@ class Settings:
     seed: int = 0
     layer: str | None = None
     explain_kwargs: dict[str, Any] = field(default_factory=dict)
-    others: Sequence[str] = ("min", "random", "second")
-    order: str = "cascade_top_down"
-    granularity: str = "module"
-    init: str = "reset"
-    target: str = "original"
-    bn_stats: str = "reset"
     chance_partners: int = CHANCE_PARTNERS
-    sigma: float = 0.01
-    randomization_seeds: Sequence[int] | None = None  # None: ``seed`` alone
-    states: Sequence[int] | None = None  # None: every randomisation state
     layers: Sequence[str] | None = None  # MPRT's parameter layers in model order (None: traced per batch)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.options = {test_id: make_test_options(test_id, value) for test_id, value in self.options.items()}
+
+    def options_of(self, test_id: str) -> Any:
+        """The options of a test: the ones given, else its defaults."""
+        return options_of(self.options, test_id)
+
+
+def options_of(options: Mapping[str, Any], test_id: str) -> Any:
+    """A test's options in a map of test id → options (or dicts of them); its defaults if not there."""
+    return make_test_options(test_id, options.get(test_id, {}))
+
+
+def make_test_options(test_id: str, value: Any) -> Any:
+    """A test's options from its dataclass or a dict of its fields (lists become tuples), naming an
+    unknown field and the known ones."""
+    from saliency.sanity.registry import get_test  # the registry imports the tests, which import this
+    declared = get_test(test_id).options
+    if isinstance(value, declared):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"options of sanity test {test_id!r} must be a {declared.__name__} or a dict, got "
+                        f"{type(value).__name__}")
+    known = [f.name for f in dataclasses.fields(declared)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} of sanity test {test_id!r}; its options: "
+                         f"{', '.join(known) or 'none'}")
+    return declared(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})

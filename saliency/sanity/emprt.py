@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saliency.options import check_options, option
 from saliency.sanity.base import Block, SanityTest
-from saliency.sanity.mprt import randomization_seeds
+from saliency.sanity.mprt import state_rows
+from saliency.sanity.rules import Verdict, ci_verdict
 
 ENTROPY_BINS = 100
 ENTROPY_METRIC = "entropy_rise"
@@ -57,22 +59,46 @@ def entropy_rise(original: Tensor, randomized: Tensor, bins: int = ENTROPY_BINS)
 
 
 @dataclass(frozen=True)
+class EntropyOptions:
+    bins: int = option(ENTROPY_BINS, "equal bins of each map's histogram (Quantus: 100)", ge=2)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class EntropyThresholds:
+    entropy_rise: float = option(0.0, "eMPRT passes when the entropy rise's CI is above it")
+
+
+@dataclass(frozen=True)
 class EntropyRise(SanityTest):
     def score(self, run, block: Block) -> None:
+        bins = run.options(self).bins
         for method in run.methods:
-            run.rows.add(method, self.id, block, ENTROPY_METRIC, entropy_rise(run.original[method], block.maps[method]))
+            run.rows.add(method, self.id, block, ENTROPY_METRIC,
+                         entropy_rise(run.original[method], block.maps[method], bins))
 
     def rows_per_image(self, settings, n_states: int) -> int:
-        states = n_states if settings.states is None else len(set(settings.states))
-        return len(randomization_seeds(settings)) * states
+        return state_rows(settings, n_states)
 
-    def scope(self, state: str, state_index: int, n_states: int, order: str) -> str | None:
+    def scope(self, state: str, state_index: int, n_states: int, options) -> str | None:
         return "full" if state_index == n_states - 1 else None
+
+    def verdict(self, row, rules, source_gaps) -> Verdict:
+        """A rise passes, no rise fails; uninformative where MPRT cannot tell the maps from another
+        image's on any metric at this state (the entropy of such maps says nothing about the model)."""
+        if source_gaps and all(g is not None and math.isfinite(g) and g < rules.min_gap for g in source_gaps):
+            reason = f"MPRT mean(r − c) < {rules.min_gap} on every metric at this state"
+            return Verdict("uninformative", reason, "uninformative", "uninformative")
+        return ci_verdict(row, rules.threshold("entropy_rise"), "entropy rise")
 
 
 EMPRT = EntropyRise(
     id="emprt", title="eMPRT (entropy rise)", direction="higher", normalised=False, curve=True,
-    figure="value", maps_from="mprt",
+    figure="value", maps_from="mprt", options=EntropyOptions, thresholds=EntropyThresholds,
+    scope_words={"full": "fully randomised"},
+    controls=(("edge_sobel", None, "fail"), ("random", None, "uninformative")),
     description="eMPRT (Hedström et al. 2023): relative rise of the 100-bin histogram entropy of the map "
                 "from the trained to the randomised model, i.e. a rise in map complexity; the verdict reads the "
                 "fully randomised state. A rise passes (the map became noise); no rise fails. It measures "

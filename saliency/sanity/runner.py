@@ -16,7 +16,7 @@ from saliency.checks import check_input
 from saliency.layers import cam_layout
 from saliency.passes import forward_logits
 from saliency.prefix import FrozenPrefix
-from saliency.sanity.base import ORIGINAL, Block, Rows, Settings, as_2d, chance_partners, paired, retest_seed
+from saliency.sanity.base import ORIGINAL, Block, Rows, SanityTest, Settings, as_2d, chance_partners, paired, retest_seed
 from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, Prepared, prepare, similarity
 
@@ -61,7 +61,7 @@ class SanityRun:
                                                           "see saliency.sanity.available_tests()")]
         self.sources = [get_test(s) for s in dict.fromkeys(test.source for test in self.tests)]
         for test in dict.fromkeys(self.sources + self.tests):
-            test.check(self)  # bad settings are refused before any work
+            test.check(self)  # what the options cannot do on this run is refused before any work
         self.image_ids = _image_ids(image_ids, x.shape[0])
         self.rows = Rows(self.image_ids, _labels(labels, x.shape[0]), model_name)
         self.partners = chance_partners(self.image_ids, settings.chance_partners, settings.seed)
@@ -81,6 +81,10 @@ class SanityRun:
         self.explain_calls = 0
         self.prefix: FrozenPrefix | None = None
         self._bad: dict[str, Tensor] | None = None  # while a block is scored: its non-finite maps
+
+    def options(self, test: SanityTest):
+        """The options of ``test`` in this run (its options dataclass; defaults where none were given)."""
+        return self.settings.options_of(test.id)
 
     def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
         """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options."""

@@ -22,10 +22,11 @@ from saliency.statistics.bootstrap import SUMMARY_SCHEMA, SummaryAccumulator, im
 from saliency.statistics.comparisons import (COMPARISON_SCHEMA, ComparisonAccumulator, comparisons, curve_lengths,
                                              holm, rank_biserial)
 from saliency.statistics.retention import GROUP_KEYS, QUANTITIES, retention
-from saliency.statistics.verdicts import (CONTROL_EXPECTATIONS, VERDICT_SCHEMA, VERDICTS, VerdictRules,
-                                          control_checks, verdicts)
+from saliency.sanity.rules import VERDICTS, VerdictRules
+from saliency.statistics.verdicts import (VERDICT_SCHEMA, control_checks, control_expectations, control_methods,
+                                          verdicts)
 
-__all__ = ["CASCADE", "COMPARISON_SCHEMA", "CONTROL_EXPECTATIONS", "ComparisonAccumulator", "GROUP_KEYS", "QUANTITIES",
+__all__ = ["CASCADE", "COMPARISON_SCHEMA", "ComparisonAccumulator", "GROUP_KEYS", "QUANTITIES",
            "SUMMARY_SCHEMA", "SummaryAccumulator", "VERDICTS", "VERDICT_SCHEMA", "VerdictRules", "comparisons",
-           "control_checks", "curve_lengths", "holm", "image_weights", "rank_biserial", "retention", "seed_weights",
+           "control_checks", "control_expectations", "control_methods", "curve_lengths", "holm", "image_weights", "rank_biserial", "retention", "seed_weights",
            "summarize", "verdicts"]

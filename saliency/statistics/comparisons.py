@@ -4,7 +4,7 @@ the mean difference; ``ComparisonAccumulator`` builds them one shard at a time."
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from saliency.methods import signed_pairs
-from saliency.sanity import get_test, sanity_tests
+from saliency.sanity import get_test, options_of, sanity_tests
 from saliency.statistics.bootstrap import _check_n_boot, _percentile_interval, _runs, image_weights
 from saliency.statistics.retention import GROUP_KEYS, _working_table
 from saliency.statistics.verdicts import VerdictRules
@@ -50,7 +50,7 @@ def rank_biserial(differences: np.ndarray) -> float:
     return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
 
 
-def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int = 1000, seed: int = 0,
+def comparisons(scores: pa.Table, options: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
                 rules: VerdictRules = VerdictRules()) -> pa.Table:
     """The paper's table: per image, R of a pos/abs variant minus R of its signed counterpart
     (``Method.signed_counterpart``), at every class-sensitivity state and at MPRT's head and cascade
@@ -61,7 +61,7 @@ def comparisons(scores: pa.Table, order: str = "cascade_top_down", n_boot: int =
     """
     table = _working_table(scores)
     methods = sorted(set(table["method"].to_pylist()))
-    accumulator = ComparisonAccumulator(methods, curve_lengths(table), order, n_boot, seed, rules)
+    accumulator = ComparisonAccumulator(methods, curve_lengths(table), options, n_boot, seed, rules)
     accumulator.add(scores)
     return accumulator.table()
 
@@ -86,15 +86,19 @@ class ComparisonAccumulator:
     comparison, the least a Wilcoxon signed-rank test needs — not the score rows."""
 
     def __init__(self, methods: Sequence[str], n_states: dict[tuple[str, str], int],
-                 order: str = "cascade_top_down", n_boot: int = 1000, seed: int = 0,
+                 options: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
                  rules: VerdictRules = VerdictRules()) -> None:
         _check_n_boot(n_boot)
         self.pairs = signed_pairs(sorted(methods))
         self.methods = sorted({m for pair in self.pairs for m in pair})  # read only these rows
-        self.n_states, self.order, self.n_boot, self.seed, self.rules = n_states, order, n_boot, seed, rules
+        self.n_states, self.n_boot, self.seed, self.rules = n_states, n_boot, seed, rules
+        self.options = dict(options or {})
         self._images: dict[tuple, list[np.ndarray]] = {}  # (model, method, test, state, index, metric) → codes
         self._codes: dict[str, int] = {}  # image id → code (one string per image, not one per value)
         self._values: dict[tuple, list[np.ndarray]] = {}  # … → seed-mean R per image
+
+    def _scope(self, model: str, test: str, state: str, index: int) -> str | None:
+        return get_test(test).scope(state, index, self.n_states.get((model, test), 0), options_of(self.options, test))
 
     def add(self, scores: pa.Table) -> None:
         """Fold in score rows (score schema) holding every row of their images."""
@@ -117,7 +121,7 @@ class ComparisonAccumulator:
         bounds = np.searchsorted(run, np.arange(len(keys) + 1))
         for k, key in enumerate(keys):
             model, _, test, state, index, _ = key
-            if get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order) is None:
+            if self._scope(model, test, state, index) is None:
                 continue
             # copies, not views: a view would keep this part's rows of every state alive
             self._images.setdefault(key, []).append(ids[bounds[k]:bounds[k + 1]].copy())
@@ -133,7 +137,7 @@ class ComparisonAccumulator:
         names = list(self._codes)  # code → image id (dicts keep insertion order)
         for key in sorted(self._values):
             model, method, test, state, index, metric = key
-            scope = get_test(test).scope(state, index, self.n_states.get((model, test), 0), self.order)
+            scope = self._scope(model, test, state, index)
             for variant, signed in self.pairs:
                 other_key = (model, signed, test, state, index, metric)
                 if method != variant or other_key not in self._values:
