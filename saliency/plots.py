@@ -840,6 +840,10 @@ def report_figures(summary: pa.Table, rules: VerdictRules = VerdictRules()) -> d
     (ssim, the headline metric, first)."""
     figures: dict[str, Figure] = {}
     for test in sanity_tests():
+        own = test.figures(summary, rules) if _distinct(summary, "metric", test=test.id) else None
+        if own is not None:
+            figures.update(own)
+            continue
         for metric in sorted(_distinct(summary, "metric", test=test.id), key=lambda m: (m != "ssim", m)):
             models = _distinct(summary, "model", test=test.id, metric=metric)
             if test.curve and test.figure != "value" and len(models) > 1:

@@ -176,7 +176,7 @@ class ShardWorker:
         run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
                         model_name=self.cfg.model.name, logits=logits, progress=self._within_batch)
         first_seed = self.cfg.tests.mprt.seeds[0]
-        stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed)]
+        stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed) and not block.reused]
         map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
                         for f in run.failures]
         return run.table(), self._map_table(ids, keep, stored) if stored else None, map_failures

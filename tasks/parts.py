@@ -13,14 +13,13 @@ from tasks.storage import PART_KINDS, RunDir, part_name
 WHOLE_IMAGE_STAGES = ("load", "forward", "explain")  # failures that leave an image without any score
 
 
-def rows_per_image_and_method(settings: Settings, n_states: int) -> int | None:
-    """Score rows of one image and method for these settings; None if a test cannot say."""
-    counts = [get_test(test).rows_per_image(settings, n_states) for test in settings.tests]
-    return None if any(c is None for c in counts) else sum(counts)
+def rows_per_image_and_method(settings: Settings, n_states: int) -> int:
+    """Score rows of one image and method for these settings (every test says its own)."""
+    return sum(get_test(test).rows_per_image(settings, n_states) for test in settings.tests)
 
 
 def check_shard(run_dir: RunDir, shard: Shard, image_ids: list[str], methods: list[str],
-                per_method: int | None, run_id: str) -> str | None:
+                per_method: int, run_id: str) -> str | None:
     """Why the shard's stored parts cannot be trusted, or None: unreadable parts, rows of another run
     (another run_id: another config, e.g. the same shard of a run with another seed), rows of another
     shard, images not in the shard, images neither scored nor recorded as failed, or row counts that do
@@ -55,8 +54,6 @@ def check_shard(run_dir: RunDir, shard: Shard, image_ids: list[str], methods: li
     missing = sorted(expected - scored - failed)
     if missing:
         return f"{len(missing)} of its images have neither scores nor a recorded failure (e.g. {missing[0]})"
-    if per_method is None:
-        return None
     counts = Counter(zip(scores["image_id"].to_pylist(), scores["method"].to_pylist()))
     for image_id in sorted(scored):
         for method in methods:

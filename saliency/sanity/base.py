@@ -42,7 +42,9 @@ DIRECTIONS = ("lower", "higher")
 class Block:
     """Maps of every method for one state of a test: {method id: B×H×W}, for ``targets`` (B).
 
-    ``test`` is the map source (a test id, or "original"); ``seed`` the randomisation seed, if any."""
+    ``test`` is the map source (a test id, or "original"); ``seed`` the randomisation seed, if any;
+    ``reused``: maps an earlier block already holds (a test that scores the original maps in its own way,
+    as deletion does, yields them again): neither checked for finiteness nor stored a second time."""
 
     test: str
     state: str
@@ -50,6 +52,7 @@ class Block:
     targets: Tensor
     maps: dict[str, Tensor]
     seed: int | None = None
+    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,11 @@ class SanityTest:
         if not self.normalised:
             raise NotImplementedError(f"sanity test {self.id!r} is not normalised: it must define its verdict rule")
         return retention_verdict(row, rules)
+
+    def figures(self, summary: Any, rules: VerdictRules) -> dict[str, Any] | None:
+        """Its own report figures ({file stem: matplotlib Figure}), or None for the kind ``figure``
+        names, drawn by ``saliency.plots``."""
+        return None
 
     def rows_per_image(self, settings: "Settings", n_states: int) -> int:
         """Score rows this test writes per image and method, so stored parts can be checked before they

@@ -86,11 +86,14 @@ class SanityRun:
         """The options of ``test`` in this run (its options dataclass; defaults where none were given)."""
         return self.settings.options_of(test.id)
 
-    def explain(self, model: nn.Module, targets: Tensor, **overrides) -> dict[str, Tensor]:
-        """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options."""
+    def explain(self, model: nn.Module, targets: Tensor, x: Tensor | None = None, **overrides) -> dict[str, Tensor]:
+        """Maps of every method of the run under ``model`` for ``targets`` (B×T), with the run's options;
+        of other inputs ``x`` (noisy copies, image grids) where given, which the batch's recorded forward
+        cannot answer."""
         self.explain_calls += 1
-        return explain(model, self.x, self.methods, targets, layer=self.layer,
-                       **{**self.explain_kwargs, "prefix": self.prefix, **overrides})
+        prefix = self.prefix if x is None else None
+        return explain(model, self.x if x is None else x, self.methods, targets, layer=self.layer,
+                       **{**self.explain_kwargs, "prefix": prefix, **overrides})
 
     def paired(self, method: str, metric: str, block: Block) -> tuple[Tensor, Tensor]:
         """(similarity of each original map of ``method`` with its map in ``block``, chance level: the
@@ -145,7 +148,8 @@ class SanityRun:
     def _scored(self, block: Block) -> Block:
         """Score a block; rows of a (method, image) whose original or state map is not finite are left
         out (failure rows say why) and a chance level against a non-finite partner map is NaN."""
-        bad = self._non_finite(block)
+        bad = ({m: torch.zeros(len(self.image_ids), dtype=torch.bool) for m in self.methods} if block.reused
+               else self._non_finite(block))
         start = len(self.rows.columns["method"])
         self._bad = bad
         try:
