@@ -9,6 +9,7 @@ from saliency.choices import check_choice
 from saliency.sanity.base import DIRECTIONS, SanityTest
 from saliency.sanity.rules import VERDICTS, VerdictRules
 from saliency.sanity.classes import CLASS_SENSITIVITY
+from saliency.sanity.deletion import DELETION
 from saliency.sanity.emprt import EMPRT
 from saliency.sanity.mprt import MPRT
 
@@ -47,6 +48,7 @@ def register(test: SanityTest) -> SanityTest:
 register(CLASS_SENSITIVITY)
 register(MPRT)
 register(EMPRT)
+register(DELETION)
 
 
 def available_tests() -> list[str]:
