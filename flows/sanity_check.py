@@ -242,7 +242,8 @@ def model_line(manifest: Manifest) -> str:
     """'model: trained weights; top-1 accuracy 98.3% on 20 labelled images (chance 10.0%)'; a manifest
     from before the check says so."""
     check = manifest.model_check
-    return "model: " + (check.describe() if check is not None else "weights and accuracy not recorded")
+    line = "model: " + (check.describe() if check is not None else "weights and accuracy not recorded")
+    return line + "".join(f"\nnot applicable to this model: {test} ({why})" for test, why in manifest.not_applicable.items())
 
 
 def non_finite_maps(failures) -> dict[str, int]:

@@ -311,12 +311,14 @@ class Config(Section):
     def sanity_settings(self, manifest: Any = None) -> Settings:
         """The library call this config asks for, per batch (the one place that maps config to
         ``saliency.sanity``: the actor and the benchmarks use it). With the run's ``manifest``, what the
-        planner decided — the CAM layer, its layout, MPRT's layers — is passed down, not traced again."""
+        planner decided — the tests that apply to the model, the CAM layer, its layout, MPRT's layers — is
+        passed down, not traced again."""
         layer, layout = self.model.layer, self.model.layer_layout
         if manifest is not None:
             layer, layout = manifest.cam_layer, manifest.cam_layout or layout
         declared = {} if layout is None else {"layer_layout": layout}
-        return Settings(methods=self.methods.ids, tests=self.tests.enabled(), metrics=self.metrics.names,
+        tests = self.tests.enabled() if manifest is None else manifest.tests  # the planner's: the applicable ones
+        return Settings(methods=self.methods.ids, tests=tests, metrics=self.metrics.names,
                         seed=self.seed, layer=layer, layers=None if manifest is None else manifest.layers,
                         explain_kwargs=self.methods.explain_kwargs() | declared,
                         chance_partners=self.metrics.chance_partners, options=self.tests.options())

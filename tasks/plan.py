@@ -24,6 +24,7 @@ from saliency.methods.lrp import check_conservation
 from saliency.models import has_random_weights
 from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, state_names
+from saliency.sanity import get_test
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, ModelCheck, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
@@ -55,7 +56,7 @@ class Plan:
 
     def untrusted(self, cfg: Config, shards: list[Shard]) -> dict[int, str]:
         """Of ``shards`` (just computed), those whose parts do not match the plan, with the reason."""
-        per_method = rows_per_image_and_method(cfg.sanity_settings(), len(self.manifest.states))
+        per_method = rows_per_image_and_method(cfg.sanity_settings(self.manifest), len(self.manifest.states))
         reasons = {s.index: check_shard(self.run_dir, s, self.image_ids[s.start:s.stop], cfg.methods.ids,
                                         per_method, self.run_id) for s in shards}
         return {index: reason for index, reason in reasons.items() if reason is not None}
@@ -150,6 +151,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
     except ValueError as error:
         raise ConfigError(f"config field `methods.ids`: {error}") from None
     layers = parameter_layers(model, example_input=example, granularity=cfg.tests.mprt.granularity)
+    not_applicable = inapplicable_tests(cfg, model, example)
     ids = hashlib.sha256("\n".join(dataset.image_ids).encode()).hexdigest()
     r = cfg.tests.mprt
     return Manifest.model_validate({
@@ -166,7 +168,8 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "dataset": dataset.name,
         "n_images": len(dataset),
         "methods": cfg.methods.ids,
-        "tests": cfg.tests.enabled(),
+        "tests": [test for test in cfg.tests.enabled() if test not in not_applicable],
+        "not_applicable": not_applicable,
         "image_ids_sha256": ids,
         "shard_content": [_content_digest(dataset, s) for s in shards],
         "num_classes": outputs,
@@ -188,6 +191,18 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                    for s in shards],
         "dataset_failures": len(dataset.failures),
     })
+
+
+def inapplicable_tests(cfg: Config, model: nn.Module, example) -> dict[str, str]:
+    """{test id: why} of the enabled tests this model cannot take (a grid twice the image's side through
+    a flatten layer), said before any work; a config whose every test is inapplicable is refused."""
+    options = cfg.tests.options()
+    reasons = {test: reason for test in cfg.tests.enabled()
+               if (reason := get_test(test).applicable(model, example, options[test])) is not None}
+    if reasons and len(reasons) == len(cfg.tests.enabled()):
+        raise ConfigError("config field `tests`: no enabled sanity test applies to this model: "
+                          + "; ".join(f"{test}: {why}" for test, why in reasons.items()))
+    return reasons
 
 
 def check_model_on_data(cfg: Config, model: nn.Module, example) -> int:
@@ -366,7 +381,7 @@ def plan_shards(cfg: Config, allow_code_change: bool = False, location: str | No
                  "stage": "load", "error_type": message.partition(":")[0], "message": message}
                 for path, message in dataset.failures]
         run_dir.write_part("failures", "dataset", pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA))
-    done, rejected = trusted_shards(run_dir, cfg, dataset, shards, len(manifest.states))
+    done, rejected = trusted_shards(run_dir, cfg, dataset, shards, manifest)
     pending = [s for s in shards if s.index not in done]
     complete = (not pending and rules_unchanged and stored is not None
                 and all(run_dir.exists(name) for name in ("summary.parquet", "verdicts.parquet", "stats.json")))
@@ -375,11 +390,11 @@ def plan_shards(cfg: Config, allow_code_change: bool = False, location: str | No
 
 
 def trusted_shards(run_dir: RunDir, cfg: Config, dataset, shards: list[Shard],
-                   n_states: int) -> tuple[set[int], dict[int, str]]:
+                   manifest: Manifest) -> tuple[set[int], dict[int, str]]:
     """The finished shards whose parts match the plan; the others' parts are deleted (so they are
     recomputed), with the reason (issue: a part overwritten by another, emptied or truncated, or a part
     of another run). Files that are not parts of the plan's shards are left alone and never read."""
-    per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states)
+    per_method = rows_per_image_and_method(cfg.sanity_settings(manifest), len(manifest.states))
     done, rejected = set(), {}
     for index in sorted(run_dir.done_shards(len(shards))):
         shard = shards[index]

@@ -109,6 +109,11 @@ class SanityTest:
     def source(self) -> str:
         return self.maps_from or self.id
 
+    def applicable(self, model: Any, example: Tensor, options: Any) -> str | None:
+        """Why the test cannot run on this model (None: it can), from one example image (1×C×H×W). Asked
+        before any work: the pipeline's planner drops such a test and says why; a library run refuses it."""
+        return None
+
     def check(self, run: "SanityRun") -> None:
         """Refuse what its options cannot do on this run (the batch, the model) before any work."""
 

@@ -61,6 +61,9 @@ class SanityRun:
                                                           "see saliency.sanity.available_tests()")]
         self.sources = [get_test(s) for s in dict.fromkeys(test.source for test in self.tests)]
         for test in dict.fromkeys(self.sources + self.tests):
+            reason = test.applicable(model, x[:1], self.options(test))
+            if reason is not None:
+                raise ValueError(f"sanity test {test.id!r} is not applicable to this model: {reason}")
             test.check(self)  # what the options cannot do on this run is refused before any work
         self.image_ids = _image_ids(image_ids, x.shape[0])
         self.rows = Rows(self.image_ids, _labels(labels, x.shape[0]), model_name)
