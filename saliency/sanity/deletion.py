@@ -187,7 +187,7 @@ def _state(test: str, name: str, index: int, targets: Tensor) -> Block:
 DELETION = Deletion(
     id="deletion", title="Deletion faithfulness (SRG)", direction="higher", normalised=False, curve=True,
     figure="value", options=DeletionOptions, scope_words={"gain": "SRG − SRG(random map)"},
-    controls=(("gradient", None, "pass"), ("random", None, "inconclusive")),
+    controls=(("random", None, "inconclusive"),),
     description="Deletion (Blücher et al. 2024): pixels removed in the map's order, most relevant first "
                 "(MoRF) and least relevant first (LeRF), 20 steps, replaced by the image's blurred copy; "
                 "SRG = AUC(LeRF) − AUC(MoRF) of the top class's probability, read against a random map's SRG "
