@@ -11,6 +11,7 @@ from saliency.sanity.rules import VERDICTS, VerdictRules
 from saliency.sanity.classes import CLASS_SENSITIVITY
 from saliency.sanity.deletion import DELETION
 from saliency.sanity.emprt import EMPRT
+from saliency.sanity.grid import GRID_POINTING
 from saliency.sanity.mprt import MPRT
 
 _REGISTRY: dict[str, SanityTest] = {}
@@ -48,6 +49,7 @@ def register(test: SanityTest) -> SanityTest:
 register(CLASS_SENSITIVITY)
 register(MPRT)
 register(EMPRT)
+register(GRID_POINTING)
 register(DELETION)
 
 
