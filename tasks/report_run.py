@@ -80,7 +80,7 @@ def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, st
             keys = {ORIGINAL}
         else:
             scope = get_test(row["test"]).scope(row["state"], row["state_index"], n_states[row["test"]],
-                                                options_of(options, row["test"]))
+                                                options_of(options, get_test(row["test"]).states_from or row["test"]))
             if scope:
                 keys.add(scope)
         for key in keys:

@@ -74,7 +74,8 @@ class SanityTest:
     - ``verdict(row, rules, source_gaps)``: its verdict rule on one summary row. The default reads a
       normalised test's retention R (SPEC §4); a test whose rows are not normalised must say its own.
     - ``scope(state, index, n_states, options)``: the verdict scope of a summary row, or None (no
-      verdict there); ``scope_words``: plain words under each scope's name in the report.
+      verdict there), given the options of ``states_from`` (default: its own); ``scope_words``: plain
+      words under each scope's name in the report.
     - ``controls``: (control method, scope or None = every scope, expected verdict on a trained model).
     - ``rows_per_image(settings, n_states)``: score rows per image and method, so that stored parts
       can be checked before they are trusted (required).
@@ -99,6 +100,7 @@ class SanityTest:
     curve: bool = False
     figure: str = "retention"
     maps_from: str | None = None  # None: its own blocks
+    states_from: str | None = None  # the test whose options make its states (sMPRT: MPRT's); None: its own
     enabled_by_default: bool = True
     options: type = NoOptions
     thresholds: type = NoOptions

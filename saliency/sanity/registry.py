@@ -13,6 +13,7 @@ from saliency.sanity.deletion import DELETION
 from saliency.sanity.emprt import EMPRT
 from saliency.sanity.grid import GRID_POINTING
 from saliency.sanity.mprt import MPRT
+from saliency.sanity.smprt import SMPRT
 
 _REGISTRY: dict[str, SanityTest] = {}
 
@@ -24,6 +25,8 @@ def register(test: SanityTest) -> SanityTest:
         raise ValueError(f"sanity test {test.id!r} reads the maps of {test.maps_from!r}: register that first")
     if test.direction not in DIRECTIONS:
         raise ValueError(f"sanity test {test.id!r}: direction must be 'lower' or 'higher', got {test.direction!r}")
+    if test.states_from is not None and test.states_from not in _REGISTRY:
+        raise ValueError(f"sanity test {test.id!r} takes its states from {test.states_from!r}: register that first")
     if type(test).rows_per_image is SanityTest.rows_per_image:
         raise ValueError(f"sanity test {test.id!r} must define rows_per_image (its score rows per image and "
                          "method), or its stored parts could not be checked on resume")
@@ -49,6 +52,7 @@ def register(test: SanityTest) -> SanityTest:
 register(CLASS_SENSITIVITY)
 register(MPRT)
 register(EMPRT)
+register(SMPRT)
 register(GRID_POINTING)
 register(DELETION)
 

@@ -98,11 +98,13 @@ class SanityRun:
         return explain(model, self.x if x is None else x, self.methods, targets, layer=self.layer,
                        **{**self.explain_kwargs, "prefix": prefix, **overrides})
 
-    def paired(self, method: str, metric: str, block: Block) -> tuple[Tensor, Tensor]:
-        """(similarity of each original map of ``method`` with its map in ``block``, chance level: the
-        mean similarity with the block's maps of the image's partners whose maps are finite)."""
+    def paired(self, method: str, metric: str, block: Block, original: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(similarity of each original map of ``method`` — or of ``original``, a test's own reference
+        maps — with its map in ``block``, chance level: the mean similarity with the block's maps of the
+        image's partners whose maps are finite)."""
         valid = None if self._bad is None else ~self._bad[method]
-        return paired(self.prepared_original(method, metric), block.maps[method], metric, self.partners, valid)
+        reference = self.prepared_original(method, metric) if original is None else original
+        return paired(reference, block.maps[method], metric, self.partners, valid)
 
     def prepared_original(self, method: str, metric: str) -> Prepared:
         """The original maps of ``method`` prepared for ``metric`` once, for every block that scores them."""

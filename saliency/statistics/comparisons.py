@@ -98,7 +98,9 @@ class ComparisonAccumulator:
         self._values: dict[tuple, list[np.ndarray]] = {}  # … → seed-mean R per image
 
     def _scope(self, model: str, test: str, state: str, index: int) -> str | None:
-        return get_test(test).scope(state, index, self.n_states.get((model, test), 0), options_of(self.options, test))
+        declared = get_test(test)
+        return declared.scope(state, index, self.n_states.get((model, test), 0),
+                              options_of(self.options, declared.states_from or test))
 
     def add(self, scores: pa.Table) -> None:
         """Fold in score rows (score schema) holding every row of their images."""
