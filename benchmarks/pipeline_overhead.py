@@ -86,7 +86,7 @@ def plain_loop(n_images: int, out: Path) -> dict:
     from tasks.config import load_config
     from tasks.shards import load_configured_model, load_data
 
-    cfg = load_config(overrides=[f"data.limit={n_images}"])
+    cfg = load_config(overrides=[f"data.limit={n_images}", "tests.grid_pointing.enabled=false"])  # not for the CNN
     torch.set_num_threads(os.cpu_count() or 1)
     model, dataset, settings = load_configured_model(cfg), load_data(cfg), cfg.sanity_settings()
     tables = [run_sanity(model, x, settings, image_ids=ids, labels=labels, model_name=cfg.model.name)

@@ -22,7 +22,7 @@ from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
 from tasks.allocator import keep_freed_memory
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest
-from tasks.shards import Shard, load_data
+from tasks.shards import Shard, example_input, inapplicable_tests, load_data
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
 from tasks.write import write_shard
 
@@ -38,7 +38,8 @@ class ShardWorker:
                  model: nn.Module | None = None, progress: Any = None,
                  run_dir: str | RunDir | None = None, manifest: Manifest | None = None) -> None:
         self.cfg = Config.model_validate(config)
-        self.settings = self.cfg.sanity_settings(manifest)  # the planner's CAM layer, layout and layers
+        self.settings = self.cfg.sanity_settings(manifest)  # the planner's tests, CAM layer, layout and layers
+        self.planned = manifest is not None
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
         self.run_id = run_id
         self.device = torch.device(device)
@@ -56,6 +57,9 @@ class ShardWorker:
     def set_model(self, model: nn.Module) -> dict[str, Any]:
         """Hold the model (the planner's copy, so that every actor explains the very same weights)."""
         self.model = model.to(self.device).eval()
+        if not self.planned:  # a worker used without the planner (tests, benchmarks) drops what cannot apply
+            dropped = inapplicable_tests(self.cfg, self.model, example_input(self.dataset).to(self.device))
+            self.settings.tests = [test for test in self.settings.tests if test not in dropped]
         return self.ready()
 
     def ready(self) -> dict[str, Any]:

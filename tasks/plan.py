@@ -24,11 +24,10 @@ from saliency.methods.lrp import check_conservation
 from saliency.models import has_random_weights
 from saliency.passes import forward_logits
 from saliency.randomize import parameter_layers, state_names
-from saliency.sanity import get_test
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, ModelCheck, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
-from tasks.shards import Shard, load_data, load_model_saying_how, shard_ranges
+from tasks.shards import Shard, example_input, inapplicable_tests, load_data, load_model_saying_how, shard_ranges
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
 ACCURACY_IMAGES = 1000
@@ -130,17 +129,8 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}}
 
 
-def _example_input(dataset):
-    for i in range(len(dataset)):
-        try:
-            return dataset[i].image[None]
-        except Exception:  # a corrupt image: try the next one (the shard records it)
-            continue
-    raise ConfigError(f"dataset {dataset.name!r} has no readable image")
-
-
 def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) -> Manifest:
-    example = _example_input(dataset)
+    example = example_input(dataset)
     outputs = check_model_on_data(cfg, model, example)
     try:
         check_relu_rules(model, example, cfg.methods.ids, cfg.methods.propagation)
@@ -191,18 +181,6 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
                    for s in shards],
         "dataset_failures": len(dataset.failures),
     })
-
-
-def inapplicable_tests(cfg: Config, model: nn.Module, example) -> dict[str, str]:
-    """{test id: why} of the enabled tests this model cannot take (a grid twice the image's side through
-    a flatten layer), said before any work; a config whose every test is inapplicable is refused."""
-    options = cfg.tests.options()
-    reasons = {test: reason for test in cfg.tests.enabled()
-               if (reason := get_test(test).applicable(model, example, options[test])) is not None}
-    if reasons and len(reasons) == len(cfg.tests.enabled()):
-        raise ConfigError("config field `tests`: no enabled sanity test applies to this model: "
-                          + "; ".join(f"{test}: {why}" for test, why in reasons.items()))
-    return reasons
 
 
 def check_model_on_data(cfg: Config, model: nn.Module, example) -> int:

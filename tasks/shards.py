@@ -9,7 +9,8 @@ from torch import nn
 
 from saliency.data import ImageDataset, load_dataset
 from saliency.models import REFERENCE_MODELS, load_model, train_reference
-from tasks.config import Config
+from saliency.sanity import get_test
+from tasks.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,25 @@ def load_model_saying_how(cfg: Config) -> tuple[nn.Module, str]:
                f"(cached at {info['cache_path']})")
         return model, f"{m.name} model {how}"
     return load_configured_model(cfg), f"{m.name} model" + ("" if m.weights is None else f", weights {m.weights}")
+
+
+def example_input(dataset):
+    """The first readable image of the dataset as a batch of one (the planner's checks run on it)."""
+    for i in range(len(dataset)):
+        try:
+            return dataset[i].image[None]
+        except Exception:  # a corrupt image: try the next one (the shard records it)
+            continue
+    raise ConfigError(f"dataset {dataset.name!r} has no readable image")
+
+
+def inapplicable_tests(cfg: Config, model: nn.Module, example) -> dict[str, str]:
+    """{test id: why} of the enabled tests this model cannot take (a grid twice the image's side through
+    a flatten layer), said before any work; a config whose every test is inapplicable is refused."""
+    options = cfg.tests.options()
+    reasons = {test: reason for test in cfg.tests.enabled()
+               if (reason := get_test(test).applicable(model, example, options[test])) is not None}
+    if reasons and len(reasons) == len(cfg.tests.enabled()):
+        raise ConfigError("config field `tests`: no enabled sanity test applies to this model: "
+                          + "; ".join(f"{test}: {why}" for test, why in reasons.items()))
+    return reasons

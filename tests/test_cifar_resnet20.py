@@ -246,7 +246,7 @@ def test_shipped_config_runs_the_papers_comparison_on_this_model():
     assert (cfg.model.name, cfg.data.dataset, cfg.data.split, cfg.data.limit) == \
         ("cifar_resnet20", "cifar10_sample", "test", None)
     assert cfg.methods.ids == list(PAPER_METHODS)
-    assert cfg.tests.enabled() == ["class_sensitivity", "mprt", "emprt"]
+    assert cfg.tests.enabled() == ["class_sensitivity", "mprt", "emprt", "grid_pointing", "deletion"]
     assert cfg.tests.class_sensitivity.others == ["min", "random"]
     assert cfg.tests.mprt.seeds == [0, 1, 2] and cfg.tests.mprt.order == "cascade_top_down"
     dataset, model = load_data(cfg), load_configured_model(cfg)

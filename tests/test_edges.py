@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from saliency.sanity import available_tests
 from tasks.config import ConfigError, load_config
 from tasks.storage import RunDir
 from test_fail_fast import ROOT, rows_expected, small
@@ -221,8 +222,10 @@ def test_only_the_names_a_run_writes_are_parts_and_everything_else_is_listed(tmp
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["tests.class_sensitivity.enabled=false", "tests.mprt.enabled=false", "tests.emprt.enabled=false"],
-     "config field `tests`: no sanity test is enabled; set at least one of tests.class_sensitivity.enabled, tests.mprt.enabled, tests.emprt.enabled to true"),
+    ([f"tests.{test}.enabled=false" for test in available_tests()],
+     "config field `tests`: no sanity test is enabled; set at least one of tests.class_sensitivity.enabled, "
+     "tests.mprt.enabled, tests.emprt.enabled, tests.smprt.enabled, tests.grid_pointing.enabled, "
+     "tests.deletion.enabled to true"),
     (["methods.ids="], "config field `methods.ids`: at least one method ids is needed; allowed: gradient, "),
     (["metrics.names="], "config field `metrics.names`: at least one metrics is needed; allowed: ssim, "),
 ], ids=["no test", "no method", "no metric"])
@@ -243,8 +246,11 @@ def test_a_config_that_computes_nothing_is_refused_before_any_work(tmp_path, set
 
 
 # ------------------------------------------------------------------ cases 4, 6, 7: one CLI run whose disk fills
-FULL_DISK = small(data={"limit": 8}, methods={"ids": ["gradient", "edge_sobel"]}, randomization={"seeds": [0]},
-                  storage={"store_maps": "all"})  # 4 shards of 2 images; maps/ is written first in each shard
+# 8 shards of 2 images (maps/ is written first in each shard): enough that the run is still computing when the
+# disk is filled, 2 s after its actors start (with 4 shards, a fast machine had finished them all)
+FULL_DISK = small(data={"limit": 16}, methods={"ids": ["gradient", "edge_sobel"]}, randomization={"seeds": [0]},
+                  storage={"store_maps": "all"})
+FULL_DISK_SHARDS = 8
 
 
 def listening(pids: set[int]) -> list[tuple[str, str]]:
@@ -344,7 +350,7 @@ def test_a_full_disk_is_named_the_finished_shards_are_kept_and_a_rerun_resumes(f
     assert run.returncode == 1, run.stdout + run.stderr[-3000:]
     failed = [line for line in run.stdout.splitlines() if line.startswith("run failed")]
     kept = run.kept
-    assert 0 < len(kept) < 4
+    assert 0 < len(kept) < FULL_DISK_SHARDS, run.stdout + run.stderr[-2000:]
     assert re.fullmatch(rf"run failed: the disk is full \(writing {re.escape(run.run_dir.path)}/maps/part-0000\d"
                         rf"\.parquet: No space left on device\); {len(kept)} finished shard\(s\) are kept: re-run "
                         r"the same command after freeing space and it resumes \(--verbose for details\)",
@@ -354,9 +360,9 @@ def test_a_full_disk_is_named_the_finished_shards_are_kept_and_a_rerun_resumes(f
     (Path(run.run_dir.path).parent / "filler").unlink()
     kept_bytes = {index: Path(run.run_dir.part_path("scores", index)).read_bytes() for index in kept}
     outcome = sanity_check(config=FULL_DISK, out=str(Path(run.run_dir.path).parent))
-    assert outcome["stats"]["shards_skipped"] == len(kept) and set(outcome["shards"]) == set(range(4)) - kept
+    assert outcome["stats"]["shards_skipped"] == len(kept) and set(outcome["shards"]) == set(range(FULL_DISK_SHARDS)) - kept
     assert all(Path(run.run_dir.part_path("scores", i)).read_bytes() == data for i, data in kept_bytes.items())
-    rows = run.run_dir.read_parts("scores", 4).num_rows
+    rows = run.run_dir.read_parts("scores", FULL_DISK_SHARDS).num_rows
     print(f"rows expected {rows_expected(FULL_DISK)}, found {rows}")
     assert rows == outcome["stats"]["score_rows"] == rows_expected(FULL_DISK)
 

@@ -31,7 +31,8 @@ def test_the_manifest_round_trips_through_json(planned):
     text = json.dumps(manifest.to_json())
     again = parse_manifest(json.loads(text))
     assert again == manifest and isinstance(again, Manifest)
-    assert again.methods == METHODS and again.tests == ["class_sensitivity", "mprt", "emprt"]
+    assert again.methods == METHODS and again.tests == ["class_sensitivity", "mprt", "emprt", "deletion"]
+    assert list(again.not_applicable) == ["grid_pointing"]  # the reference CNN's flatten takes 28×28 only
     assert again.randomization.seeds == [0, 1] and [s.n_images for s in again.shards] == [3, 3]
     assert again.cam_layer == "features" and len(again.states) == len(again.layers)
 
@@ -49,13 +50,14 @@ def test_a_manifest_of_another_shape_is_refused_by_name(planned):
 def test_the_report_header_reads_the_manifest(planned, tmp_path):
     cfg, dataset, model, manifest = planned
     x = __import__("torch").stack([dataset[i].image for i in range(4)])
-    scores = run_sanity(model, x, cfg.sanity_settings())
+    scores = run_sanity(model, x, cfg.sanity_settings(manifest))  # the planner's tests: those that apply
     summary = summarize(scores, n_boot=50)
     page = write_report(summary, tmp_path, manifest=manifest, verdicts=verdicts(summary)).read_text(encoding="utf-8")
     header = page[:page.index("<h2>")]
     facts = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", header))
     assert facts["methods"] == ", ".join(METHODS)
-    assert facts["tests"] == "class_sensitivity, mprt, emprt"
+    assert facts["tests"].startswith("class_sensitivity, mprt, emprt, deletion; not applicable: grid_pointing "
+                                     "(it cannot take a 56×56 grid of its 28×28 images")
     assert facts["images"] == "6" and facts["CAM layer"] == "features" and facts["model"] == "reference"
     assert f"seeds 0, 1; order cascade_top_down; {len(manifest.states)} MPRT states" == facts["randomization"]
     assert not any("{" in value for value in facts.values())  # no config dict printed
@@ -69,7 +71,7 @@ def test_the_model_check_records_trained_weights_and_accuracy(planned, tmp_path)
     assert not check.random_weights and check.outputs == manifest.num_classes == 10
     assert check.accuracy_images == 6 and check.accuracy >= 5 / 6
     page = write_report(summarize(run_sanity(model, __import__("torch").stack([dataset[0].image]),
-                                             cfg.sanity_settings()), n_boot=20),
+                                             cfg.sanity_settings(manifest)), n_boot=20),
                         tmp_path, manifest=manifest).read_text(encoding="utf-8")
     assert f"trained weights · accuracy {check.accuracy:.1%}" in page and 'id="untrained"' not in page
 
@@ -90,7 +92,7 @@ def test_a_model_without_weights_is_flagged_with_its_accuracy(tmp_path, mlflow_s
     assert check.accuracy == pytest.approx(expected)
     assert check.describe().startswith("random weights (none loaded): the verdicts describe an untrained model; "
                                        f"top-1 accuracy {expected:.1%} on 8 labelled images (chance 10.0%)")
-    summary = summarize(run_sanity(model, dataset[0].image[None], cfg.sanity_settings()), n_boot=20)
+    summary = summarize(run_sanity(model, dataset[0].image[None], cfg.sanity_settings(manifest)), n_boot=20)
     page = write_report(summary, tmp_path / "report", manifest=manifest).read_text(encoding="utf-8")
     banner = re.search(r'<p class="controls warning" id="untrained">(.*?)</p>', page, re.S).group(1)
     assert "the verdicts describe an untrained model" in banner

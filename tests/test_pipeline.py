@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["gradient", "gradcampp", "edge_sobel"]
 N_IMAGES, PER_SHARD, N_SHARDS = 32, 4, 8
 SEEDS = [0, 1]
-# One experiment (same run id) computed in several ways; the compute section may differ between them.
-TINY = {"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS},
+# One experiment (same run id) computed in several ways; the compute section may differ between them. The
+# three classic tests (deletion off; the grid pointing game does not apply to the reference CNN): the
+# new tests run through the pipeline in the CLI's default runs (tests/test_cli.py, tests/test_edges.py).
+TINY = {"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS}, "tests": {"deletion": {"enabled": False}},
         "metrics": {"names": ["ssim", "spearman_abs"], "n_boot": 50}, "randomization": {"seeds": SEEDS},
         "compute": {"images_per_shard": PER_SHARD, "batch_size": 2, "actors": 1},
         "storage": {"store_maps": "sample", "sample_images": 2, "report": False},
@@ -139,7 +141,8 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     assert {"config", "code_version", "libraries", "seeds", "states"} <= manifest.keys()
     assert manifest["cam_layer"] == "features" and manifest["randomization"]["seeds"] == SEEDS
     assert manifest["verdict_rules"] == {"retention": 0.5, "min_gap": 0.2, "entropy_rise": 0.0, "alpha": 0.05,
-                                         "retention_spread": 0.1}
+                                         "retention_spread": 0.1, "pointing_margin": 0.1}
+    assert manifest["not_applicable"].keys() == {"grid_pointing"}
     assert directory.exists("report", "index.html")
 
     # two actors really shared the work, and the tables are bit-identical to the one-actor run
@@ -402,7 +405,8 @@ def test_worker_records_bad_images_and_keeps_the_rest(image_folder):
     from tasks.shards import Shard
 
     config = {"data": {"dataset": "imagefolder", "root": str(image_folder), "image_size": 32, "limit": None},
-              "methods": {"ids": ["gradient", "gradcam"]}, "tests": {"others": ["min"]},
+              "methods": {"ids": ["gradient", "gradcam"]},
+              "tests": {"others": ["min"], "deletion": {"enabled": False}, "grid_pointing": {"enabled": False}},
               "metrics": {"names": ["ssim"]}, "compute": {"batch_size": 6}, "storage": {"store_maps": "all"},
               "randomization": {"seeds": [0, 1]}}
     dataset = load_dataset("imagefolder", root=image_folder, image_size=32)
@@ -555,7 +559,9 @@ def test_parts_that_do_not_match_the_plan_are_recomputed_not_read(reference_run,
 
     cfg = load_config(tiny())
     ids = load_data(cfg).image_ids
-    per_method = rows_per_image_and_method(cfg.sanity_settings(), n_states())
+    from tasks.manifest import read_manifest
+
+    per_method = rows_per_image_and_method(cfg.sanity_settings(read_manifest(run_dir)), n_states())
     reasons = {s.index: check_shard(run_dir, s, ids[s.start:s.stop], METHODS, per_method, cfg.run_id())
                for s in shard_ranges(N_IMAGES, PER_SHARD)}
     assert "rows of shard(s) [0]" in reasons[1]

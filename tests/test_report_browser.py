@@ -107,21 +107,23 @@ def test_the_headline_of_a_two_method_run_shows_summary_parquet(two_method_run):
     columns, rows, families = matrix_cells(page)
     assert list(rows) == ["gradcampp/signed", "gradcampp"] and families == ["aggregation"]
     assert columns == [("class_sensitivity", "min"), ("class_sensitivity", "random"), ("mprt", "head"),
-                       ("mprt", "cascade"), ("emprt", "full")]
+                       ("mprt", "cascade"), ("emprt", "full"), ("deletion", "gain")]
     n_states = 1 + max(r["state_index"] for r in summary if r["test"] == "mprt")
     where = {("class_sensitivity", "min"): ("class_sensitivity", "min"),
              ("class_sensitivity", "random"): ("class_sensitivity", "random"),
              ("mprt", "head"): ("mprt", next(r["state"] for r in summary if r["test"] == "mprt" and r["state_index"] == 0)),
              ("mprt", "cascade"): ("mprt", "cascade"),
              ("emprt", "full"): ("emprt", next(r["state"] for r in summary
-                                               if r["test"] == "emprt" and r["state_index"] == n_states - 1))}
+                                               if r["test"] == "emprt" and r["state_index"] == n_states - 1)),
+             ("deletion", "gain"): ("deletion", "gain")}
+    value_metric = {"emprt": "entropy_rise", "deletion": "srg_gain"}
     for method in TWO_METHODS:
         for column, (verdict, text) in zip(columns, rows[method]):
             test, state = where[column]
-            metric = "entropy_rise" if test == "emprt" else "ssim"
+            metric = value_metric.get(test, "ssim")
             (row,) = [r for r in summary
                       if (r["method"], r["test"], r["state"], r["metric"]) == (method, test, state, metric)]
-            prefix = "" if test == "emprt" else "retention_"
+            prefix = "" if test in value_metric else "retention_"
             if verdict == "uninformative":
                 continue
             numbers = [float(x) for x in re.findall(r"-?\d+\.\d+", text)]

@@ -235,9 +235,10 @@ def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
     assert outcome["n_images"] == 8
     values = [images for shard, images in reports if shard == 0]
     n_states = len(parameter_layers(load_configured_model(cfg), example_input=load_data(cfg)[0].image[None]))
-    assert len(values) == 4 * (1 + n_states + 1) + 1  # every explain call, every batch's end, the shard's end
+    # every explain call (the original maps, each MPRT state), deletion's block, every batch's end, the shard's end
+    assert len(values) == 4 * (1 + n_states + 1 + 1) + 1
     assert values == sorted(values) and {2, 4, 6, 8} <= set(values)
-    assert values[0] == pytest.approx(2 / (1 + n_states))  # the first batch's original maps: a fraction of it
+    assert values[0] == pytest.approx(2 / (1 + n_states + 1))  # the first batch's original maps: a fraction of it
     assert final == 8 and pool.images_done() is None  # the board went with the pool
     assert any(0 < value < 8 for value in seen), sorted(set(seen))  # the bar moved within the shard
 

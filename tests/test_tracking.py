@@ -25,7 +25,7 @@ def judged_run():
     dataset, model = load_data(cfg), load_configured_model(cfg)
     manifest = build_manifest(cfg, dataset, model, shard_ranges(len(dataset), 4))
     x = torch.stack([dataset[i].image for i in range(len(dataset))])
-    summary = summarize(run_sanity(model, x, cfg.sanity_settings(), image_ids=dataset.image_ids), n_boot=20)
+    summary = summarize(run_sanity(model, x, cfg.sanity_settings(manifest), image_ids=dataset.image_ids), n_boot=20)
     return cfg, manifest, summary, verdicts(summary)
 
 
