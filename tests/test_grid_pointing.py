@@ -80,3 +80,22 @@ def test_a_flatten_model_is_not_applicable_with_the_reason():
     with pytest.raises(ValueError, match="sanity test 'grid_pointing' is not applicable to this model: it cannot"):
         SanityRun(model, torch.zeros(2, 1, 28, 28), Settings(methods=["gradient"], tests=["grid_pointing"]))
     assert get_test("grid_pointing").applicable(ChannelMeans(), torch.zeros(1, 4, 4, 4), None) is None
+
+
+def test_controls_and_a_class_sensitive_map_on_the_cifar_resnet20():
+    """The shipped CIFAR-10 ResNet-20 (global pooling: grids welcome) on its first 40 test images: the
+    edge detector and the random map point at chance and fail; GradCAM++ without positive aggregation
+    (signed) points at the explained image (measured on 100 images: 0.74 [0.71, 0.77]; edge_sobel 0.248,
+    random 0.249)."""
+    from saliency.data import load_dataset
+
+    dataset = load_dataset("cifar10_sample", limit=40)
+    x, ids = torch.stack([s.image for s in dataset]), dataset.image_ids
+    settings = Settings(methods=["edge_sobel", "random", "gradcampp/signed"], tests=["grid_pointing"])
+    model = load_model("cifar_resnet20")
+    scores = __import__("pyarrow").concat_tables([run_sanity(model, x[i:i + 20], settings, image_ids=ids[i:i + 20])
+                                                  for i in (0, 20)])
+    judged = {r["method"]: r for r in verdicts(summarize(scores, n_boot=1000)).to_pylist()}
+    assert judged["edge_sobel"]["verdict"] == judged["random"]["verdict"] == "fail"
+    assert judged["gradcampp/signed"]["verdict"] == "pass" and judged["gradcampp/signed"]["mean"] > 0.6
+    assert judged["random"]["mean"] == pytest.approx(0.25, abs=0.02)

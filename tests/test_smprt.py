@@ -25,7 +25,7 @@ def test_the_denoised_maps_match_quantus_smooth_mprt_on_the_same_noise(batch, mo
     """Quantus's SmoothMPRT.explain_smooth_batch_numpy averages explain over nr_samples copies, the last
     noise-free, ε = randn · noise_magnitude · (max − min) per image; fed our standard normal draws, it must
     give our smoothed original maps."""
-    quantus = pytest.importorskip("quantus")
+    pytest.importorskip("quantus")
     from quantus.metrics.randomisation import smooth_mprt
 
     model, x = batch
