@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from saliency.plots import CONTROLS, method_groups, order_methods
 from saliency.sanity import get_test, sanity_tests
-from saliency.statistics import control_checks, control_methods
+from saliency.statistics import VerdictRules, control_checks, control_methods
 from tasks.manifest import Manifest
 
 def scope_words(test: str, scope: str) -> str:
@@ -42,8 +42,9 @@ def facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None)
                           f"{rules['retention']:g}, pass when CI_high(R) < "
                           f"{rules['retention']:g} (also read at ± {rules.get('retention_spread', 0.1):g}: † marks "
                           f"a verdict that changes there), uninformative when mean(r − c) < {rules['min_gap']:g}; "
-                          f"eMPRT passes when CI(entropy rise) > {rules['entropy_rise']:g}; comparisons "
-                          f"Holm-corrected at α = {rules['alpha']:g}"),
+                          + "".join(f"{reading}; " for test in manifest.tests
+                                    if (reading := get_test(test).reading(VerdictRules.from_dict(rules))))
+                          + f"comparisons Holm-corrected at α = {rules['alpha']:g}"),
         ("code version", manifest.code_version),
     ]
 

@@ -56,6 +56,8 @@ def test_the_report_header_reads_the_manifest(planned, tmp_path):
     header = page[:page.index("<h2>")]
     facts = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]*)</dd>", header))
     assert facts["methods"] == ", ".join(METHODS)
+    assert ("eMPRT passes when CI(entropy rise) &gt; 0; deletion passes when CI(SRG − SRG(random map)) &gt; 0"
+            in facts["verdict rules"])  # each test's own rule, from the test
     assert facts["tests"].startswith("class_sensitivity, mprt, emprt, deletion; not applicable: grid_pointing "
                                      "(it cannot take a 56×56 grid of its 28×28 images")
     assert facts["images"] == "6" and facts["CAM layer"] == "features" and facts["model"] == "reference"

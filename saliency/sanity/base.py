@@ -147,6 +147,11 @@ class SanityTest:
             raise NotImplementedError(f"sanity test {self.id!r} is not normalised: it must define its verdict rule")
         return retention_verdict(row, rules)
 
+    def reading(self, rules: VerdictRules) -> str | None:
+        """Its verdict rule in one phrase with its thresholds, for the report's facts (None: the shared
+        retention rule, which the facts state once)."""
+        return None
+
     def figures(self, summary: Any, rules: VerdictRules) -> dict[str, Any] | None:
         """Its own report figures ({file stem: matplotlib Figure}), or None for the kind ``figure``
         names, drawn by ``saliency.plots``."""

@@ -141,6 +141,9 @@ class Deletion(SanityTest):
     def scope(self, state: str, state_index: int, n_states: int, options) -> str | None:
         return "gain" if state == "gain" else None
 
+    def reading(self, rules) -> str:
+        return "deletion passes when CI(SRG − SRG(random map)) > 0 and fails when it lies at or below 0"
+
     def verdict(self, row, rules, source_gaps) -> Verdict:
         return ci_verdict(row, 0.0, "SRG − SRG(random map)")
 

@@ -85,6 +85,9 @@ class EntropyRise(SanityTest):
     def scope(self, state: str, state_index: int, n_states: int, options) -> str | None:
         return "full" if state_index == n_states - 1 else None
 
+    def reading(self, rules) -> str:
+        return f"eMPRT passes when CI(entropy rise) > {rules.threshold('entropy_rise'):g}"
+
     def verdict(self, row, rules, source_gaps) -> Verdict:
         """A rise passes, no rise fails; uninformative where MPRT cannot tell the maps from another
         image's on any metric at this state (the entropy of such maps says nothing about the model)."""

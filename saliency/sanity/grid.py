@@ -129,6 +129,10 @@ class GridPointing(SanityTest):
     def rows_per_image(self, settings, n_states: int) -> int:
         return 1
 
+    def reading(self, rules) -> str:
+        return (f"the grid pointing game passes when CI_low(share) > {CHANCE + rules.threshold('pointing_margin'):g} "
+                f"and fails when CI_low(share) ≤ {CHANCE:g}")
+
     def verdict(self, row, rules, source_gaps) -> Verdict:
         margin = rules.threshold("pointing_margin")
         low, high = row["ci_low"], row["ci_high"]
