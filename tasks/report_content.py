@@ -268,9 +268,48 @@ def _value_test_items(rows: list[dict], verdicts: pa.Table) -> list[dict]:
         counts = {v: [m for m in order if verdict_of[m] == v] for v in ("pass", "fail", "inconclusive", "uninformative")}
         text = ", ".join(f"{len(ms)} {v}" + (f" ({', '.join(ms)})" if v != "pass" and len(ms) <= 6 else "")
                          for v, ms in counts.items() if ms)
-        caveat = "".join(_complexity_reading(verdicts)) if test == "emprt" else ""
+        caveat = "".join(_complexity_reading(verdicts)) if test == "emprt" else _agreement_reading(cells, verdicts)
         items.append({"key": test, "label": _short_title(test), "text": text + (f". {caveat}" if caveat else ".")})
     return items
+
+
+CLASSIC_TESTS = ("class_sensitivity", "mprt")
+"""The tests the paper reads; a test that looks from another side is read against them."""
+
+
+def _agreement_reading(cells: list[dict], verdicts: pa.Table) -> str:
+    """Where a test read by its value (grid pointing, deletion) agrees with class sensitivity and MPRT at
+    their headline metric: a method that fails one of their cells and passes here (or passes all of
+    theirs and fails here) is named; inconclusive and uninformative verdicts on either side are left out."""
+    if not cells:
+        return ""
+    headline = headline_metrics(verdicts)
+    model = cells[0]["model"]
+    classic: dict[str, list[str]] = {}
+    for r in verdicts.to_pylist():
+        if r["model"] == model and r["test"] in CLASSIC_TESTS and r["metric"] == headline.get(r["test"]):
+            classic.setdefault(r["method"], []).append(r["verdict"])
+    agree, only_here, only_there = [], [], []
+    for r in cells:
+        theirs = classic.get(r["method"])
+        if not theirs or r["verdict"] not in ("pass", "fail"):
+            continue
+        fails_there = "fail" in theirs
+        passes_there = all(v == "pass" for v in theirs)
+        if (r["verdict"] == "pass" and passes_there) or (r["verdict"] == "fail" and fails_there):
+            agree.append(r["method"])
+        elif r["verdict"] == "pass" and fails_there:
+            only_here.append(r["method"])
+        elif r["verdict"] == "fail" and passes_there:
+            only_there.append(r["method"])
+    if not (agree or only_here or only_there):
+        return ""
+    text = f"Against class sensitivity and MPRT: agrees for {len(agree)} methods"
+    if only_here:
+        text += f"; passes here but fails there for {len(only_here)}: {', '.join(only_here)}"
+    if only_there:
+        text += f"; fails here but passes all of theirs for {len(only_there)}: {', '.join(only_there)}"
+    return text + "."
 
 
 SIGN_INVARIANT = "spearman_abs"

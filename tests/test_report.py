@@ -637,3 +637,28 @@ def test_mprt_small_multiples_one_panel_per_family_with_the_controls_dashed_in_e
                                [retention_at("gradcam/pos", k, LEVELS | {"gradcam/pos": 0.9}) for k in range(len(LAYERS))])
     with pytest.raises(ValueError, match="several models"):
         report.mprt_small_multiples(pa.concat_tables([summary_table(model="a"), summary_table(model="b")]), "ssim")
+
+
+def test_the_reading_says_where_a_new_test_disagrees_with_class_sensitivity_and_mprt():
+    """Issue 20 item 4: a test read by its value (deletion here) is read against class sensitivity and MPRT:
+    methods that fail there and pass here, or pass all of theirs and fail here, are named."""
+    from saliency.statistics import VERDICT_SCHEMA
+    from tasks.report_content import reading
+
+    def row(method, test, scope, metric, verdict):
+        return {"model": "m", "method": method, "test": test, "scope": scope, "state": scope, "state_index": 0,
+                "metric": metric, "n": 10, "n_seeds": 1, "mean": 0.1, "ci_low": 0.0, "ci_high": 0.2,
+                "verdict": verdict, "reason": "", "verdict_at_low": verdict, "verdict_at_high": verdict,
+                "threshold_sensitive": False}
+
+    classic = {"gradient": ("pass", "pass"), "gradcampp": ("fail", "pass"), "lrp_epsilon": ("pass", "pass"),
+               "guided_backprop": ("fail", "fail")}
+    deletion = {"gradient": "pass", "gradcampp": "pass", "lrp_epsilon": "fail", "guided_backprop": "fail"}
+    rows = []
+    for method, (cs, head) in classic.items():
+        rows += [row(method, "class_sensitivity", "min", "ssim", cs), row(method, "mprt", "head", "ssim", head),
+                 row(method, "deletion", "gain", "srg_gain", deletion[method])]
+    items = {item["key"]: item["text"] for item in reading(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), None)}
+    assert items["deletion"] == ("2 pass, 2 fail (lrp_epsilon, guided_backprop). Against class sensitivity and MPRT: "
+                                 "agrees for 2 methods; passes here but fails there for 1: gradcampp; fails here "
+                                 "but passes all of theirs for 1: lrp_epsilon.")
