@@ -659,6 +659,6 @@ def test_the_reading_says_where_a_new_test_disagrees_with_class_sensitivity_and_
         rows += [row(method, "class_sensitivity", "min", "ssim", cs), row(method, "mprt", "head", "ssim", head),
                  row(method, "deletion", "gain", "srg_gain", deletion[method])]
     items = {item["key"]: item["text"] for item in reading(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), None)}
-    assert items["deletion"] == ("2 pass, 2 fail (lrp_epsilon, guided_backprop). Against class sensitivity and MPRT: "
+    assert items["deletion"] == ("2 pass, 2 fail (guided_backprop, lrp_epsilon). Against class sensitivity and MPRT: "
                                  "agrees for 2 methods; passes here but fails there for 1: gradcampp; fails here "
                                  "but passes all of theirs for 1: lrp_epsilon.")
