@@ -80,6 +80,8 @@ def test_a_flatten_model_is_not_applicable_with_the_reason():
     with pytest.raises(ValueError, match="sanity test 'grid_pointing' is not applicable to this model: it cannot"):
         SanityRun(model, torch.zeros(2, 1, 28, 28), Settings(methods=["gradient"], tests=["grid_pointing"]))
     assert get_test("grid_pointing").applicable(ChannelMeans(), torch.zeros(1, 4, 4, 4), None) is None
+    two_classes = get_test("grid_pointing").applicable(ChannelMeans(), torch.zeros(1, 2, 4, 4), None)
+    assert two_classes == "a grid holds four images of four classes and the model has 2 outputs"
 
 
 def test_controls_and_a_class_sensitive_map_on_the_cifar_resnet20():

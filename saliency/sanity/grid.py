@@ -102,6 +102,8 @@ class GridPointing(SanityTest):
             return f"it cannot take a {2 * height}×{2 * width} grid of its {height}×{width} images ({message[:240]})"
         if tiled.shape != alone.shape:
             return f"on a {2 * height}×{2 * width} grid it gives outputs of shape {tuple(tiled.shape)}, not {tuple(alone.shape)}"
+        if alone.shape[1] < 4:
+            return f"a grid holds four images of four classes and the model has {alone.shape[1]} outputs"
         return None
 
     def block_count(self, run) -> int:
