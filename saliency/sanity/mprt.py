@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from torch import Tensor, nn
+
 from saliency.choices import check_choice
 from saliency.options import check_options, option
 from saliency.passes import forward_logits
@@ -67,30 +69,39 @@ def randomization_seeds(settings) -> list[int]:
 
 @dataclass(frozen=True)
 class ParameterRandomization(SanityTest):
+    def state_options(self, run) -> RandomizationOptions:
+        """The options that make its states: its own, or those of ``states_from`` (sMPRT: MPRT's)."""
+        return run.settings.options_of(self.states_from or self.id)
+
     def layers(self, run) -> list[str]:
         """The parameter layers in model order: the planner's, else traced once per batch."""
         if run.settings.layers is not None:
             return list(run.settings.layers)
         if "mprt_layers" not in run.derived:
             run.derived["mprt_layers"] = parameter_layers(run.model, example_input=run.x[:1],
-                                                          granularity=run.options(self).granularity)
+                                                          granularity=self.state_options(run).granularity)
         return run.derived["mprt_layers"]
 
     def block_count(self, run) -> int:
-        return len(randomization_seeds(run.settings)) * len(_state_indices(run.options(self).states,
+        return len(randomization_seeds(run.settings)) * len(_state_indices(self.state_options(run).states,
                                                                             len(self.layers(run))))
 
-    def blocks(self, run) -> Iterator[Block]:
-        o = run.options(self)
+    def states(self, run) -> Iterator[tuple[int, int, str, nn.Module, Tensor]]:
+        """(seed, state index, state name, randomised model, targets) of each state and seed, the model
+        one working copy changed in place (valid until the next state)."""
+        o = self.state_options(run)
         layers = self.layers(run)
         states = states_in_place(run.model, layers, o.order, _state_indices(o.states, len(layers)),
                                  randomization_seeds(run.settings), init=o.init, bn_stats=o.bn_stats, sigma=o.sigma)
         names = state_names(layers, o.order)
         for seed, k, model in states:
             targets = forward_logits(model, run.x).argmax(dim=1) if o.target == "recompute" else run.top
+            yield seed, k, names[k], model, targets
+
+    def blocks(self, run) -> Iterator[Block]:
+        for seed, k, name, model, targets in self.states(run):
             maps = run.explain(model, targets[:, None])  # below its randomised layers, from run.prefix
-            yield Block(self.id, names[k], k, targets,
-                        {m: v[:, 0] for m, v in maps.items()}, seed=seed)
+            yield Block(self.id, name, k, targets, {m: v[:, 0] for m, v in maps.items()}, seed=seed)
 
     def rows_per_image(self, settings, n_states: int) -> int:
         return state_rows(settings, n_states) * len(list(settings.metrics))

@@ -23,10 +23,8 @@ from torch import Tensor
 from saliency.engine import explain
 from saliency.methods import get_method
 from saliency.options import check_options, option
-from saliency.passes import forward_logits
-from saliency.randomize import parameter_layers, state_names, states_in_place
 from saliency.sanity.base import Block, as_2d, retest_seed
-from saliency.sanity.mprt import ParameterRandomization, _state_indices, randomization_seeds, state_rows
+from saliency.sanity.mprt import ParameterRandomization, state_rows
 from saliency.seeds import stable_seed
 from saliency.similarity import similarity
 
@@ -54,19 +52,6 @@ def input_noise(x: Tensor, image_ids, seed: int, sample: int, noise: float) -> T
 
 @dataclass(frozen=True)
 class SmoothParameterRandomization(ParameterRandomization):
-    def layers(self, run) -> list[str]:
-        """MPRT's parameter layers: the planner's, else traced once per batch (shared with MPRT)."""
-        if run.settings.layers is not None:
-            return list(run.settings.layers)
-        if "mprt_layers" not in run.derived:
-            run.derived["mprt_layers"] = parameter_layers(
-                run.model, example_input=run.x[:1], granularity=run.settings.options_of("mprt").granularity)
-        return run.derived["mprt_layers"]
-
-    def block_count(self, run) -> int:
-        return len(randomization_seeds(run.settings)) * len(_state_indices(run.settings.options_of("mprt").states,
-                                                                            len(self.layers(run))))
-
     def smooth(self, run, model, targets: Tensor, methods=None, seed: int | None = None) -> dict[str, Tensor]:
         """{method: B×H×W}: the mean map over the noisy copies (the last noise-free) under ``model``."""
         o = run.options(self)
@@ -87,7 +72,6 @@ class SmoothParameterRandomization(ParameterRandomization):
         return total
 
     def blocks(self, run) -> Iterator[Block]:
-        o = run.settings.options_of("mprt")
         original = self.smooth(run, run.model, run.top)
         original = {m: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for m, v in original.items()}
         stochastic = [m for m in run.methods if get_method(m).stochastic]
@@ -98,13 +82,8 @@ class SmoothParameterRandomization(ParameterRandomization):
             "original": original,
             "retest": {(m, metric): similarity(original[m], torch.nan_to_num(second[m]), metric) if m in second
                        else ones for m in run.methods for metric in run.metrics}}
-        layers = self.layers(run)
-        states = states_in_place(run.model, layers, o.order, _state_indices(o.states, len(layers)),
-                                 randomization_seeds(run.settings), init=o.init, bn_stats=o.bn_stats, sigma=o.sigma)
-        names = state_names(layers, o.order)
-        for seed, k, model in states:
-            targets = forward_logits(model, run.x).argmax(dim=1) if o.target == "recompute" else run.top
-            yield Block(self.id, names[k], k, targets, self.smooth(run, model, targets), seed=seed)
+        for seed, k, name, model, targets in self.states(run):
+            yield Block(self.id, name, k, targets, self.smooth(run, model, targets), seed=seed)
 
     def score(self, run, block: Block) -> None:
         derived = run.derived[self.id]
