@@ -141,7 +141,9 @@ def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
                              f"data.root={tmp_path / 'images'}", "data.image_size=32", "methods.ids=gradient",
                              "compute.images_per_shard=4", f"storage.out={tmp_path / 'out'}"])
     assert cfg.data.limit == 1000
-    first, model = plan_line(plan_shards.fn(cfg)).splitlines()
+    first, model, not_applicable = plan_line(plan_shards.fn(cfg)).splitlines()
+    assert not_applicable == ("not applicable to this model: grid_pointing (a grid holds four images of four "
+                              "classes and the model has 2 outputs)")
     assert first == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", first
     assert model.startswith("model: random weights (none loaded): the verdicts describe an untrained model; "
                             "top-1 accuracy "), model
