@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saliency.plots import PAPER_FIGURE, example_maps_figure, method_groups, paper_figure
-from saliency.sanity import ORIGINAL, get_test, options_of, sanity_tests
+from saliency.sanity import ORIGINAL, get_test, sanity_tests
 from tasks.manifest import Manifest, read_manifest
 from tasks.report import write_report
 from tasks.storage import RunDir
@@ -79,8 +79,8 @@ def _keyed_maps(maps: pa.Table, manifest: Manifest | None) -> dict[tuple[str, st
         if row["test"] == ORIGINAL:
             keys = {ORIGINAL}
         else:
-            scope = get_test(row["test"]).scope(row["state"], row["state_index"], n_states[row["test"]],
-                                                options_of(options, get_test(row["test"]).states_from or row["test"]))
+            test = get_test(row["test"])
+            scope = test.scope(row["state"], row["state_index"], n_states[row["test"]], test.state_options(options))
             if scope:
                 keys.add(scope)
         for key in keys:

@@ -140,6 +140,11 @@ class SanityTest:
     def scope(self, state: str, state_index: int, n_states: int, options: Any) -> str | None:
         return state
 
+    def state_options(self, options: Mapping[str, Any]) -> Any:
+        """Of a map test id → options (``Settings.options``), the options its states and scopes are made
+        from: those of ``states_from``, else its own (defaults where missing)."""
+        return options_of(options, self.states_from or self.id)
+
     def verdict(self, row: Mapping[str, Any], rules: VerdictRules, source_gaps: Sequence[float]) -> Verdict:
         """The verdict of one summary row. ``source_gaps``: mean r − c of every metric of the test whose
         maps it scores, at the same state (how eMPRT knows MPRT could not tell the maps apart)."""

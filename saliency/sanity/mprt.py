@@ -69,27 +69,23 @@ def randomization_seeds(settings) -> list[int]:
 
 @dataclass(frozen=True)
 class ParameterRandomization(SanityTest):
-    def state_options(self, run) -> RandomizationOptions:
-        """The options that make its states: its own, or those of ``states_from`` (sMPRT: MPRT's)."""
-        return run.settings.options_of(self.states_from or self.id)
-
     def layers(self, run) -> list[str]:
         """The parameter layers in model order: the planner's, else traced once per batch."""
         if run.settings.layers is not None:
             return list(run.settings.layers)
         if "mprt_layers" not in run.derived:
-            run.derived["mprt_layers"] = parameter_layers(run.model, example_input=run.x[:1],
-                                                          granularity=self.state_options(run).granularity)
+            granularity = self.state_options(run.settings.options).granularity
+            run.derived["mprt_layers"] = parameter_layers(run.model, example_input=run.x[:1], granularity=granularity)
         return run.derived["mprt_layers"]
 
     def block_count(self, run) -> int:
-        return len(randomization_seeds(run.settings)) * len(_state_indices(self.state_options(run).states,
-                                                                            len(self.layers(run))))
+        states = self.state_options(run.settings.options).states
+        return len(randomization_seeds(run.settings)) * len(_state_indices(states, len(self.layers(run))))
 
     def states(self, run) -> Iterator[tuple[int, int, str, nn.Module, Tensor]]:
         """(seed, state index, state name, randomised model, targets) of each state and seed, the model
         one working copy changed in place (valid until the next state)."""
-        o = self.state_options(run)
+        o = self.state_options(run.settings.options)
         layers = self.layers(run)
         states = states_in_place(run.model, layers, o.order, _state_indices(o.states, len(layers)),
                                  randomization_seeds(run.settings), init=o.init, bn_stats=o.bn_stats, sigma=o.sigma)

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from scipy import stats
 
 from saliency.methods import signed_pairs
-from saliency.sanity import get_test, options_of, sanity_tests
+from saliency.sanity import get_test, sanity_tests
 from saliency.statistics.bootstrap import _check_n_boot, _percentile_interval, _runs, image_weights
 from saliency.statistics.retention import GROUP_KEYS, _working_table
 from saliency.statistics.verdicts import VerdictRules
@@ -99,8 +99,7 @@ class ComparisonAccumulator:
 
     def _scope(self, model: str, test: str, state: str, index: int) -> str | None:
         declared = get_test(test)
-        return declared.scope(state, index, self.n_states.get((model, test), 0),
-                              options_of(self.options, declared.states_from or test))
+        return declared.scope(state, index, self.n_states.get((model, test), 0), declared.state_options(self.options))
 
     def add(self, scores: pa.Table) -> None:
         """Fold in score rows (score schema) holding every row of their images."""

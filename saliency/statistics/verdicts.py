@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from saliency.sanity import get_test, options_of, sanity_tests
+from saliency.sanity import get_test, sanity_tests
 from saliency.sanity.rules import VerdictRules
 
 VERDICT_SCHEMA = pa.schema([
@@ -46,7 +46,7 @@ def verdicts(summary: pa.Table, rules: VerdictRules = VerdictRules(),
     for r in rows:
         test = get_test(r["test"])
         scope = test.scope(r["state"], r["state_index"], n_states.get((r["model"], r["test"]), 0),
-                           options_of(options, test.states_from or test.id))
+                           test.state_options(options))
         if scope is None:
             continue
         verdict = test.verdict(r, rules, gaps.get((r["model"], r["method"], test.source, r["state_index"]), []))
