@@ -51,11 +51,12 @@ def test_curves_and_srg_match_a_hand_computation():
 
 
 def test_a_constant_map_gains_nothing_and_the_model_is_left_unchanged():
-    torch.manual_seed(0)
     model = load_model("reference")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(3, 1, 28, 28)
-    curves = deletion_curves(model, x, {"flat": torch.zeros(3, 28, 28)}, torch.tensor([1, 2, 3]))["flat"]
+    # three digits at their top class: on Gaussian noise p_c(x) can be tiny and the curve reach 60 × p_c(x),
+    # where the batch's float32 rounding alone moved the SRG by 3e-5 when other tests had run before
+    x = torch.stack([load_dataset("mnist", split="test", limit=3)[i].image for i in range(3)])
+    curves = deletion_curves(model, x, {"flat": torch.zeros(3, 28, 28)}, model(x).argmax(1))["flat"]
     # the same inputs in both orders (batched forwards agree to float rounding, not bit for bit)
     torch.testing.assert_close(curves["morf"], curves["lerf"], rtol=1e-5, atol=0)
     assert torch.all(srg(curves["morf"], curves["lerf"]).abs() < 1e-5)
