@@ -39,7 +39,9 @@ import torchvision.models
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from saliency.choices import check_choice
 from saliency.cifar import CIFAR_RESNET20, load_cifar_resnet20
+from saliency.seeds import stable_seed
 
 REFERENCE = "reference"
 REFERENCE_RESNET = "reference_resnet"
@@ -52,6 +54,11 @@ REFERENCE_HPARAMS = {"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "schedul
 REFERENCE_RESNET_EPOCHS = 10
 REFERENCE_RESNET_HPARAMS = {"optimizer": "adam", "lr": 1e-2, "batch_size": 64, "schedule": "onecycle",
                             "weight_decay": 0.0, "threads": 1}
+# The label-randomised twins (data randomisation, Adebayo et al. 2018 §4) memorise permuted labels, which
+# takes far longer than learning the digits: epochs until the training accuracy passes 95%.
+REFERENCE_TWIN_EPOCHS = 40
+REFERENCE_RESNET_TWIN_EPOCHS = 40
+LABELS = ("true", "permuted")
 
 
 class ReferenceCNN(nn.Module):
@@ -137,11 +144,13 @@ class ReferenceSpec:
     factory: Callable[[], nn.Module]
     epochs: int
     hparams: dict[str, Any]
+    twin_epochs: int  # the label-randomised twin's (same hyper-parameters otherwise)
 
 
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
-    REFERENCE: ReferenceSpec(reference_cnn, REFERENCE_EPOCHS, REFERENCE_HPARAMS),
-    REFERENCE_RESNET: ReferenceSpec(reference_resnet, REFERENCE_RESNET_EPOCHS, REFERENCE_RESNET_HPARAMS),
+    REFERENCE: ReferenceSpec(reference_cnn, REFERENCE_EPOCHS, REFERENCE_HPARAMS, REFERENCE_TWIN_EPOCHS),
+    REFERENCE_RESNET: ReferenceSpec(reference_resnet, REFERENCE_RESNET_EPOCHS, REFERENCE_RESNET_HPARAMS,
+                                    REFERENCE_RESNET_TWIN_EPOCHS),
 }
 
 
@@ -164,7 +173,7 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
         if weights is None:
             return load_reference(architecture=name, **kw)
         model = reference_spec(name).factory()
-        _load_weights_file(model, Path(weights))
+        load_weights_file(model, Path(weights))
         return model.eval()
     if name == CIFAR_RESNET20:
         if num_classes not in (None, 10):
@@ -176,7 +185,7 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
     if ":" in name:
         model = _from_factory(name, num_classes, kw)
         if weights is not None:
-            _load_weights_file(model, Path(weights))
+            load_weights_file(model, Path(weights))
         return model.eval()
     if name not in torchvision.models.list_models():
         raise ValueError(f"unknown model {name!r}; allowed: a torchvision.models name (e.g. resnet18, "
@@ -217,7 +226,7 @@ def _torchvision_model(name: str, weights: str | Path | None, num_classes: int |
     path = Path(weights)
     if path.is_file():
         model = torchvision.models.get_model(name, weights=None, **options)
-        _load_weights_file(model, path)
+        load_weights_file(model, path)
         return model
     known = [w.name for w in torchvision.models.get_model_weights(name)] + ["DEFAULT"]
     if str(weights) not in known:
@@ -249,7 +258,7 @@ def _from_factory(spec: str, num_classes: int | None, kw: dict[str, Any]) -> nn.
     return model
 
 
-def _load_weights_file(model: nn.Module, path: Path) -> None:
+def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a state_dict file strictly; any key or shape mismatch is a ValueError naming the file."""
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist")
@@ -282,12 +291,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "saliency-sanity")
 
 
-def reference_cache_key(*, architecture: str = REFERENCE, seed: int = 0, epochs: int | None = None) -> str:
+def reference_cache_key(*, architecture: str = REFERENCE, seed: int = 0, epochs: int | None = None,
+                        labels: str = "true") -> str:
     """Hash of everything that determines the trained weights: architecture, hyper-parameters,
-    seed, training data and torch version. ``epochs`` defaults to the architecture's own."""
+    seed, training data, labels (true or permuted) and torch version. ``epochs`` defaults to the
+    architecture's own (its twin's for permuted labels)."""
     from saliency.data import load_dataset
 
     spec = reference_spec(architecture)
+    check_choice("labels", labels, LABELS)
+    if epochs is None:
+        epochs = spec.epochs if labels == "true" else spec.twin_epochs
     train = load_dataset("mnist", split="train")
     data = hashlib.sha256()
     for sample in train:
@@ -295,46 +309,62 @@ def reference_cache_key(*, architecture: str = REFERENCE, seed: int = 0, epochs:
         data.update(sample.image.numpy().tobytes())
         data.update(str(sample.label).encode())
     description = {"architecture": repr(spec.factory()), "hparams": spec.hparams,
-                   "epochs": spec.epochs if epochs is None else epochs, "seed": seed,
+                   "epochs": epochs, "seed": seed,
                    "data": data.hexdigest(), "torch": torch.__version__.split("+")[0]}
+    if labels != "true":  # the trained references keep the keys of their caches
+        description["labels"] = labels
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cache_paths(cache_dir: str | Path | None, architecture: str, key: str) -> tuple[Path, Path]:
+def _cache_paths(cache_dir: str | Path | None, architecture: str, key: str, labels: str) -> tuple[Path, Path]:
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / f"{architecture}-{key}.pt", directory / f"{architecture}-{key}.json"
+    stem = architecture if labels == "true" else f"{architecture}-{labels}"
+    return directory / f"{stem}-{key}.pt", directory / f"{stem}-{key}.json"
 
 
 def train_reference(*, architecture: str = REFERENCE, cache_dir: str | Path | None = None, seed: int = 0,
                     epochs: int | None = None, force: bool = False,
-                    progress: Callable[[int, int, float], None] | None = None
+                    progress: Callable[[int, int, float], None] | None = None, labels: str = "true"
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or load from cache) a reference model ("reference" or "reference_resnet") on the 4000
     MNIST training digits, for ``epochs`` (default: the architecture's own).
 
+    ``labels="permuted"`` trains its label-randomised twin instead (data randomisation, Adebayo et al.
+    2018 §4): the same architecture, data and hyper-parameters with the training labels permuted (seeded
+    by ``seed``), for the twin's epochs, until it has memorised them; cached beside the reference.
+
     ``progress(epoch, epochs, mean_loss)`` is called after each epoch. Returns the eval-mode model and
-    info: accuracy on the 1000 held-out digits, seconds, cache_path, cache_key, cached.
+    info: accuracy on the 1000 held-out digits, train_accuracy (on the labels it was trained with),
+    seconds, cache_path, cache_key, cached.
     """
     spec = reference_spec(architecture)
-    epochs = spec.epochs if epochs is None else epochs
-    key = reference_cache_key(architecture=architecture, seed=seed, epochs=epochs)
-    weights_path, info_path = _cache_paths(cache_dir, architecture, key)
+    check_choice("labels", labels, LABELS)
+    if epochs is None:
+        epochs = spec.epochs if labels == "true" else spec.twin_epochs
+    key = reference_cache_key(architecture=architecture, seed=seed, epochs=epochs, labels=labels)
+    weights_path, info_path = _cache_paths(cache_dir, architecture, key, labels)
     if weights_path.is_file() and not force:
         model = spec.factory()
-        _load_weights_file(model, weights_path)
+        load_weights_file(model, weights_path)
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         return model.eval(), {**info, "cache_path": str(weights_path), "cached": True}
 
     start = time.perf_counter()
-    model = _fit(spec, seed, epochs, progress)
+    model, train_accuracy = _fit(spec, seed, epochs, progress, labels)
     seconds = time.perf_counter() - start
-    info = {"architecture": architecture, "accuracy": evaluate_reference(model),
-            "seconds": round(seconds, 2), "epochs": epochs, "seed": seed, "cache_key": key,
-            "hparams": spec.hparams}
+    info = {"architecture": architecture, "labels": labels, "accuracy": evaluate_reference(model),
+            "train_accuracy": train_accuracy, "seconds": round(seconds, 2), "epochs": epochs, "seed": seed,
+            "cache_key": key, "hparams": spec.hparams}
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
     _atomic_write(weights_path, lambda f: torch.save(model.state_dict(), f))
     return model, {**info, "cache_path": str(weights_path), "cached": False}
+
+
+def load_label_twin(architecture: str = REFERENCE, cache_dir: str | Path | None = None, *,
+                    seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """The label-randomised twin of a reference model (trained on first use, then loaded) and its info."""
+    return train_reference(architecture=architecture, cache_dir=cache_dir, seed=seed, labels="permuted")
 
 
 def load_reference(cache_dir: str | Path | None = None, *, architecture: str = REFERENCE,
@@ -356,8 +386,21 @@ def evaluate_reference(model: nn.Module) -> float:
     return float((predictions == labels).float().mean())
 
 
-def _fit(spec: ReferenceSpec, seed: int, epochs: int,
-         progress: Callable[[int, int, float], None] | None) -> nn.Module:
+def training_labels(labels: str, seed: int) -> torch.Tensor:
+    """The labels of the 4000 training digits a reference model learns: the true ones, or a permutation
+    of them drawn under ``seed`` (the twin's: the same class frequencies, no relation to the image)."""
+    from saliency.data import load_dataset
+
+    check_choice("labels", labels, LABELS)
+    true = torch.tensor([s.label for s in load_dataset("mnist", split="train")])
+    if labels == "true":
+        return true
+    generator = torch.Generator().manual_seed(stable_seed("permuted-labels", seed) % 2 ** 63)
+    return true[torch.randperm(len(true), generator=generator)]
+
+
+def _fit(spec: ReferenceSpec, seed: int, epochs: int, progress: Callable[[int, int, float], None] | None,
+         labels: str) -> tuple[nn.Module, float]:
     from saliency.data import load_dataset
 
     hparams = spec.hparams
@@ -366,7 +409,7 @@ def _fit(spec: ReferenceSpec, seed: int, epochs: int,
                          f"got {hparams['optimizer']!r} with {hparams['schedule']!r}")
     train = load_dataset("mnist", split="train")
     images = torch.stack([s.image for s in train])
-    labels = torch.tensor([s.label for s in train])
+    targets = training_labels(labels, seed)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(hparams["threads"])
     torch.use_deterministic_algorithms(True)
@@ -383,7 +426,7 @@ def _fit(spec: ReferenceSpec, seed: int, epochs: int,
         for epoch in range(epochs):
             total = 0.0
             for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-                loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+                loss = nn.functional.cross_entropy(model(images[batch]), targets[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -391,10 +434,13 @@ def _fit(spec: ReferenceSpec, seed: int, epochs: int,
                 total += loss.item() * len(batch)
             if progress is not None:
                 progress(epoch + 1, epochs, total / len(images))
+        model.eval()
+        with torch.no_grad():
+            predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(500)])
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-    return model.eval()
+    return model, float((predictions == targets).float().mean())
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
@@ -410,5 +456,6 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 __all__ = ["REFERENCE_MODELS", "ReferenceCNN", "ReferenceResNet", "ReferenceSpec", "evaluate_reference",
-           "has_random_weights", "load_model", "load_reference", "reference_cache_key", "reference_cnn",
-           "reference_resnet", "reference_spec", "train_reference"]
+           "has_random_weights", "load_label_twin", "load_model", "load_reference", "load_weights_file",
+           "reference_cache_key", "reference_cnn", "reference_resnet", "reference_spec", "train_reference",
+           "training_labels"]
