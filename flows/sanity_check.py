@@ -243,7 +243,8 @@ def model_line(manifest: Manifest) -> str:
     from before the check says so."""
     check = manifest.model_check
     line = "model: " + (check.describe() if check is not None else "weights and accuracy not recorded")
-    return line + "".join(f"\nnot applicable to this model: {test} ({why})" for test, why in manifest.not_applicable.items())
+    return (line + "".join(f"\nnot applicable to this model: {test} ({why})" for test, why in manifest.not_applicable.items())
+            + "".join(f"\n{test}: {said}" for test, said in manifest.test_provenance.items()))
 
 
 def non_finite_maps(failures) -> dict[str, int]:

@@ -91,6 +91,7 @@ class Manifest(_Strict):
     weights_sha256: str = ""  # of the model's state_dict as run ("" in manifests written before it was kept)
     test_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # each test's options as run
     not_applicable: dict[str, str] = Field(default_factory=dict)  # enabled tests the model cannot take: why
+    test_provenance: dict[str, str] = Field(default_factory=dict)  # what a test brings beside the model (a twin)
     digest: str = ""  # sha256 of every other field, set when written (see content_digest)
 
     def options(self) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from saliency.randomize import parameter_layers, state_names
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest, ManifestChanged, ModelCheck, check_digest, parse_manifest, write_manifest
 from tasks.parts import check_shard, delete_shard, rows_per_image_and_method
-from tasks.shards import Shard, example_input, inapplicable_tests, load_data, load_model_saying_how, shard_ranges
+from tasks.shards import (Shard, example_input, inapplicable_tests, load_data, load_model_saying_how, shard_ranges,
+                          provenance_of_tests)
 from tasks.storage import FAILURE_SCHEMA, RunDir, join
 
 ACCURACY_IMAGES = 1000
@@ -160,6 +161,7 @@ def build_manifest(cfg: Config, dataset, model: nn.Module, shards: list[Shard]) 
         "methods": cfg.methods.ids,
         "tests": [test for test in cfg.tests.enabled() if test not in not_applicable],
         "not_applicable": not_applicable,
+        "test_provenance": provenance_of_tests(cfg, model, not_applicable),
         "image_ids_sha256": ids,
         "shard_content": [_content_digest(dataset, s) for s in shards],
         "num_classes": outputs,

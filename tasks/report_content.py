@@ -35,7 +35,8 @@ def facts(summary: pa.Table, scores: pa.Table | None, manifest: Manifest | None)
         ("CAM layer", manifest.cam_layer or "none (no CAM method)"),
         ("methods", ", ".join(manifest.methods)),
         ("tests", ", ".join(manifest.tests) + "".join(f"; not applicable: {test} ({why})"
-                                                       for test, why in manifest.not_applicable.items())),
+                                                       for test, why in manifest.not_applicable.items())
+                  + "".join(f"; {test}: {said}" for test, said in manifest.test_provenance.items())),
         ("randomization", f"seeds {', '.join(map(str, r.seeds))}; order {r.order}; "
                           f"{len(manifest.states)} MPRT states"),
         ("verdict rules", f"R = (s̄ − c̄)/(r̄ − c̄) per seed, averaged over seeds; fail when CI_low(R) > "

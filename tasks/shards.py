@@ -76,9 +76,22 @@ def inapplicable_tests(cfg: Config, model: nn.Module, example) -> dict[str, str]
     """{test id: why} of the enabled tests this model cannot take (a grid twice the image's side through
     a flatten layer), said before any work; a config whose every test is inapplicable is refused."""
     options = cfg.tests.options()
-    reasons = {test: reason for test in cfg.tests.enabled()
-               if (reason := get_test(test).applicable(model, example, options[test])) is not None}
+    reasons = {}
+    for test in cfg.tests.enabled():
+        try:
+            reason = get_test(test).applicable(model, example, options[test])
+        except ValueError as error:  # an option that cannot work (a twin's weights file that does not fit)
+            raise ConfigError(f"config field `tests.{test}`: {error}") from None
+        if reason is not None:
+            reasons[test] = reason
     if reasons and len(reasons) == len(cfg.tests.enabled()):
         raise ConfigError("config field `tests`: no enabled sanity test applies to this model: "
                           + "; ".join(f"{test}: {why}" for test, why in reasons.items()))
     return reasons
+
+
+def provenance_of_tests(cfg: Config, model: nn.Module, not_applicable: dict[str, str]) -> dict[str, str]:
+    """{test id: what it brings beside the model} of the enabled, applicable tests that say (a twin)."""
+    options = cfg.tests.options()
+    return {test: said for test in cfg.tests.enabled() if test not in not_applicable
+            and (said := get_test(test).provenance(model, options[test])) is not None}

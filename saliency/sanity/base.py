@@ -116,6 +116,11 @@ class SanityTest:
         before any work: the pipeline's planner drops such a test and says why; a library run refuses it."""
         return None
 
+    def provenance(self, model: Any, options: Any) -> str | None:
+        """What the test brings beside the model, in words, said with the plan and kept in the manifest
+        (data randomisation: where its twin came from); None: nothing."""
+        return None
+
     def check(self, run: "SanityRun") -> None:
         """Refuse what its options cannot do on this run (the batch, the model) before any work."""
 

@@ -9,6 +9,7 @@ from saliency.choices import check_choice
 from saliency.sanity.base import DIRECTIONS, SanityTest
 from saliency.sanity.rules import VERDICTS, VerdictRules
 from saliency.sanity.classes import CLASS_SENSITIVITY
+from saliency.sanity.data_randomization import DATA_RANDOMIZATION
 from saliency.sanity.deletion import DELETION
 from saliency.sanity.emprt import EMPRT
 from saliency.sanity.grid import GRID_POINTING
@@ -53,6 +54,7 @@ register(CLASS_SENSITIVITY)
 register(MPRT)
 register(EMPRT)
 register(SMPRT)
+register(DATA_RANDOMIZATION)
 register(GRID_POINTING)
 register(DELETION)
 
