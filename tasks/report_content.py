@@ -160,6 +160,10 @@ def reading(verdicts: pa.Table, comparisons: pa.Table | None) -> list[dict]:
         mine = [r for r in rows if r["model"] == model]
         retention = [r for r in mine if get_test(r["test"]).normalised]
         items += [item | {"label": prefix + item["label"]} for item in _verdict_items(retention)]
+        for test in dict.fromkeys(r["test"] for r in retention if r["test"] not in CLASSIC_TESTS):
+            agreement = _agreement_reading([r for r in retention if r["test"] == test], verdicts)
+            if agreement:  # a retention test from another side (data randomisation, sMPRT) against the paper's
+                items.append({"key": f"{test}_agreement", "label": prefix + _short_title(test), "text": agreement})
         if comparisons is not None and comparisons.num_rows:
             pairs = [r for r in comparisons.to_pylist() if r["model"] == model and r["metric"] == headline.get(r["test"])]
             if pairs:
@@ -279,9 +283,10 @@ CLASSIC_TESTS = ("class_sensitivity", "mprt")
 
 
 def _agreement_reading(cells: list[dict], verdicts: pa.Table) -> str:
-    """Where a test read by its value (grid pointing, deletion) agrees with class sensitivity and MPRT at
-    their headline metric: a method that fails one of their cells and passes here (or passes all of
-    theirs and fails here) is named; inconclusive and uninformative verdicts on either side are left out."""
+    """Where a test from another side (grid pointing, deletion, data randomisation, sMPRT) agrees with
+    class sensitivity and MPRT at their headline metric: a method that fails one of their cells and passes
+    here (or passes all of theirs and fails here) is named; inconclusive and uninformative verdicts on
+    either side are left out."""
     if not cells:
         return ""
     headline = headline_metrics(verdicts)
@@ -291,21 +296,23 @@ def _agreement_reading(cells: list[dict], verdicts: pa.Table) -> str:
         if r["model"] == model and r["test"] in CLASSIC_TESTS and r["metric"] == headline.get(r["test"]):
             classic.setdefault(r["method"], []).append(r["verdict"])
     agree, only_here, only_there = [], [], []
+    scoped = len({r["scope"] for r in cells}) > 1  # sMPRT: head and cascade, named with the method
     for r in cells:
         theirs = classic.get(r["method"])
         if not theirs or r["verdict"] not in ("pass", "fail"):
             continue
         fails_there = "fail" in theirs
         passes_there = all(v == "pass" for v in theirs)
+        name = f"{r['method']} ({r['scope']})" if scoped else r["method"]
         if (r["verdict"] == "pass" and passes_there) or (r["verdict"] == "fail" and fails_there):
-            agree.append(r["method"])
+            agree.append(name)
         elif r["verdict"] == "pass" and fails_there:
-            only_here.append(r["method"])
+            only_here.append(name)
         elif r["verdict"] == "fail" and passes_there:
-            only_there.append(r["method"])
+            only_there.append(name)
     if not (agree or only_here or only_there):
         return ""
-    text = f"Against class sensitivity and MPRT: agrees for {len(agree)} methods"
+    text = f"Against class sensitivity and MPRT: agrees for {len(agree)} " + ("cells" if scoped else "methods")
     if only_here:
         text += f"; passes here but fails there for {len(only_here)}: {', '.join(only_here)}"
     if only_there:

@@ -640,7 +640,8 @@ def test_mprt_small_multiples_one_panel_per_family_with_the_controls_dashed_in_e
 
 
 def test_the_reading_says_where_a_new_test_disagrees_with_class_sensitivity_and_mprt():
-    """Issue 20 item 4: a test read by its value (deletion here) is read against class sensitivity and MPRT:
+    """Issue 20 item 4: a test read by its value (deletion here) or by retention from another side (data
+    randomisation) is read against class sensitivity and MPRT:
     methods that fail there and pass here, or pass all of theirs and fail here, are named."""
     from saliency.statistics import VERDICT_SCHEMA
     from tasks.report_content import reading
@@ -654,11 +655,16 @@ def test_the_reading_says_where_a_new_test_disagrees_with_class_sensitivity_and_
     classic = {"gradient": ("pass", "pass"), "gradcampp": ("fail", "pass"), "lrp_epsilon": ("pass", "pass"),
                "guided_backprop": ("fail", "fail")}
     deletion = {"gradient": "pass", "gradcampp": "pass", "lrp_epsilon": "fail", "guided_backprop": "fail"}
+    data = {"gradient": "pass", "gradcampp": "pass", "lrp_epsilon": "inconclusive", "guided_backprop": "fail"}
     rows = []
     for method, (cs, head) in classic.items():
         rows += [row(method, "class_sensitivity", "min", "ssim", cs), row(method, "mprt", "head", "ssim", head),
-                 row(method, "deletion", "gain", "srg_gain", deletion[method])]
+                 row(method, "deletion", "gain", "srg_gain", deletion[method]),
+                 row(method, "data_randomization", "label_randomised", "ssim", data[method])]
     items = {item["key"]: item["text"] for item in reading(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), None)}
     assert items["deletion"] == ("2 pass, 2 fail (guided_backprop, lrp_epsilon). Against class sensitivity and MPRT: "
                                  "agrees for 2 methods; passes here but fails there for 1: gradcampp; fails here "
                                  "but passes all of theirs for 1: lrp_epsilon.")
+    # a retention test from another side (data randomisation) is read against them too; inconclusive left out
+    assert items["data_randomization_agreement"] == ("Against class sensitivity and MPRT: agrees for 2 methods; "
+                                                     "passes here but fails there for 1: gradcampp.")
