@@ -36,11 +36,12 @@ def test_storing_every_map_adds_no_explain_call(monkeypatch):
     sample, calls_sample = counted_run(monkeypatch, "sample")
     assert none["maps"] is None and calls_all == calls_none == calls_sample
     states = len(set(pc.filter(none["scores"], pc.equal(none["scores"]["test"], "mprt"))["state"].to_pylist()))
-    # per batch of 3: original + min + random in one call, 2 seeds × states, one retest draw (smoothgrad)
-    assert calls_none == 2 * (1 + 2 * states + 1)
-    # stored: original, 2 other classes, every MPRT state of the first seed; per method and image
-    assert every["maps"].num_rows == N_IMAGES * len(METHODS) * (1 + 2 + states)
-    assert sample["maps"].num_rows == 2 * len(METHODS) * (1 + 2 + states)
+    # per batch of 3: original + min + random in one call, 2 seeds × states, one retest draw (smoothgrad),
+    # the label-randomised twin (data randomisation; deletion reuses the original maps)
+    assert calls_none == 2 * (1 + 2 * states + 1 + 1)
+    # stored: original, 2 other classes, every MPRT state of the first seed, the twin's; per method and image
+    assert every["maps"].num_rows == N_IMAGES * len(METHODS) * (1 + 2 + states + 1)
+    assert sample["maps"].num_rows == 2 * len(METHODS) * (1 + 2 + states + 1)
     assert every["scores"].equals(none["scores"])
     # the stored maps are the ones scored: the first image's original gradient map equals a fresh explain
     # (stored as float16: half-precision tolerance)
@@ -104,9 +105,10 @@ def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
 
     monkeypatch.setattr(copy, "deepcopy", deepcopy)
     worker = ShardWorker(cfg.model_dump(mode="json"), run_id="t", model=model, manifest=manifest)
-    hook = worker.model.register_forward_pre_hook(
+    batch = torch.stack([s.image for s in load_dataset("mnist", limit=4)])
+    hook = worker.model.register_forward_pre_hook(  # forwards of the batch itself (deletion's steps are others)
         lambda module, inputs: counts.__setitem__("no-grad forwards", counts["no-grad forwards"] + (
-            not torch.is_grad_enabled() and inputs[0].shape[0] == 4)))
+            not torch.is_grad_enabled() and inputs[0].shape == batch.shape and torch.equal(inputs[0], batch))))
     try:
         planned = worker.run(Shard(0, 0, 4))
     finally:

@@ -63,11 +63,12 @@ def baseline_images(x: Tensor, baseline: str = "blur", blur_sigma: float = 0.1) 
 
 
 def deletion_curves(model, x: Tensor, maps: dict[str, Tensor], targets: Tensor, steps: int = 20,
-                    baseline: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+                    baseline: Tensor | None = None, logits: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
     """{method: {"morf": B×(steps+1), "lerf": B×(steps+1)}}: p_c after k of ``steps`` deletion steps
     divided by p_c(x), c = ``targets``. ``maps``: {method: B×H×W}; ``baseline``: B×C×H×W (default the
     blurred copy). One forward per step serves every method and both orders; the first step (the intact
-    image) and the last (all baseline) are the same for every map and run once."""
+    image, whose ``logits`` the caller may already have) and the last (all baseline) are the same for every
+    map and run once."""
     batch, channels, height, width = x.shape
     pixels = height * width
     baseline = baseline_images(x) if baseline is None else baseline
@@ -86,12 +87,13 @@ def deletion_curves(model, x: Tensor, maps: dict[str, Tensor], targets: Tensor, 
     for k in range(steps + 1):
         count = round(k * pixels / steps)
         if count in (0, pixels):  # nothing or everything removed: the same input under every map
-            logits = forward_logits(model, x if count == 0 else baseline).unsqueeze(0).expand(len(keys), -1, -1)
+            same = logits if count == 0 and logits is not None else forward_logits(model, x if count == 0 else baseline)
+            step = same.unsqueeze(0).expand(len(keys), -1, -1)
         else:
             removed = (rank < count).view(len(keys), batch, 1, height, width)
             inputs = torch.where(removed, baseline.unsqueeze(0), x.unsqueeze(0)).reshape(-1, channels, height, width)
-            logits = torch.cat([forward_logits(model, part) for part in inputs.split(chunk)])
-        p = logits.double().softmax(dim=-1).reshape(len(keys), batch, -1)
+            step = torch.cat([forward_logits(model, part) for part in inputs.split(chunk)])
+        p = step.double().softmax(dim=-1).reshape(len(keys), batch, -1)
         probabilities.append(p.gather(2, targets.to(p.device).view(1, batch, 1).expand(len(keys), batch, 1))[..., 0])
     curve = torch.stack(probabilities, dim=2)  # K×B×(steps+1)
     curve = curve / curve[:, :, :1]
@@ -129,7 +131,7 @@ class Deletion(SanityTest):
         maps = dict(block.maps)
         maps[_RANDOM] = random_maps(run.image_ids, height, width, run.settings.seed).to(run.x.device)
         base = baseline_images(run.x, o.baseline, o.blur_sigma)
-        curves = deletion_curves(run.model, run.x, maps, run.top, o.steps, base)
+        curves = deletion_curves(run.model, run.x, maps, run.top, o.steps, base, logits=run.logits)
         reference = srg(curves[_RANDOM]["morf"], curves[_RANDOM]["lerf"])
         for method in run.methods:
             gain = srg(curves[method]["morf"], curves[method]["lerf"])
