@@ -120,25 +120,28 @@ def _column_heads(columns: list[tuple[str, str]], headline: dict[str, str]) -> l
 
 def matrix_cell(row: dict | None) -> dict | None:
     """The verdict; the number: R [CI] (a test whose high value passes: the value [CI]), or r − c for
-    an uninformative one (labelled, as the column header names the other quantities); the reason as
-    tooltip."""
+    an uninformative one (labelled, as the column header names the other quantities), whole in ``value``
+    and apart in ``number`` and ``ci`` (the matrix sets the CI smaller, so that eight columns fit a
+    1400-px window); the reason as tooltip."""
     if row is None:
         return None
     verdict = row["verdict"]
     if verdict == "uninformative":
         gap = row["gap_mean"]
-        label, value = ("r − c", _fmt(gap, 2)) if gap is not None and math.isfinite(gap) else ("", "")
+        label, number, ci = ("r − c", _fmt(gap, 2), "") if gap is not None and math.isfinite(gap) else ("", "", "")
     elif not get_test(row["test"]).normalised:
-        label, value = "", f"{_fmt(row['mean'], 2)} [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]"
+        label, number, ci = "", _fmt(row["mean"], 2), f"[{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]"
     else:
-        label, value = "", (f"{_fmt(row['retention_mean'], 2)} [{_fmt(row['retention_ci_low'], 2)}, "
-                            f"{_fmt(row['retention_ci_high'], 2)}]")
+        label, number, ci = "", _fmt(row["retention_mean"], 2), (f"[{_fmt(row['retention_ci_low'], 2)}, "
+                                                                 f"{_fmt(row['retention_ci_high'], 2)}]")
+    value = f"{number} {ci}".strip()
     sensitive = bool(row.get("threshold_sensitive"))
     reason = f"{verdict}: {row['reason']}"
     if sensitive:
         reason += (f"; threshold-sensitive: {row['verdict_at_low']} at the lower threshold, "
                    f"{row['verdict_at_high']} at the higher")
-    return {"verdict": verdict, "label": label, "value": value, "reason": reason, "sensitive": sensitive}
+    return {"verdict": verdict, "label": label, "value": value, "number": number, "ci": ci, "reason": reason,
+            "sensitive": sensitive}
 
 
 def reading(verdicts: pa.Table, comparisons: pa.Table | None) -> list[dict]:

@@ -135,7 +135,7 @@ def test_run_ends_with_the_verdicts_and_json_for_scripts(prefect_server, ray_loc
     assert result.exit_code == 0, result.output
     run_dir = next(out.glob("reference-mnist-*"))
     fails = _headline_fails(run_dir)
-    assert {test for test, _ in fails} == {"class_sensitivity", "mprt", "emprt", "deletion"}
+    assert {test for test, _ in fails} == {"class_sensitivity", "mprt", "emprt", "data_randomization", "deletion"}
     lines = result.output.splitlines()
     for (test, scope), methods in fails.items():
         assert any(line.startswith(f"fail  {test} {scope} (") and line.split(": ", 1)[1].split("  · ")[0]

@@ -224,8 +224,8 @@ def test_only_the_names_a_run_writes_are_parts_and_everything_else_is_listed(tmp
 @pytest.mark.parametrize("sets, message", [
     ([f"tests.{test}.enabled=false" for test in available_tests()],
      "config field `tests`: no sanity test is enabled; set at least one of tests.class_sensitivity.enabled, "
-     "tests.mprt.enabled, tests.emprt.enabled, tests.smprt.enabled, tests.grid_pointing.enabled, "
-     "tests.deletion.enabled to true"),
+     "tests.mprt.enabled, tests.emprt.enabled, tests.smprt.enabled, tests.data_randomization.enabled, "
+     "tests.grid_pointing.enabled, tests.deletion.enabled to true"),
     (["methods.ids="], "config field `methods.ids`: at least one method ids is needed; allowed: gradient, "),
     (["metrics.names="], "config field `metrics.names`: at least one metrics is needed; allowed: ssim, "),
 ], ids=["no test", "no method", "no metric"])

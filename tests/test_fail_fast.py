@@ -180,8 +180,8 @@ SLOW = small(data={"limit": 12}, methods={"ids": ["gradient", "integrated_gradie
 
 def rows_expected(config: dict) -> int:
     """images × methods × (class sensitivity: others × metrics; MPRT: seeds × states × metrics; eMPRT:
-    seeds × states; deletion: the paired gain, the SRG and two curves of steps + 1 points; the grid
-    pointing game does not apply to the reference CNN)."""
+    seeds × states; data randomisation: metrics; deletion: the paired gain, the SRG and two curves of
+    steps + 1 points; the grid pointing game does not apply to the reference CNN)."""
     from saliency.models import load_model
     from saliency.randomize import parameter_layers
 
@@ -189,6 +189,8 @@ def rows_expected(config: dict) -> int:
     states = len(parameter_layers(load_model("reference"), example_input=torch.zeros(1, 1, 28, 28)))
     metrics, seeds = len(cfg.metrics.names), len(cfg.tests.mprt.seeds)
     per_image = len(cfg.tests.class_sensitivity.others) * metrics + seeds * (states * metrics + states)
+    if cfg.tests.data_randomization.enabled:
+        per_image += metrics
     if cfg.tests.deletion.enabled:
         per_image += 2 + 2 * (cfg.tests.deletion.steps + 1)
     return cfg.data.limit * len(cfg.methods.ids) * per_image

@@ -31,7 +31,10 @@ def test_the_manifest_round_trips_through_json(planned):
     text = json.dumps(manifest.to_json())
     again = parse_manifest(json.loads(text))
     assert again == manifest and isinstance(again, Manifest)
-    assert again.methods == METHODS and again.tests == ["class_sensitivity", "mprt", "emprt", "deletion"]
+    assert again.methods == METHODS and again.tests == ["class_sensitivity", "mprt", "emprt", "data_randomization",
+                                                        "deletion"]
+    assert again.test_provenance["data_randomization"].startswith("the project's reference twin: 40 epochs on "
+                                                                  "permuted labels, training accuracy 1.000")
     assert list(again.not_applicable) == ["grid_pointing"]  # the reference CNN's flatten takes 28×28 only
     assert again.randomization.seeds == [0, 1] and [s.n_images for s in again.shards] == [3, 3]
     assert again.cam_layer == "features" and len(again.states) == len(again.layers)
@@ -58,8 +61,9 @@ def test_the_report_header_reads_the_manifest(planned, tmp_path):
     assert facts["methods"] == ", ".join(METHODS)
     assert ("eMPRT passes when CI(entropy rise) &gt; 0; deletion passes when CI(SRG − SRG(random map)) &gt; 0"
             in facts["verdict rules"])  # each test's own rule, from the test
-    assert facts["tests"].startswith("class_sensitivity, mprt, emprt, deletion; not applicable: grid_pointing "
-                                     "(it cannot take a 56×56 grid of its 28×28 images")
+    assert facts["tests"].startswith("class_sensitivity, mprt, emprt, data_randomization, deletion; not applicable: "
+                                     "grid_pointing (it cannot take a 56×56 grid of its 28×28 images")
+    assert "; data_randomization: the project&#39;s reference twin: 40 epochs on permuted labels" in facts["tests"]
     assert facts["images"] == "6" and facts["CAM layer"] == "features" and facts["model"] == "reference"
     assert f"seeds 0, 1; order cascade_top_down; {len(manifest.states)} MPRT states" == facts["randomization"]
     assert not any("{" in value for value in facts.values())  # no config dict printed

@@ -96,7 +96,8 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     # scores: the schema, and exactly one row per image × method × test × state × metric
     scores = tables["scores"]
     assert scores.schema == SCORE_SCHEMA
-    per_image_method = others * metrics + len(SEEDS) * (states * metrics + states)  # class, mprt, emprt
+    # class sensitivity, MPRT, eMPRT, data randomisation
+    per_image_method = others * metrics + len(SEEDS) * (states * metrics + states) + metrics
     assert scores.num_rows == N_IMAGES * len(METHODS) * per_image_method
     keys = scores.select(["image_id", "method", "test", "state", "seed", "metric"]).to_pylist()
     assert len({tuple(k.values()) for k in keys}) == scores.num_rows
@@ -113,25 +114,26 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
     # summary: one row per method × test × state × metric (+ the MPRT cascade), n = every image × seed
     summary = tables["summary"]
     assert summary.schema == SUMMARY_SCHEMA
-    assert summary.num_rows == len(METHODS) * (others * metrics + states * metrics + states + metrics)
+    assert summary.num_rows == len(METHODS) * (others * metrics + states * metrics + states + metrics + metrics)
     ssim = summary.filter(pa.compute.equal(summary["metric"], "ssim"))
     assert {(r["test"], r["n"], r["n_seeds"]) for r in ssim.to_pylist()} == {
-        ("class_sensitivity", N_IMAGES, 1), ("mprt", N_IMAGES * len(SEEDS), len(SEEDS))}
+        ("class_sensitivity", N_IMAGES, 1), ("mprt", N_IMAGES * len(SEEDS), len(SEEDS)), ("data_randomization", N_IMAGES, 1)}
     for row in summary.to_pylist():
         if row["n"] > 1:
             assert row["ci_low"] <= row["mean"] <= row["ci_high"], row
 
-    # verdicts: per method, 2 others + MPRT head + cascade per metric, eMPRT once; no comparable pair here
+    # verdicts: per method, 2 others + MPRT head + cascade + data randomisation per metric, eMPRT once; no
+    # comparable pair here
     verdicts = tables["verdicts"]
     assert verdicts.schema == VERDICT_SCHEMA
-    assert verdicts.num_rows == len(METHODS) * (others * metrics + 2 * metrics + 1)
+    assert verdicts.num_rows == len(METHODS) * (others * metrics + 3 * metrics + 1)
     assert {r["verdict"] for r in verdicts.to_pylist() if r["method"] == "edge_sobel"} == {"fail"}
     assert tables["comparisons"].schema == COMPARISON_SCHEMA and tables["comparisons"].num_rows == 0
 
-    # maps: float16 fixed-shape tensors of the two sample images, original + other classes + every state
+    # maps: float16 fixed-shape tensors of the two sample images, original + other classes + every state + twin
     maps = tables["maps"]
     assert maps.schema == maps_schema(28, 28)
-    assert maps.num_rows == 2 * len(METHODS) * (1 + others + states)
+    assert maps.num_rows == 2 * len(METHODS) * (1 + others + states + 1)
     assert RunDir(outcome["run_dir"]).parts("maps").keys() == {"00000"}
 
     # manifest, report

@@ -107,7 +107,8 @@ def test_the_headline_of_a_two_method_run_shows_summary_parquet(two_method_run):
     columns, rows, families = matrix_cells(page)
     assert list(rows) == ["gradcampp/signed", "gradcampp"] and families == ["aggregation"]
     assert columns == [("class_sensitivity", "min"), ("class_sensitivity", "random"), ("mprt", "head"),
-                       ("mprt", "cascade"), ("emprt", "full"), ("deletion", "gain")]
+                       ("mprt", "cascade"), ("emprt", "full"), ("data_randomization", "label_randomised"),
+                       ("deletion", "gain")]
     n_states = 1 + max(r["state_index"] for r in summary if r["test"] == "mprt")
     where = {("class_sensitivity", "min"): ("class_sensitivity", "min"),
              ("class_sensitivity", "random"): ("class_sensitivity", "random"),
@@ -115,6 +116,7 @@ def test_the_headline_of_a_two_method_run_shows_summary_parquet(two_method_run):
              ("mprt", "cascade"): ("mprt", "cascade"),
              ("emprt", "full"): ("emprt", next(r["state"] for r in summary
                                                if r["test"] == "emprt" and r["state_index"] == n_states - 1)),
+             ("data_randomization", "label_randomised"): ("data_randomization", "label_randomised"),
              ("deletion", "gain"): ("deletion", "gain")}
     value_metric = {"emprt": "entropy_rise", "deletion": "srg_gain"}
     for method in TWO_METHODS:

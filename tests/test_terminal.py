@@ -141,9 +141,13 @@ def test_the_plan_line_counts_the_images_of_the_folder_not_data_limit(tmp_path):
                              f"data.root={tmp_path / 'images'}", "data.image_size=32", "methods.ids=gradient",
                              "compute.images_per_shard=4", f"storage.out={tmp_path / 'out'}"])
     assert cfg.data.limit == 1000
-    first, model, not_applicable = plan_line(plan_shards.fn(cfg)).splitlines()
-    assert not_applicable == ("not applicable to this model: grid_pointing (a grid holds four images of four "
-                              "classes and the model has 2 outputs)")
+    first, model, *not_applicable = plan_line(plan_shards.fn(cfg)).splitlines()
+    assert not_applicable == [
+        "not applicable to this model: data_randomization (no label-randomised twin: the project trains one for the "
+        "reference models only; give the test's `weights` option, a state_dict of this architecture trained on "
+        "permuted labels)",
+        "not applicable to this model: grid_pointing (a grid holds four images of four classes and the model has 2 "
+        "outputs)"]
     assert first == "6 imagefolder images in 2 shards (2 to compute); resnet18 model", first
     assert model.startswith("model: random weights (none loaded): the verdicts describe an untrained model; "
                             "top-1 accuracy "), model
@@ -237,10 +241,11 @@ def test_the_bar_moves_after_every_batch_not_every_shard(ray_local, tmp_path):
     assert outcome["n_images"] == 8
     values = [images for shard, images in reports if shard == 0]
     n_states = len(parameter_layers(load_configured_model(cfg), example_input=load_data(cfg)[0].image[None]))
-    # every explain call (the original maps, each MPRT state), deletion's block, every batch's end, the shard's end
-    assert len(values) == 4 * (1 + n_states + 1 + 1) + 1
+    # every explain call (the original maps, each MPRT state, the twin's), deletion's block, every batch's end,
+    # the shard's end
+    assert len(values) == 4 * (1 + n_states + 1 + 1 + 1) + 1
     assert values == sorted(values) and {2, 4, 6, 8} <= set(values)
-    assert values[0] == pytest.approx(2 / (1 + n_states + 1))  # the first batch's original maps: a fraction of it
+    assert values[0] == pytest.approx(2 / (1 + n_states + 1 + 1))  # the first batch's original maps: a fraction of it
     assert final == 8 and pool.images_done() is None  # the board went with the pool
     assert any(0 < value < 8 for value in seen), sorted(set(seen))  # the bar moved within the shard
 
