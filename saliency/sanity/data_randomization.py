@@ -72,8 +72,10 @@ def label_twin(model: nn.Module, options: DataRandomizationOptions) -> tuple[nn.
             how = f"weights file {source[1]}"
         else:
             twin, info = load_label_twin(source[1])
+            when = "loaded from the cache" if info["cached"] else f"trained now in {info['seconds']:.0f} s"
             how = (f"the project's {source[1]} twin: {info['epochs']} epochs on permuted labels, training accuracy "
-                   f"{info.get('train_accuracy', float('nan')):.3f} ({info['cache_path']})")
+                   f"{info.get('train_accuracy', float('nan')):.3f} (held-out digits {info['accuracy']:.3f}), {when} "
+                   f"({info['cache_path']})")
             logger.info("data randomisation: %s", how)
         parameter = next(model.parameters(), None)
         if parameter is not None:
