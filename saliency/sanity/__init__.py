@@ -2,7 +2,13 @@
 
 - ``class_sensitivity``: similarity between the map for the top class and maps for other classes.
 - ``mprt``: similarity between maps of the trained model and of randomised states (Adebayo et al. 2018);
-  ``emprt``: the relative rise of map entropy on the same states (Hedström et al. 2023).
+  ``emprt``: the relative rise of map entropy on the same states (Hedström et al. 2023); ``smprt``: MPRT on
+  maps averaged over noisy copies of the input (Hedström et al. 2023).
+- ``data_randomization``: similarity between maps of the trained model and of its twin trained on permuted
+  labels (Adebayo et al. 2018 §4).
+- ``grid_pointing``: the share of a 2×2 grid's positive attribution in the explained class's image (Böhle et
+  al. 2022); ``deletion``: the symmetric relevance gain of MoRF/LeRF deletion curves against a random map
+  (Blücher et al. 2024).
 Each similarity row carries its two references (SPEC §4): ``chance`` (the same comparison against other
 images' maps: the mean over K = 10 partners of the batch, a seeded choice per image) and ``retest`` (1 for deterministic methods, the
 similarity of two draws with different seeds for stochastic ones). ``saliency.statistics`` turns them into

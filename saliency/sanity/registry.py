@@ -1,4 +1,5 @@
-"""The sanity-test registry: ids ("class_sensitivity", "mprt", "emprt") → test objects, in run order.
+"""The sanity-test registry: ids ("class_sensitivity", "mprt", "emprt", "smprt", "data_randomization",
+"grid_pointing", "deletion") → test objects, in run order.
 Adding a test is one module plus one line here; the pipeline's config, the verdicts, the report and
 the tracking iterate this registry."""
 from __future__ import annotations
