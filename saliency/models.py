@@ -146,6 +146,11 @@ class ReferenceSpec:
     hparams: dict[str, Any]
     twin_epochs: int  # the label-randomised twin's (same hyper-parameters otherwise)
 
+    def epochs_for(self, labels: str) -> int:
+        """The default epochs for the true labels, or the twin's for permuted ones."""
+        check_choice("labels", labels, LABELS)
+        return self.epochs if labels == "true" else self.twin_epochs
+
 
 REFERENCE_MODELS: dict[str, ReferenceSpec] = {
     REFERENCE: ReferenceSpec(reference_cnn, REFERENCE_EPOCHS, REFERENCE_HPARAMS, REFERENCE_TWIN_EPOCHS),
@@ -299,9 +304,7 @@ def reference_cache_key(*, architecture: str = REFERENCE, seed: int = 0, epochs:
     from saliency.data import load_dataset
 
     spec = reference_spec(architecture)
-    check_choice("labels", labels, LABELS)
-    if epochs is None:
-        epochs = spec.epochs if labels == "true" else spec.twin_epochs
+    epochs = spec.epochs_for(labels) if epochs is None else epochs
     train = load_dataset("mnist", split="train")
     data = hashlib.sha256()
     for sample in train:
@@ -338,9 +341,7 @@ def train_reference(*, architecture: str = REFERENCE, cache_dir: str | Path | No
     seconds, cache_path, cache_key, cached.
     """
     spec = reference_spec(architecture)
-    check_choice("labels", labels, LABELS)
-    if epochs is None:
-        epochs = spec.epochs if labels == "true" else spec.twin_epochs
+    epochs = spec.epochs_for(labels) if epochs is None else epochs
     key = reference_cache_key(architecture=architecture, seed=seed, epochs=epochs, labels=labels)
     weights_path, info_path = _cache_paths(cache_dir, architecture, key, labels)
     if weights_path.is_file() and not force:
@@ -386,13 +387,11 @@ def evaluate_reference(model: nn.Module) -> float:
     return float((predictions == labels).float().mean())
 
 
-def training_labels(labels: str, seed: int) -> torch.Tensor:
-    """The labels of the 4000 training digits a reference model learns: the true ones, or a permutation
-    of them drawn under ``seed`` (the twin's: the same class frequencies, no relation to the image)."""
-    from saliency.data import load_dataset
-
+def training_labels(true: torch.Tensor, labels: str, seed: int) -> torch.Tensor:
+    """The labels a reference model learns of its training digits' ``true`` labels: those, or a
+    permutation of them drawn under ``seed`` (the twin's: the same class frequencies, no relation to the
+    image)."""
     check_choice("labels", labels, LABELS)
-    true = torch.tensor([s.label for s in load_dataset("mnist", split="train")])
     if labels == "true":
         return true
     generator = torch.Generator().manual_seed(stable_seed("permuted-labels", seed) % 2 ** 63)
@@ -409,7 +408,7 @@ def _fit(spec: ReferenceSpec, seed: int, epochs: int, progress: Callable[[int, i
                          f"got {hparams['optimizer']!r} with {hparams['schedule']!r}")
     train = load_dataset("mnist", split="train")
     images = torch.stack([s.image for s in train])
-    targets = training_labels(labels, seed)
+    targets = training_labels(torch.tensor([s.label for s in train]), labels, seed)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(hparams["threads"])
     torch.use_deterministic_algorithms(True)

@@ -25,14 +25,15 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from saliency.models import ReferenceCNN, ReferenceResNet, load_weights_file, load_label_twin
+from saliency.models import (REFERENCE, REFERENCE_RESNET, ReferenceCNN, ReferenceResNet, load_label_twin,
+                             load_weights_file)
 from saliency.options import check_options, option
 from saliency.passes import forward_logits
 from saliency.sanity.base import Block, SanityTest, as_2d
 
 logger = logging.getLogger(__name__)
 STATE = "label_randomised"
-_REFERENCES = {ReferenceCNN: "reference", ReferenceResNet: "reference_resnet"}
+_REFERENCES = {ReferenceCNN: REFERENCE, ReferenceResNet: REFERENCE_RESNET}
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def label_twin(model: nn.Module, options: DataRandomizationOptions) -> tuple[nn.
         path = Path(options.weights)
         if not path.is_file():
             raise ValueError(f"the data randomisation twin's weights file {str(path)!r} does not exist")
-        source: tuple = ("file", str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
+        stat = path.stat()
+        source: tuple = ("file", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     elif type(model) in _REFERENCES:
         source = ("reference", _REFERENCES[type(model)])
     else:
