@@ -32,11 +32,43 @@ def discrete_entropy(maps: Tensor, bins: int = ENTROPY_BINS) -> Tensor:
     """
     flat = maps.detach().flatten(1).cpu().numpy()
     entropies = []
-    for row in flat:
-        counts = _histogram(row, bins)
+    for counts in _histograms(flat, bins):
         p = counts[counts > 0] / counts.sum()
         entropies.append(float(-(p * np.log(p)).sum()))
     return torch.tensor(entropies, dtype=torch.float64, device=maps.device)
+
+
+def _histograms(rows: np.ndarray, bins: int) -> np.ndarray:
+    """``np.histogram(row, bins)[0]`` of every row, computed for all rows at once by the same steps in
+    the same dtype (numpy's equal-bin path: edges by ``linspace``, index by scaling, then the ±1
+    correction against the edges), so that every count is numpy's: a batch's 1 440 calls cost
+    milliseconds, not seconds. Rows that numpy's own path would treat specially (not finite, a range
+    too small for ``bins`` edges, an underflowing step) are handed to ``_histogram`` one by one."""
+    counts = np.zeros((rows.shape[0], bins), dtype=np.intp)
+    if rows.size == 0 or rows.shape[1] == 0 or rows.dtype not in (np.float32, np.float64):
+        return np.stack([_histogram(row, bins) for row in rows]) if rows.shape[0] else counts
+    with np.errstate(all="ignore"):
+        first, last = rows.min(axis=1), rows.max(axis=1)
+        flat_range = first == last
+        first = np.where(flat_range, first - rows.dtype.type(0.5), first)
+        last = np.where(flat_range, last + rows.dtype.type(0.5), last)
+        delta = last - first
+        step = delta / bins
+        edges = np.arange(0, bins + 1, dtype=rows.dtype).reshape(-1, 1) * step + first
+        edges[-1] = last
+        edges = edges.T  # rows × (bins + 1), as linspace(first, last, bins + 1) row by row
+        plain = (np.isfinite(first) & np.isfinite(last) & np.isfinite(delta) & (step != 0)
+                 & (edges[:, :-1] < edges[:, 1:]).all(axis=1))
+        f_indices = (rows - first[:, None]) / delta[:, None] * bins
+        indices = np.where(plain[:, None], f_indices, 0).astype(np.intp)
+        indices[indices == bins] -= 1
+        indices -= rows < np.take_along_axis(edges, indices, axis=1)
+        indices += (rows >= np.take_along_axis(edges, indices + 1, axis=1)) & (indices != bins - 1)
+    offsets = np.arange(rows.shape[0]).reshape(-1, 1) * bins
+    counts[:] = np.bincount((indices + offsets).ravel(), minlength=rows.shape[0] * bins).reshape(-1, bins)
+    for i in np.flatnonzero(~plain):
+        counts[i] = _histogram(rows[i], bins)
+    return counts
 
 
 def _histogram(row: np.ndarray, bins: int) -> np.ndarray:
@@ -50,9 +82,12 @@ def _histogram(row: np.ndarray, bins: int) -> np.ndarray:
     return np.histogram(shifted / max(float(shifted.max()), np.finfo(np.float64).tiny), bins=bins)[0]
 
 
-def entropy_rise(original: Tensor, randomized: Tensor, bins: int = ENTROPY_BINS) -> Tensor:
-    """eMPRT score per image: (H(randomised) − H(original)) / H(original); NaN where H(original) = 0."""
-    h_orig = discrete_entropy(original, bins)
+def entropy_rise(original: Tensor, randomized: Tensor, bins: int = ENTROPY_BINS, *,
+                 original_entropy: Tensor | None = None) -> Tensor:
+    """eMPRT score per image: (H(randomised) − H(original)) / H(original); NaN where H(original) = 0.
+    ``original_entropy``: ``discrete_entropy(original, bins)`` where the caller already has it (every
+    state of a batch compares with the same original maps)."""
+    h_orig = discrete_entropy(original, bins) if original_entropy is None else original_entropy
     h_rand = discrete_entropy(randomized, bins)
     safe = torch.where(h_orig > 0, h_orig, torch.ones_like(h_orig))
     return torch.where(h_orig > 0, (h_rand - h_orig) / safe, torch.full_like(h_orig, math.nan))
@@ -75,9 +110,13 @@ class EntropyThresholds:
 class EntropyRise(SanityTest):
     def score(self, run, block: Block) -> None:
         bins = run.options(self).bins
+        entropies = run.derived.setdefault(self.id, {})  # the original maps' entropies, once per batch
         for method in run.methods:
+            if method not in entropies:
+                entropies[method] = discrete_entropy(run.original[method], bins)
             run.rows.add(method, self.id, block, ENTROPY_METRIC,
-                         entropy_rise(run.original[method], block.maps[method], bins))
+                         entropy_rise(run.original[method], block.maps[method], bins,
+                                      original_entropy=entropies[method]))
 
     def rows_per_image(self, settings, n_states: int) -> int:
         return state_rows(settings, n_states)
