@@ -16,7 +16,7 @@ from saliency.checks import check_input, normalize_targets
 from saliency.layers import cam_layout, check_layer, default_cam_layer, other_activations
 from saliency.methods import get_method
 from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
-from saliency.passes import Pass, ReLURule, evaluation, forward_logits, run_pass
+from saliency.passes import Pass, ReLURule, chunk_images, evaluation, forward_logits, run_pass
 from saliency.prefix import FrozenPrefix
 from saliency.reshape import reduce_channels
 
@@ -104,14 +104,10 @@ class Context:
         """Input gradients at ``repeats`` perturbed copies of the batch, laid out (repeats·B)×C×H×W
         with the copy index outermost; returns repeats×B×T×C×H×W.
 
-        Chunked by ``internal_batch_size`` images. Default on CPU: about 1.2 M input values per chunk,
-        at most 128 images, where small chunks measured fastest (resnet18 at 224², IG 32 steps × 8
-        images: 6.9 s in chunks of 8, 9.1 s of 32, 11 s of 64; reference CNN at 28²: 0.79 s in chunks
-        of 128, 1.1 s of 256, 1.7 s of 1024); on accelerators 32 M values, at most 1024 images."""
+        Chunked by ``internal_batch_size`` images, by default ``chunk_images``."""
         batch = self.x.shape[0]
         targets = self.targets.repeat(repeats, 1)
-        budget, most = (1_200_000, 128) if inputs.device.type == "cpu" else (32_000_000, 1024)
-        chunk = self.options.internal_batch_size or min(most, max(1, budget // inputs[0].numel()))
+        chunk = self.options.internal_batch_size or chunk_images(inputs[0])
         grads = []
         for start in range(0, inputs.shape[0], chunk):
             p = run_pass(self.model, inputs[start:start + chunk], targets[start:start + chunk],

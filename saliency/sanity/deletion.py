@@ -27,14 +27,13 @@ import torch
 from torch import Tensor
 
 from saliency.options import check_options, option
-from saliency.passes import forward_logits
+from saliency.passes import chunk_images, forward_logits
 from saliency.sanity.base import Block, SanityTest
 from saliency.sanity.rules import Verdict, ci_verdict
 from saliency.seeds import stable_seed
 
 BASELINES = ("blur", "mean")
 ORDERS = ("morf", "lerf")
-_MAX_ELEMENTS = 2 ** 19  # input elements per forward (2 MB of float32: small chunks stay in cache)
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def deletion_curves(model, x: Tensor, maps: dict[str, Tensor], targets: Tensor, 
             ranks[(method, order)] = rank.to(x.device)
     keys = list(ranks)
     rank = torch.stack([ranks[k] for k in keys])  # K×B×pixels
-    chunk = max(1, _MAX_ELEMENTS // (channels * pixels))
+    chunk = chunk_images(x[0])
     probabilities = []
     for k in range(steps + 1):
         count = round(k * pixels / steps)
