@@ -368,6 +368,34 @@ def test_discrete_entropy_equals_numpy_histogram_and_scipy():
     assert math.isnan(rise[3]) and rise[0] == pytest.approx((expected[3] - expected[0]) / expected[0])
 
 
+def test_the_histograms_of_all_maps_at_once_equal_numpys_row_by_row():
+    """discrete_entropy bins every map of a block in one go; each count must be np.histogram's (values on
+    edges, ties, constant rows, huge and tiny ranges, whose rows numpy's own path treats specially)."""
+    from saliency.sanity.emprt import _histograms
+
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=(9, 200)), rng.integers(-5, 6, size=(9, 200)).astype(float),
+             np.round(rng.normal(size=(9, 200)), 2), np.full((3, 50), 0.7), rng.normal(size=(9, 200)) * 1e-38,
+             rng.normal(size=(9, 200)) * 1e25, np.linspace(-1, 1, 9 * 200).reshape(9, 200)]
+    tiny = np.finfo(np.float32).tiny
+    cases.append(np.array([[0, tiny, 2 * tiny, 3 * tiny], [1, 1 + np.finfo(np.float32).eps, 1, 1], [0, 1, 2, 3]]))
+    big = rng.normal(size=(4, 60)).astype(np.float32)
+    big[:, 0], big[:, 1] = np.finfo(np.float32).max, -np.finfo(np.float32).max  # range overflows float32
+    for rows in [*(c.astype(np.float32) for c in cases), *(c.astype(np.float64) for c in cases), big]:
+        for bins in (100, 7, 2):
+            with np.errstate(over="ignore", invalid="ignore"):
+                expected = np.stack([_histogram_of(row, bins) for row in rows])
+            np.testing.assert_array_equal(_histograms(rows, bins), expected)
+
+
+def _histogram_of(row: np.ndarray, bins: int) -> np.ndarray:
+    try:
+        return np.histogram(row, bins=bins)[0]
+    except ValueError:  # the documented fallback: the affinely rescaled values in float64
+        shifted = row.astype(np.float64) - float(row.min())
+        return np.histogram(shifted / float(shifted.max()), bins=bins)[0]
+
+
 # --------------------------------------------------------------------------------------------- properties
 def test_controls_and_gradient_behave_as_the_spec_says(model, x):
     methods = ["gradient", "edge_sobel", "random"]
