@@ -21,12 +21,14 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from flows.services import keep_stop_handlers
+from saliency.sanity.mprt import randomization_seeds
 from tasks.actor import ActorPool, actor_count
 from tasks.aggregate import aggregate
 from tasks.answer import CHANGES_FILE, change_lines, changes_since
 from tasks.config import Config, ConfigError, load_config
 from tasks.explain import describe, explain_shard, transient
 from tasks.manifest import Manifest
+from tasks.pieces import PiecesDiffer, into_pieces, write_pieces
 from tasks.plan import Plan, RevisionChanged, plan_shards, revision_changes
 from tasks.report_run import render_report
 from tasks.storage import RunDir, join, next_revision, resource_error, resource_message, revision_dirs
@@ -154,14 +156,21 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
     logger = get_run_logger()
     done_before = len(plan.shards) - len(plan.pending)
     results, errors = [], []
+    n_states = len(plan.manifest.states)
+    pieces: dict[int, list[dict[str, Any]]] = {}  # shard → its pieces computed so far (tasks.pieces)
     with ray_connection():
-        n_actors, use_gpu = actor_count(cfg, len(plan.pending))
+        n_actors, use_gpu = actor_count(cfg, len(plan.pending) * max(1, n_states))
+        work = into_pieces(plan.pending, n_actors, cfg.compute.batch_size, plan.manifest.tests, n_states)
+        n_actors = min(n_actors, len(work))
         pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir, plan.manifest)
         ready = time.perf_counter()
         logger.info("%d actors (%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
                     sorted({w["node"][:12] for w in pool.workers}))
+        if len(work) > len(plan.pending):
+            logger.info("fewer shards than actors: MPRT's %d states of each shard shared out to %d pieces",
+                        n_states, work[0].pieces)
         explain = explain_shard.with_options(retries=cfg.compute.retries)
-        waiting = iter(plan.pending)
+        waiting = iter(work)
         running = {explain.submit(shard, pool) for shard in islice(waiting, n_actors)}
         try:
             with shard_progress(show_progress, pool, sum(s.n_images for s in plan.pending),
@@ -181,11 +190,25 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                         running.add(explain.submit(following, pool))
                     if computed is None:
                         continue  # keep going: finished shards stay saved for a resume
+                    if computed.get("pieces", 1) > 1 and "scores" in computed:  # a piece's tables
+                        shard_pieces = pieces.setdefault(computed["shard"], [])
+                        shard_pieces.append(computed)
+                        if len(shard_pieces) < computed["pieces"]:
+                            continue
+                        try:
+                            computed = write_pieces(plan.run_dir, pieces.pop(computed["shard"]),
+                                                    randomization_seeds(cfg.sanity_settings(plan.manifest)),
+                                                    plan.manifest.tests)
+                        except PiecesDiffer as error:
+                            logger.warning("shard %d computed whole: %s", computed["shard"], error)
+                            running.add(explain.submit(plan.shards[computed["shard"]], pool))
+                            continue
                     result = computed
                     results.append(result)
-                    logger.info("shard %d: %d images, %d rows, %d failures, %.1f s on node %s",
+                    logger.info("shard %d: %d images, %d rows, %d failures, %.1f s on node %s%s",
                                 result["shard"], result["n_images"], result["rows"], result["failures"],
-                                result["seconds"], result["node"][:12])
+                                result["seconds"], result["node"][:12],
+                                f" ({result['pieces']} pieces)" if result.get("pieces", 1) > 1 else "")
                     if bar is not None:
                         bar.update(job, shards=f"{done_before + len(results)}/{len(plan.shards)}")
             seconds = time.perf_counter() - ready
@@ -360,7 +383,8 @@ def run_outcome(plan: Plan, stats: dict[str, Any], has_report: bool, tracking: t
         "mlflow_run_id": mlflow_run_id, "tracking_uri": uri, "mlflow_ui": uri and ui_command(uri),
         "stats": stats, "model_origin": plan.model_origin, "model": model_line(plan.manifest),
         "tracking_error": tracking_error, "ignored_files": plan.strays,
-        "shards": {r["shard"]: {k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")} for r in results},
+        "shards": {r["shard"]: {**{k: r[k] for k in ("node", "pid", "seconds", "n_images", "failures")},
+                                "pieces": r.get("pieces", 1), "pids": r.get("pids", [r["pid"]])} for r in results},
         "already_complete": already_complete, "changes": changes,
     }
 

@@ -15,13 +15,15 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from saliency.sanity import SCORE_SCHEMA, Block, SanityRun
+from saliency.sanity import SCORE_SCHEMA, Block, SanityRun, Settings
 from tasks.allocator import keep_freed_memory
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest
+from tasks.pieces import MPRT, mprt_tests, piece_settings
 from tasks.shards import Shard, example_input, inapplicable_tests, load_data
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
 from tasks.write import write_shard
@@ -40,6 +42,7 @@ class ShardWorker:
         self.cfg = Config.model_validate(config)
         self.settings = self.cfg.sanity_settings(manifest)  # the planner's tests, CAM layer, layout and layers
         self.planned = manifest is not None
+        self.n_states = None if manifest is None else len(manifest.states)  # MPRT's, which pieces share out
         torch.set_num_threads(self.cfg.compute.threads_per_actor)
         self.run_id = run_id
         self.device = torch.device(device)
@@ -72,13 +75,20 @@ class ShardWorker:
         if self.run_dir is None:
             raise ValueError("this worker has no run directory to write to (ShardWorker(..., run_dir=...))")
         result = self.run(shard)
+        if shard.pieces > 1:
+            return result  # a piece's tables go to the driver, which merges the shard's pieces and writes them
         written = write_shard(self.run_dir, shard.index, result["scores"], result["maps"], result["failures"])
         return {**written, "n_images": result["n_images"], "compute_seconds": result["seconds"],
                 "seconds": result["seconds"] + written["write_seconds"],
                 **{k: result[k] for k in ("node", "pid", "device")}}
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        """A shard's tables (scores, maps, failures) in memory; ``explain_and_write`` stores them."""
+        """A shard's tables (scores, maps, failures) in memory; ``explain_and_write`` stores them. A piece
+        of a shard (``tasks.pieces``) computes its share of the MPRT states; the rows of each batch are
+        counted (``unit_rows``), so that the driver can merge the pieces batch by batch."""
+        if shard.pieces > 1 and not self.planned:
+            raise ValueError("a piece of a shard needs the run's manifest (its MPRT states)")
+        settings = piece_settings(self.settings, shard, self.n_states) if shard.pieces > 1 else self.settings
         start = time.perf_counter()
         failures: list[tuple[str, str, BaseException | str]] = []
         samples = []  # (position in the dataset, sample)
@@ -87,7 +97,7 @@ class ShardWorker:
                 samples.append((index, self.dataset[index]))
             except Exception as error:  # a corrupt or unreadable image
                 failures.append((self.dataset.image_ids[index], "load", error))
-        scores, maps = [], []
+        scores, maps, units = [], [], []  # units: per computed batch (image ids, score rows, map rows)
         for first, last in batch_bounds(len(samples), self.cfg.compute.batch_size):
             before = samples[first][0] - shard.start  # images of the shard ahead of this batch
             self._within_batch = lambda done, total, before=before, n=last - first: self._report(
@@ -95,16 +105,25 @@ class ShardWorker:
             batch, inputs = self._finite(samples[first:last], failures)
 
             def compute(items: list, batch=batch, inputs=inputs) -> tuple[pa.Table, pa.Table | None, list]:
-                return self._compute(items, inputs if items is batch else None)
+                return self._compute(items, inputs if items is batch else None, settings, shard.piece)
 
             for score_table, map_table, map_failures in self._guarded(batch, compute, failures, "explain"):
                 scores.append(score_table)
                 maps += [] if map_table is None else [map_table]
                 failures += map_failures
+                units.append((tuple(score_table["image_id"].unique().to_pylist()), score_table.num_rows,
+                              0 if map_table is None else map_table.num_rows))
             self._report(shard, samples[last - 1][0] + 1 - shard.start)
         self._report(shard, shard.n_images)
+        if shard.piece > 0:  # the first piece records the images that failed as a whole, once
+            failures = [f for f in failures if f[1] == "map"]
         return {
             "shard": shard.index,
+            "piece": shard.piece,
+            "pieces": shard.pieces,
+            "unit_images": [images for images, _, _ in units],
+            "unit_rows": [rows for _, rows, _ in units],
+            "unit_map_rows": [rows for _, _, rows in units],
             "scores": self._stamp(pa.concat_tables(scores) if scores else SCORE_SCHEMA.empty_table(), shard),
             "maps": self._stamp(pa.concat_tables(maps), shard) if maps else None,
             "failures": self._failure_table(failures, shard),
@@ -118,7 +137,7 @@ class ShardWorker:
         its explain calls). Fire and forget: never waits, never fails the run."""
         if self.progress is not None:
             try:
-                self.progress.report.remote(shard.index, images)
+                self.progress.report.remote(shard.progress_key, images / shard.pieces)
             except Exception:  # the board is gone: progress is only for show
                 self.progress = None
 
@@ -171,19 +190,25 @@ class ShardWorker:
         self.healthy = self.healthy or bool(tables)
         return tables
 
-    def _compute(self, batch: list, inputs: tuple | None = None) -> tuple[pa.Table, pa.Table | None, list]:
+    def _compute(self, batch: list, inputs: tuple | None = None, settings: Settings | None = None,
+                 piece: int = 0) -> tuple[pa.Table, pa.Table | None, list]:
         """Scores of a batch, the maps the config stores (from the very same explain calls), and a
         failure per non-finite map (its scores are left out, every other score is kept). ``inputs``:
-        (ids, x, labels, logits) of this very batch from the finiteness check, if it made them."""
+        (ids, x, labels, logits) of this very batch from the finiteness check, if it made them. A piece
+        after the first leaves the original maps (stored, failed) to the first."""
         ids, x, labels, logits = inputs if inputs is not None else (*self._tensors(batch), None)
         keep = [b for b, (index, _) in enumerate(batch) if self._keeps_map(index)]
-        run = SanityRun(self.model, x, self.settings, image_ids=ids, labels=labels,
+        run = SanityRun(self.model, x, settings or self.settings, image_ids=ids, labels=labels,
                         model_name=self.cfg.model.name, logits=logits, progress=self._within_batch)
         first_seed = self.cfg.tests.mprt.seeds[0]
-        stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed) and not block.reused]
+        stored = [block for block in run.blocks() if keep and block.seed in (None, first_seed) and not block.reused
+                  and (piece == 0 or block.test == MPRT)]
         map_failures = [(f["image_id"], "map", NonFiniteMap(_where(f) + f": {f['reason']}"), f["method"], f["state"])
-                        for f in run.failures]
-        return run.table(), self._map_table(ids, keep, stored) if stored else None, map_failures
+                        for f in run.failures if piece == 0 or f["test"] == MPRT]
+        table = run.table()
+        if piece > 0:  # the first piece has the other tests' rows
+            table = table.filter(pc.is_in(table["test"], pa.array(mprt_tests(run.settings.tests))))
+        return table, self._map_table(ids, keep, stored) if stored else None, map_failures
 
     def _keeps_map(self, index: int) -> bool:
         store = self.cfg.storage.store_maps
@@ -252,25 +277,25 @@ def _node_id() -> str:
 
 
 class ProgressBoard:
-    """How many images of each shard the actors have explained (a Ray actor), told after every explain call
-    of a batch as a fraction of its images.
+    """How many images of each shard (or piece of a shard) the actors have explained (a Ray actor), told
+    after every explain call of a batch as a fraction of its images.
 
     The driver reads the total whenever it likes: a report is a number, not a message to consume, so a slow
     driver misses nothing and the actors never wait. A shard's count only grows (a retried shard
     recomputes images it had already counted)."""
 
     def __init__(self) -> None:
-        self.done: dict[int, float] = {}
-        self.reports: list[tuple[int, float]] = []  # (shard, images), in arrival order
+        self.done: dict[int | tuple[int, int], float] = {}
+        self.reports: list[tuple[int | tuple[int, int], float]] = []  # (shard, images), in arrival order
 
-    def report(self, shard: int, images: float) -> None:
+    def report(self, shard: int | tuple[int, int], images: float) -> None:
         self.reports.append((shard, images))
         self.done[shard] = max(images, self.done.get(shard, 0))
 
     def images(self) -> float:
         return sum(self.done.values())
 
-    def history(self) -> list[tuple[int, float]]:
+    def history(self) -> list[tuple[int | tuple[int, int], float]]:
         return list(self.reports)
 
 

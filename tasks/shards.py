@@ -15,14 +15,22 @@ from tasks.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class Shard:
-    """Images [start, stop) of the dataset, in its stable order."""
+    """Images [start, stop) of the dataset, in its stable order; with ``pieces`` > 1, piece ``piece`` of
+    the shard's work (``tasks.pieces``: a shard shared by several actors)."""
     index: int
     start: int
     stop: int
+    piece: int = 0
+    pieces: int = 1
 
     @property
     def n_images(self) -> int:
         return self.stop - self.start
+
+    @property
+    def progress_key(self) -> int | tuple[int, int]:
+        """What the progress board counts it under: the shard, or (shard, piece)."""
+        return self.index if self.pieces == 1 else (self.index, self.piece)
 
 
 def shard_ranges(n_images: int, images_per_shard: int) -> list[Shard]:

@@ -115,3 +115,48 @@ def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
         hook.remove()
     assert counts == {"traces": 0, "deep copies": 1, "no-grad forwards": 1}
     assert planned["scores"].equals(plain["scores"])
+
+
+# ------------------------------------------------------------------------------ a shard shared by actors
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_a_shards_pieces_merge_into_the_very_rows_of_the_whole_shard(pieces):
+    """issue 23: a dataset of one batch ran on one actor while the others sat idle. Its MPRT states are now
+    dealt out to pieces; merged, the pieces' scores and stored maps equal the whole shard's bit for bit
+    (the original maps come from the same explain call on every piece: its classes change their last
+    bits), and a piece after the first holds MPRT's tests only."""
+    from saliency.sanity.mprt import randomization_seeds
+    from tasks.pieces import merge_pieces
+    from tasks.plan import build_manifest
+    from tasks.shards import load_data, shard_ranges
+
+    cfg = load_config({"data": {"limit": 6}, "methods": {"ids": ["gradient", "gradcampp", "smoothgrad", "random"],
+                                                         "sg_samples": 2},
+                       "tests": {"mprt": {"seeds": [0, 1]}}, "compute": {"batch_size": 6},
+                       "storage": {"store_maps": "all"}, "tracking": {"enabled": False}})
+    model = load_configured_model(cfg)
+    manifest = build_manifest(cfg, load_data(cfg), model, shard_ranges(6, 6))
+    shard_worker = ShardWorker(cfg.model_dump(mode="json"), run_id="t", model=model, manifest=manifest)
+    whole = shard_worker.run(Shard(0, 0, 6))
+    parts = [shard_worker.run(Shard(0, 0, 6, k, pieces)) for k in range(pieces)]
+    assert set(parts[1]["scores"]["test"].to_pylist()) == {"mprt", "emprt"}
+    assert set(parts[1]["maps"]["test"].to_pylist()) == {"mprt"}
+    mprt_states = [set(p["scores"].filter(pc.equal(p["scores"]["test"], "mprt"))["state_index"].to_pylist())
+                   for p in parts]
+    assert sorted(k for states in mprt_states for k in states) == list(range(len(manifest.states)))
+    merged = merge_pieces(parts[::-1], randomization_seeds(shard_worker.settings), manifest.tests)
+    assert merged["scores"].equals(whole["scores"]) and merged["maps"].equals(whole["maps"])
+    assert merged["failures"].num_rows == whole["failures"].num_rows == 0
+
+
+def test_only_shards_of_one_batch_are_shared_and_only_when_actors_would_idle():
+    from tasks.pieces import into_pieces
+
+    tests = ["class_sensitivity", "mprt", "emprt"]
+    one = [Shard(0, 0, 12)]
+    assert [(s.piece, s.pieces) for s in into_pieces(one, 2, 50, tests, 10)] == [(0, 2), (1, 2)]
+    assert len(into_pieces(one, 16, 50, tests, 10)) == 10  # at most one piece per state
+    assert into_pieces(one, 1, 50, tests, 10) == one  # one actor
+    assert into_pieces(one, 2, 50, ["class_sensitivity"], 10) == one  # no MPRT states to share
+    assert into_pieces([Shard(0, 0, 100)], 2, 50, tests, 10) == [Shard(0, 0, 100)]  # two batches: not split
+    two = [Shard(0, 0, 50), Shard(1, 50, 60)]
+    assert into_pieces(two, 2, 50, tests, 10) == two  # every actor has a shard

@@ -178,6 +178,24 @@ def test_two_actors_end_to_end_with_mlflow(reference_run, mlflow_sqlite, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_dataset_of_one_batch_keeps_both_actors_busy_and_gives_the_same_tables(prefect_server, ray_local, tmp_path):
+    """issue 23: one batch = one shard ran on one actor. With two actors its MPRT states are shared out to
+    two pieces, each on its own actor; the stored tables equal the one-actor run's bit for bit."""
+    from flows.sanity_check import sanity_check
+
+    one_batch = {"data": {"limit": 4}, "compute": {"images_per_shard": None, "batch_size": 4}}
+    alone = sanity_check(config=tiny(**{**one_batch, "compute": {**one_batch["compute"], "actors": 1}}),
+                         out=str(tmp_path / "alone"))
+    shared = sanity_check(config=tiny(**{**one_batch, "compute": {**one_batch["compute"], "actors": 2}}),
+                          out=str(tmp_path / "shared"))
+    assert alone["shards"][0]["pieces"] == 1
+    assert shared["shards"][0]["pieces"] == 2 and len(set(shared["shards"][0]["pids"])) == 2
+    theirs = run_tables(alone["run_dir"])
+    for name, table in run_tables(shared["run_dir"]).items():
+        assert_same_table(table, theirs[name], name)
+
+
+@pytest.mark.slow
 def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_local, tmp_path):
     """Kill a CLI run (SIGKILL) after its first shard, re-run with the same --out: same tables."""
     from flows.sanity_check import sanity_check
