@@ -17,7 +17,7 @@ from saliency.layers import cam_layout, check_layer, default_cam_layer, other_ac
 from saliency.methods import get_method
 from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
 from saliency.passes import Pass, ReLURule, chunk_images, evaluation, forward_logits, run_pass
-from saliency.prefix import FrozenPrefix
+from saliency.prefix import FrozenPrefix, PerturbedPrefixes
 from saliency.reshape import reduce_channels
 
 __all__ = ["PROPAGATION_POLICIES", "Options", "cam_layer", "check_relu_rules", "explain"]
@@ -61,8 +61,10 @@ class Context:
     """One explain call: the inputs, the options, and the passes shared between methods (cached)."""
 
     def __init__(self, model: nn.Module, x: Tensor, targets: Tensor, options: Options,
-                 needs_layer: bool, needs_biases: bool, prefix: FrozenPrefix | None = None):
+                 needs_layer: bool, needs_biases: bool, prefix: FrozenPrefix | None = None,
+                 perturbed: PerturbedPrefixes | None = None):
         self.model, self.x, self.targets, self.options, self.prefix = model, x, targets, options, prefix
+        self.perturbed = perturbed
         self._needs_layer, self._needs_biases = needs_layer, needs_biases
         self._passes: dict[tuple, Pass] = {}
         self._derived: dict[str, object] = {}
@@ -100,25 +102,29 @@ class Context:
                                          positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
-    def gradients_at(self, inputs: Tensor, repeats: int) -> Tensor:
+    def gradients_at(self, inputs: Tensor, repeats: int, name: str = "perturbed") -> Tensor:
         """Input gradients at ``repeats`` perturbed copies of the batch, laid out (repeats·B)×C×H×W
         with the copy index outermost; returns repeats×B×T×C×H×W.
 
-        Chunked by ``internal_batch_size`` images, by default ``chunk_images``."""
+        Chunked by ``internal_batch_size`` images, by default ``chunk_images``. With ``perturbed``
+        records (MPRT states), each chunk ``(name, start)`` takes its unchanged calls from its record."""
         batch = self.x.shape[0]
         targets = self.targets.repeat(repeats, 1)
         chunk = self.options.internal_batch_size or chunk_images(inputs[0])
         grads = []
         for start in range(0, inputs.shape[0], chunk):
-            p = run_pass(self.model, inputs[start:start + chunk], targets[start:start + chunk],
-                         positive=self.positive_propagation)
+            part = inputs[start:start + chunk]
+            prefix = None if self.perturbed is None else self.perturbed.get((name, start), part)
+            p = run_pass(self.model, part, targets[start:start + chunk],
+                         positive=self.positive_propagation, prefix=prefix)
             grads.append(p.input_grad)
         return torch.cat(grads).reshape(repeats, batch, *grads[0].shape[1:])
 
 
 # --------------------------------------------------------------------------------------------- explain
 def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=None, layer: str | None = None, *,
-            prefix: FrozenPrefix | None = None, **options) -> dict[str, Tensor]:
+            prefix: FrozenPrefix | None = None, perturbed: PerturbedPrefixes | None = None,
+            **options) -> dict[str, Tensor]:
     """Saliency maps of ``model`` for ``x`` (B×C×H×W) and ``targets`` (B or B×T; None = top class).
 
     Returns {method id: float32 B×T×H×W} — raw and signed, at input resolution, on x's device
@@ -128,7 +134,8 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     ``layer_layout``, ``channel_reduction``, ``propagation``, ``relu_map``, ``seed``, ``ig_steps``,
     ``ig_baseline``, ``sg_samples``, ``sg_noise``, ``rectgrad_q``, ``fullgrad_scaling``,
     ``internal_batch_size``). ``prefix``: a ``FrozenPrefix`` of the original model on this ``x``; passes
-    on x take the calls below the first changed module from it instead of running them (MPRT states).
+    on x take the calls below the first changed module from it instead of running them (MPRT states);
+    ``perturbed``: the same for the inputs integrated gradients and SmoothGrad build from x.
     """
     method_ids = [methods] if isinstance(methods, str) else list(methods)
     if not method_ids:
@@ -150,7 +157,7 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
             targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
         ctx = Context(model, x, target_matrix, replace(checked, layer=layer, layer_layout=layer_layout or "channels_first"),
-                      needs_layer, any(m.needs_biases for m in resolved), prefix)
+                      needs_layer, any(m.needs_biases for m in resolved), prefix, perturbed)
         for method in resolved:
             method.prepare(ctx)
         maps: dict[str, Tensor] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -78,15 +79,29 @@ class FrozenPrefix:
     copy of the parameters, for as long as the object lives; drop it when the states are done.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor):
+    def __init__(self, model: nn.Module, x: Tensor, *, like: "FrozenPrefix | None" = None):
+        """``like``: another prefix of the same model, whose copy of the parameters this one shares."""
         self.model, self.x = model, x
         self._records: dict[tuple, _Record] = {}
-        # a copy, not references: a caller that later changes ``model`` in place must not make its
-        # changed modules look unchanged
-        self._parameters = {name: [t.clone() for t in _own_tensors(module)]
-                            for name, module in model.named_modules()}
-        self._types = {name: type(module) for name, module in model.named_modules()}
+        if like is not None and like.model is model:
+            self._parameters, self._types = like._parameters, like._types
+        else:
+            # a copy, not references: a caller that later changes ``model`` in place must not make its
+            # changed modules look unchanged
+            self._parameters = {name: [t.clone() for t in _own_tensors(module)]
+                                for name, module in model.named_modules()}
+            self._types = {name: type(module) for name, module in model.named_modules()}
         self.disabled: str | None = None  # why reuse was switched off (a forward that differs)
+
+    def nbytes(self) -> int:
+        """Bytes of the recorded module outputs (each storage once): what keeping the records costs."""
+        storages = {}
+        for record in self._records.values():
+            for call in record.calls:
+                if call.output is not None:
+                    storage = call.output.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def disable(self, reason: str) -> None:
         """Stop reusing (and free the records): a pass found that the forward differs from the record."""
@@ -146,6 +161,47 @@ class FrozenPrefix:
         last = max(layer_calls, key=lambda c: c.start) if layer_calls else None
         return Reuse(record.x, stubs, covered, Counter(call.name for call in record.calls),
                      last.output if last is not None and any(c is last for c in covered) else None)
+
+
+class PerturbedPrefixes:
+    """Recorded forwards of the original model on the other inputs a method builds from the batch
+    (integrated gradients' path, SmoothGrad's noisy copies): every MPRT state builds the very same
+    inputs again, so each chunk of them is recorded once, as the batch is (``FrozenPrefix``), and
+    later passes take the unchanged calls from it. Records are made while their outputs fit in
+    ``budget`` bytes; chunks beyond it run whole (the maps are the same either way)."""
+
+    def __init__(self, batch: FrozenPrefix, budget: int):
+        self.batch, self.budget = batch, budget
+        self._prefixes: dict[tuple, FrozenPrefix] = {}
+        self.used = 0  # bytes of the records made so far (counted when the next one is asked for)
+
+    def get(self, key: tuple, x: Tensor) -> FrozenPrefix | None:
+        """The prefix of chunk ``key`` (e.g. (method, first image)), if its recorded input equals ``x``
+        or the budget still has room for a new record."""
+        if self.batch.disabled is not None:
+            return None
+        prefix = self._prefixes.get(key)
+        if prefix is not None:
+            return prefix if prefix.matches(x) else None
+        self.used = sum(p.nbytes() for p in self._prefixes.values())
+        if self.used >= self.budget:
+            return None
+        prefix = self._prefixes[key] = FrozenPrefix(self.batch.model, x, like=self.batch)
+        return prefix
+
+
+def record_budget(device: torch.device) -> int:
+    """Bytes a sanity run may keep in records of perturbed inputs: 1.5 GiB at most, and on a CPU a
+    quarter of the physical memory per core (one actor per core: 24 GB and 2 cores give the cap; a
+    16 GB laptop with 8 cores 0.5 GB); on an accelerator a quarter of its free memory."""
+    cap = 3 << 29
+    if device.type == "cuda":
+        return min(cap, torch.cuda.mem_get_info(device)[0] // 4)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+    return min(cap, physical // (4 * (os.cpu_count() or 1)))
 
 
 @contextlib.contextmanager

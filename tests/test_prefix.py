@@ -9,13 +9,14 @@ from torch import nn
 
 from saliency import available_methods
 from saliency.engine import explain
-from saliency.prefix import FrozenPrefix
+from saliency.prefix import FrozenPrefix, PerturbedPrefixes
 from saliency.randomize import parameter_layers, randomized_state, states_in_place
 from saliency.sanity import Settings, run_sanity
 from tests.models_for_tests import assert_model_untouched, resnet18, small_cnn, state_snapshot
 
-# every method whose passes run on x itself (IG and SmoothGrad run on other inputs: no reuse, nothing to test)
+# every method whose passes run on x itself (IG and SmoothGrad run on inputs built from x: PerturbedPrefixes)
 ON_X = [m for m in available_methods() if not m.startswith(("integrated_gradients", "smoothgrad"))]
+PERTURBED = ["integrated_gradients", "smoothgrad"]
 
 
 def _max_difference(a: dict, b: dict) -> dict[str, float]:
@@ -41,6 +42,46 @@ def test_maps_with_the_prefix_equal_maps_without_it_bit_for_bit(order):
         plain = explain(state, x, ON_X, top)
         reused = explain(state, x, ON_X, top, prefix=prefix)
         assert _max_difference(plain, reused) == dict.fromkeys(ON_X, 0.0), (order, k)
+
+
+@pytest.mark.parametrize("order", ["cascade_top_down", "cascade_bottom_up"])
+def test_integrated_gradients_and_smoothgrad_with_recorded_inputs_equal_them_without_bit_for_bit(order):
+    """Their path and noisy inputs are the same in every MPRT state: recorded once per chunk of
+    ``internal_batch_size`` images, the maps are the very same; a budget too small for a record leaves
+    the chunks beyond it to run whole, with the same maps."""
+    model, x = resnet18(), torch.randn(3, 3, 32, 32)
+    top = model(x).argmax(1)[:, None]
+    layers = parameter_layers(model, x[:1])
+    options = {"ig_steps": 4, "sg_samples": 3, "internal_batch_size": 4}
+    prefix = FrozenPrefix(model, x)
+    perturbed = PerturbedPrefixes(prefix, budget=1 << 30)
+    small = PerturbedPrefixes(FrozenPrefix(model, x), budget=1)  # room for one record only
+    explain(model, x, PERTURBED, top, prefix=prefix, perturbed=perturbed, **options)  # the original: records
+    for _, k, state in states_in_place(model, layers, order, [0, 1, 9, 40], [0], bn_stats="reset"):
+        plain = explain(state, x, PERTURBED, top, **options)
+        reused = explain(state, x, PERTURBED, top, prefix=prefix, perturbed=perturbed, **options)
+        limited = explain(state, x, PERTURBED, top, prefix=small.batch, perturbed=small, **options)
+        assert _max_difference(plain, reused) == dict.fromkeys(PERTURBED, 0.0), (order, k)
+        assert _max_difference(plain, limited) == dict.fromkeys(PERTURBED, 0.0), (order, k)
+    assert len(perturbed._prefixes) == 3 + 3  # 12 path images and 9 noisy ones in chunks of 4
+    assert len(small._prefixes) == 1 and perturbed.used > 0
+
+
+def test_recorded_perturbed_inputs_skip_the_unchanged_calls():
+    model, x = resnet18(), torch.randn(2, 3, 32, 32)
+    head = randomized_state(model, parameter_layers(model, x[:1]), "cascade_top_down", 0)  # fc only
+    calls = {"layer1.0.conv1": 0, "fc": 0}
+    for name in calls:
+        head.get_submodule(name).register_forward_pre_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    prefix = FrozenPrefix(model, x)
+    perturbed = PerturbedPrefixes(prefix, budget=1 << 30)
+    options = {"ig_steps": 4, "internal_batch_size": 4}
+    explain(model, x, "integrated_gradients", 0, prefix=prefix, perturbed=perturbed, **options)
+    explain(head, x, "integrated_gradients", 0, prefix=prefix, perturbed=perturbed, **options)
+    assert calls == {"layer1.0.conv1": 0, "fc": 2}  # 8 path images in 2 chunks: only the head ran
+    explain(head, x, "integrated_gradients", 0, **options)
+    assert calls == {"layer1.0.conv1": 2, "fc": 4}
 
 
 def test_the_reused_calls_do_not_run_and_the_changed_ones_do():

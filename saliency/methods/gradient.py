@@ -34,7 +34,7 @@ class IntegratedGradients(Method):
             baseline, dtype=ctx.x.dtype, device=ctx.x.device).expand_as(ctx.x)
         alphas = torch.linspace(1 / steps, 1, steps).tolist()
         path = torch.stack([baseline + a * (ctx.x - baseline) for a in alphas])  # m×B×C×H×W
-        grads = ctx.gradients_at(path.flatten(0, 1), steps)
+        grads = ctx.gradients_at(path.flatten(0, 1), steps, "integrated_gradients")
         return (ctx.x - baseline).unsqueeze(1) * grads.mean(dim=0)
 
 
@@ -66,4 +66,4 @@ class SmoothGrad(Method):
         flat = x.flatten(1)
         sigma = ctx.options.sg_noise * (flat.amax(dim=1) - flat.amin(dim=1))
         noisy = x.unsqueeze(0) + noise * sigma.view(1, -1, 1, 1, 1)
-        return ctx.gradients_at(noisy.flatten(0, 1), n).mean(dim=0)
+        return ctx.gradients_at(noisy.flatten(0, 1), n, "smoothgrad").mean(dim=0)

@@ -15,7 +15,7 @@ from saliency.methods import get_method
 from saliency.checks import check_input
 from saliency.layers import cam_layout
 from saliency.passes import forward_logits
-from saliency.prefix import FrozenPrefix
+from saliency.prefix import FrozenPrefix, PerturbedPrefixes, record_budget
 from saliency.sanity.base import ORIGINAL, Block, Rows, SanityTest, Settings, as_2d, chance_partners, paired, retest_seed
 from saliency.sanity.registry import get_test
 from saliency.similarity import METRICS, Prepared, prepare, similarity
@@ -83,6 +83,7 @@ class SanityRun:
         self.failures: list[dict] = []  # non-finite maps: image_id, method, test, state, seed, reason
         self.explain_calls = 0
         self.prefix: FrozenPrefix | None = None
+        self.perturbed: PerturbedPrefixes | None = None  # the same for integrated gradients' and SmoothGrad's inputs
         self._bad: dict[str, Tensor] | None = None  # while a block is scored: its non-finite maps
 
     def options(self, test: SanityTest):
@@ -94,9 +95,10 @@ class SanityRun:
         of other inputs ``x`` (noisy copies, image grids) where given, which the batch's recorded forward
         cannot answer."""
         self.explain_calls += 1
-        prefix = self.prefix if x is None else None
+        prefix = self.prefix if x is None and overrides.get("prefix", self.prefix) is not None else None
+        perturbed = self.perturbed if prefix is not None else None
         return explain(model, self.x if x is None else x, self.methods, targets, layer=self.layer,
-                       **{**self.explain_kwargs, "prefix": prefix, **overrides})
+                       **{**self.explain_kwargs, **overrides, "prefix": prefix, "perturbed": perturbed})
 
     def paired(self, method: str, metric: str, block: Block, original: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(similarity of each original map of ``method`` — or of ``original``, a test's own reference
@@ -116,10 +118,11 @@ class SanityRun:
     def blocks(self) -> Iterator[Block]:
         """The original block, then every state's block, each already scored."""
         self.prefix = FrozenPrefix(self.model, self.x)
+        self.perturbed = PerturbedPrefixes(self.prefix, record_budget(self.x.device))
         try:
             yield from self._blocks()
         finally:
-            self.prefix = None  # the recorded forward holds a pass's worth of activations
+            self.prefix = self.perturbed = None  # the recorded forwards hold a pass's worth of activations each
 
     def _blocks(self) -> Iterator[Block]:
         total = 1 + sum(source.block_count(self) for source in self.sources) if self.progress else 0
