@@ -24,6 +24,7 @@ of them trains a new model instead of loading a stale one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -32,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torchvision.models
@@ -345,18 +346,47 @@ def train_reference(*, architecture: str = REFERENCE, cache_dir: str | Path | No
     key = reference_cache_key(architecture=architecture, seed=seed, epochs=epochs, labels=labels)
     weights_path, info_path = _cache_paths(cache_dir, architecture, key, labels)
     if weights_path.is_file() and not force:
-        model = spec.factory()
-        load_weights_file(model, weights_path)
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        return model.eval(), {**info, "cache_path": str(weights_path), "cached": True}
+        return _cached(spec, weights_path, info_path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with _training_lock(weights_path):  # another process training the same model: wait, then load its file
+        if weights_path.is_file() and not force:
+            return _cached(spec, weights_path, info_path)
+        return _train_and_cache(spec, architecture, seed, epochs, progress, labels, key, weights_path, info_path)
 
+
+def _cached(spec: ReferenceSpec, weights_path: Path, info_path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    model = spec.factory()
+    load_weights_file(model, weights_path)
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    return model.eval(), {**info, "cache_path": str(weights_path), "cached": True}
+
+
+@contextlib.contextmanager
+def _training_lock(weights_path: Path) -> Iterator[None]:
+    """An exclusive lock beside the cache file while a model is trained into it, so that two processes
+    asking for the same untrained model (two runs started at once, a test suite's warm-up) train it once:
+    the second waits and loads the first's file. Where there is no ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(weights_path.with_name(f".{weights_path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_and_cache(spec: ReferenceSpec, architecture: str, seed: int, epochs: int, progress, labels: str,
+                     key: str, weights_path: Path, info_path: Path) -> tuple[nn.Module, dict[str, Any]]:
     start = time.perf_counter()
     model, train_accuracy = _fit(spec, seed, epochs, progress, labels)
     seconds = time.perf_counter() - start
     info = {"architecture": architecture, "labels": labels, "accuracy": evaluate_reference(model),
             "train_accuracy": train_accuracy, "seconds": round(seconds, 2), "epochs": epochs, "seed": seed,
             "cache_key": key, "hparams": spec.hparams}
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
     _atomic_write(weights_path, lambda f: torch.save(model.state_dict(), f))
     return model, {**info, "cache_path": str(weights_path), "cached": False}

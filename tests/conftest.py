@@ -17,8 +17,36 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # a fresh reference-model cache per session: the suite behaves as on a new machine (trains it once)
 os.environ["SALIENCY_SANITY_CACHE"] = tempfile.mkdtemp(prefix="saliency-cache-")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+#: A run of at least this many tests (the whole suite, most of it) trains the reference CNN and its
+#: label-randomised twin in the background from its start (tests that need them wait for the cache lock).
+WARM_UP_TESTS = 200
+_warm_up: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session):
+    """The fresh cache's reference CNN (≈ 15 s) and twin (≈ 65 s) are trained by a niced background
+    process while the first tests run, instead of by the first test that needs each (the suite's single
+    longest wait); ``saliency.models`` locks a model's cache file while it is trained, so a test that asks
+    for it meanwhile waits and loads it. The models are trained exactly as on a new machine."""
+    global _warm_up
+    if len(session.items) >= WARM_UP_TESTS and _warm_up is None:
+        code = ("from saliency.models import load_label_twin, load_reference; "
+                "load_reference(); load_label_twin('reference')")
+        _warm_up = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    preexec_fn=lambda: os.nice(10))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _warm_up is not None and _warm_up.poll() is None:
+        _warm_up.kill()
+        _warm_up.wait()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 same explain calls, so storing every map costs no extra explain work."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -15,8 +17,27 @@ METHODS = ["gradient", "gradcampp", "smoothgrad"]
 N_IMAGES = 6
 
 
+def twin_file() -> str:
+    """A twin's weights file for data randomisation: these tests count and merge its explain call, they do
+    not read its verdict, so a seeded random reference CNN serves (the project's twin is trained by the
+    suite's warm-up meanwhile; tests/test_data_randomization.py checks it)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from saliency.models import reference_cnn
+
+    path = Path(tempfile.gettempdir()) / f"saliency-test-twin-{os.getpid()}.pt"
+    if not path.is_file():
+        torch.manual_seed(1)
+        torch.save(reference_cnn().state_dict(), path)
+    return str(path)
+
+
 def worker(store_maps: str) -> ShardWorker:
     cfg = load_config({"data": {"limit": N_IMAGES}, "methods": {"ids": METHODS, "sg_samples": 2},
+                       "tests": {"data_randomization": {"weights": twin_file()}},
                        "randomization": {"seeds": [0, 1]}, "compute": {"batch_size": 3},
                        "storage": {"store_maps": store_maps, "sample_images": 2}, "tracking": {"enabled": False}})
     return ShardWorker(cfg.model_dump(mode="json"), run_id="test", model=load_configured_model(cfg))
@@ -84,6 +105,7 @@ def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
     from tasks.shards import shard_ranges
 
     cfg = load_config({"data": {"limit": 4}, "methods": {"ids": ["gradient", "gradcam", "guided_backprop", "random"]},
+                       "tests": {"data_randomization": {"weights": twin_file()}},
                        "randomization": {"seeds": [0]}, "compute": {"batch_size": 4}, "tracking": {"enabled": False}})
     model = load_configured_model(cfg)
     manifest = build_manifest(cfg, load_dataset("mnist", limit=4), model, shard_ranges(4, 4))
@@ -131,7 +153,8 @@ def test_a_shards_pieces_merge_into_the_very_rows_of_the_whole_shard(pieces):
 
     cfg = load_config({"data": {"limit": 6}, "methods": {"ids": ["gradient", "gradcampp", "smoothgrad", "random"],
                                                          "sg_samples": 2},
-                       "tests": {"mprt": {"seeds": [0, 1]}}, "compute": {"batch_size": 6},
+                       "tests": {"mprt": {"seeds": [0, 1]}, "data_randomization": {"weights": twin_file()}},
+                       "compute": {"batch_size": 6},
                        "storage": {"store_maps": "all"}, "tracking": {"enabled": False}})
     model = load_configured_model(cfg)
     manifest = build_manifest(cfg, load_data(cfg), model, shard_ranges(6, 6))

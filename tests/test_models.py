@@ -140,7 +140,7 @@ def test_reference_training_reaches_accuracy_within_budget(trained_reference):
     assert info["accuracy"] >= 0.97
     assert info["accuracy"] == pytest.approx(evaluate_reference(model))
     assert info["seconds"] < 120 and not info["cached"] and not model.training
-    files = sorted(p.name for p in cache_dir.iterdir())
+    files = sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))  # not the training lock
     assert files == [f"reference-{info['cache_key']}.json", f"reference-{info['cache_key']}.pt"]
     assert json.loads((cache_dir / files[0]).read_text())["accuracy"] == info["accuracy"]
 
@@ -168,6 +168,23 @@ def test_cache_key_follows_seed_and_epochs():
     assert key == reference_cache_key(seed=0)
     assert key != reference_cache_key(seed=1)
     assert key != reference_cache_key(seed=0, epochs=1)
+
+
+@pytest.mark.slow
+def test_two_processes_asking_for_an_untrained_model_train_it_once(tmp_path):
+    """The second waits on the cache file's lock while the first trains, then loads the first's weights."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from saliency.models import train_reference; "
+            "model, info = train_reference(cache_dir=sys.argv[1], epochs=1); "
+            "print(json.dumps({'cached': info['cached'], 'sum': float(sum(p.sum() for p in model.parameters()))}))")
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outcomes = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in processes]
+    assert sorted(o["cached"] for o in outcomes) == [False, True]  # one trained, the other loaded its file
+    assert outcomes[0]["sum"] == outcomes[1]["sum"]
+    assert len(list(tmp_path.glob("reference-*.pt"))) == 1
 
 
 @pytest.mark.slow
