@@ -143,6 +143,22 @@ def deep_residual() -> nn.Module:
     return DeepResidual().eval()
 
 
+def twin_file() -> str:
+    """A twin's weights file for data randomisation, for tests that count, store or aggregate its rows but do
+    not read its verdict: a seeded random reference CNN (the project's twin is trained meanwhile by the
+    suite's warm-up, tests/conftest.py; tests/test_data_randomization.py checks it)."""
+    import tempfile
+    from pathlib import Path
+
+    from saliency.models import reference_cnn
+
+    path = Path(tempfile.gettempdir()) / f"saliency-test-twin-{os.getpid()}.pt"
+    if not path.is_file():
+        torch.manual_seed(1)
+        torch.save(reference_cnn().state_dict(), path)
+    return str(path)
+
+
 def count_explain_calls(monkeypatch) -> list[int]:
     """Count the explain calls of saliency.sanity's runner: a one-item list, incremented per call."""
     import saliency.sanity.runner as runner

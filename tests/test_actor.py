@@ -2,37 +2,17 @@
 same explain calls, so storing every map costs no extra explain work."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from models_for_tests import count_explain_calls
+from models_for_tests import count_explain_calls, twin_file
 from tasks.actor import ShardWorker
 from tasks.config import load_config
 from tasks.shards import Shard, load_configured_model
 
 METHODS = ["gradient", "gradcampp", "smoothgrad"]
 N_IMAGES = 6
-
-
-def twin_file() -> str:
-    """A twin's weights file for data randomisation: these tests count and merge its explain call, they do
-    not read its verdict, so a seeded random reference CNN serves (the project's twin is trained by the
-    suite's warm-up meanwhile; tests/test_data_randomization.py checks it)."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    from saliency.models import reference_cnn
-
-    path = Path(tempfile.gettempdir()) / f"saliency-test-twin-{os.getpid()}.pt"
-    if not path.is_file():
-        torch.manual_seed(1)
-        torch.save(reference_cnn().state_dict(), path)
-    return str(path)
 
 
 def worker(store_maps: str) -> ShardWorker:

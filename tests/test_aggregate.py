@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas
 import pyarrow.parquet as pq
 
+from models_for_tests import twin_file
 from saliency.data import load_dataset
 from tasks import aggregate as aggregation
 from tasks.actor import ShardWorker
@@ -17,7 +18,8 @@ from tasks.storage import RunDir
 def test_with_the_plan_each_part_is_read_once_and_the_tables_are_the_same(tmp_path, monkeypatch):
     cfg = load_config({"data": {"limit": 8}, "methods": {"ids": ["gradient", "gradcampp", "gradcampp/signed",
                                                                  "random"]},
-                       "randomization": {"seeds": [0]}, "compute": {"batch_size": 4}, "tracking": {"enabled": False}})
+                       "randomization": {"seeds": [0]}, "compute": {"batch_size": 4}, "tracking": {"enabled": False},
+                       "tests": {"data_randomization": {"weights": twin_file()}}})
     model = load_configured_model(cfg)
     shards = shard_ranges(8, 4)
     manifest = build_manifest(cfg, load_dataset("mnist", limit=8), model, shards)
