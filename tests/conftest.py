@@ -30,17 +30,17 @@ _warm_up: subprocess.Popen | None = None
 
 
 def pytest_collection_finish(session):
-    """The fresh cache's reference CNN (≈ 15 s) and twin (≈ 65 s) are trained by a niced background
-    process while the first tests run, instead of by the first test that needs each (the suite's single
-    longest wait); ``saliency.models`` locks a model's cache file while it is trained, so a test that asks
-    for it meanwhile waits and loads it. The models are trained exactly as on a new machine."""
+    """The fresh cache's reference CNN (≈ 15 s) and twin (≈ 65 s) are trained by a background process at
+    the lowest priority while the first tests run, instead of by the first test that needs each (the
+    suite's single longest wait); ``saliency.models`` locks a model's cache file while it is trained, so a
+    test that asks for it meanwhile waits and loads it. The models are trained exactly as on a new machine."""
     global _warm_up
     if len(session.items) >= WARM_UP_TESTS and _warm_up is None:
         code = ("from saliency.models import load_label_twin, load_reference; "
                 "load_reference(); load_label_twin('reference')")
         _warm_up = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=lambda: os.nice(10))
+                                    preexec_fn=lambda: os.nice(19))  # the CPU time the tests leave (Ray's workers: 15)
 
 
 def pytest_sessionfinish(session, exitstatus):

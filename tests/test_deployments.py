@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# one randomisation seed: these tests are about serving and scheduling, not MPRT's statistics
 TINY_OVERRIDES = ["data.limit=4", "methods.ids=gradient", "compute.images_per_shard=2", "compute.batch_size=2",
+                  "tests.mprt.seeds=0",
                   "metrics.names=ssim", "metrics.n_boot=10", "tests.class_sensitivity.others=min", "storage.store_maps=none",
                   "storage.report=false", "tracking.enabled=false"]
 
