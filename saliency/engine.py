@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency.checks import check_input, normalize_targets
-from saliency.layers import cam_layout, check_layer, default_cam_layer, other_activations
+from saliency.layers import Trace, cam_layout, check_layer, default_cam_layer, other_activations, trace_forward
 from saliency.methods import get_method
 from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
 from saliency.passes import Pass, ReLURule, chunk_images, evaluation, forward_logits, run_pass
@@ -23,14 +23,27 @@ from saliency.reshape import reduce_channels
 __all__ = ["PROPAGATION_POLICIES", "Options", "cam_layer", "check_relu_rules", "explain"]
 
 
-def cam_layer(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | None = None) -> str | None:
+def cam_layer(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | None = None,
+              trace: Trace | None = None) -> str | None:
     """The CAM layer ``explain`` uses for ``methods`` on ``x``: ``layer`` (checked), else
-    ``default_cam_layer``; ``layer`` unchanged when no method needs one. Resolve it once for many calls."""
+    ``default_cam_layer`` (from ``trace`` where given); ``layer`` unchanged when no method needs one.
+    Resolve it once for many calls."""
     if not any(get_method(m).needs_layer for m in methods):
         return layer
-    layer = default_cam_layer(model, x) if layer is None else layer
+    layer = default_cam_layer(model, x, trace) if layer is None else layer
     check_layer(model, layer)
     return layer
+
+
+def cam_layer_and_layout(model: nn.Module, x: Tensor, methods: Sequence[str], layer: str | None = None,
+                         layout: str | None = None) -> tuple[str | None, str | None]:
+    """``cam_layer`` and, where a method needs the layer, its ``cam_layout`` unless given: one traced
+    forward for both, none when both are given."""
+    if not any(get_method(m).needs_layer for m in methods):
+        return layer, layout
+    trace = trace_forward(model, x) if layer is None and layout is None else None
+    layer = cam_layer(model, x, methods, layer, trace)
+    return layer, cam_layout(model, x, layer, trace) if layout is None else layout
 
 
 #: Families ``propagation="pos"`` does not reach (LRP refuses it; the controls ignore the model).
@@ -61,11 +74,11 @@ class Context:
     """One explain call: the inputs, the options, and the passes shared between methods (cached)."""
 
     def __init__(self, model: nn.Module, x: Tensor, targets: Tensor, options: Options,
-                 needs_layer: bool, needs_biases: bool, prefix: FrozenPrefix | None = None,
+                 needs_layer: bool, bias_reductions: dict, prefix: FrozenPrefix | None = None,
                  perturbed: PerturbedPrefixes | None = None):
         self.model, self.x, self.targets, self.options, self.prefix = model, x, targets, options, prefix
         self.perturbed = perturbed
-        self._needs_layer, self._needs_biases = needs_layer, needs_biases
+        self._needs_layer, self._bias_reductions = needs_layer, bias_reductions
         self._passes: dict[tuple, Pass] = {}
         self._derived: dict[str, object] = {}
 
@@ -84,7 +97,8 @@ class Context:
             self._passes[key] = run_pass(
                 self.model, self.x, self.targets,
                 layer=self.options.layer if self._needs_layer else None, layout=self.options.layer_layout,
-                bias_layers=self._needs_biases, positive=self.positive_propagation, prefix=self.prefix)
+                bias_layers=bool(self._bias_reductions), bias_reductions=self._bias_reductions or None,
+                positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
     def derived(self, key: str, compute):
@@ -147,17 +161,15 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     checked = make_options(layer=layer, **options)
     check_input(model, x)
     check_relu_rules(model, x, method_ids, checked.propagation)
-    layer = cam_layer(model, x, method_ids, layer)
     needs_layer = any(m.needs_layer for m in resolved)
-    layer_layout = checked.layer_layout
-    if layer_layout is None and needs_layer:
-        layer_layout = cam_layout(model, x, layer)
+    layer, layer_layout = cam_layer_and_layout(model, x, method_ids, layer, checked.layer_layout)
     with evaluation(model):
         if targets is None:
             targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
-        ctx = Context(model, x, target_matrix, replace(checked, layer=layer, layer_layout=layer_layout or "channels_first"),
-                      needs_layer, any(m.needs_biases for m in resolved), prefix, perturbed)
+        checked = replace(checked, layer=layer, layer_layout=layer_layout or "channels_first")
+        reductions = dict(m.bias_reduction(checked) for m in resolved if m.needs_biases)
+        ctx = Context(model, x, target_matrix, checked, needs_layer, reductions, prefix, perturbed)
         for method in resolved:
             method.prepare(ctx)
         maps: dict[str, Tensor] = {}

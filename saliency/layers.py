@@ -2,6 +2,8 @@
 of its output, and the activations other than ReLU that a ReLU backward rule would meet (SPEC §1.2–1.3)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,8 +65,48 @@ def _traced_forward(model: nn.Module, example_input: Tensor, handles: list) -> N
             handle.remove()
 
 
-def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
-    """The rectified output of the last convolutional block (SPEC §1.2), found by tracing one forward.
+@dataclass
+class Trace:
+    """What one forward of one image ran: every module call (not the model's own) in finishing order, with
+    its output's shape (or type name), and where each ``nn.MultiheadAttention`` call started. One trace
+    serves both ``default_cam_layer`` and ``cam_layout``."""
+
+    names: list[str] = field(default_factory=list)
+    outputs: list[tuple[int, ...] | str] = field(default_factory=list)
+    attention_starts: list[int] = field(default_factory=list)  # positions in ``names`` when each started
+
+    def spatial(self, i: int) -> bool:
+        """Is call i's output B×K×h×w with h·w > 1?"""
+        shape = self.outputs[i]
+        return isinstance(shape, tuple) and len(shape) == 4 and shape[-2] * shape[-1] > 1
+
+    def tokens(self, i: int) -> bool:
+        """Is call i's output a grid of tokens B×N×K (N = g², or g² + 1 with a class token)?"""
+        shape = self.outputs[i]
+        return isinstance(shape, tuple) and len(shape) == 3 and grid_side(shape[1]) is not None
+
+
+def trace_forward(model: nn.Module, example_input: Tensor) -> Trace:
+    """Every module call of one forward of ``example_input[:1]`` (no gradients, eval mode, hooks removed)."""
+    trace = Trace()
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            trace.names.append(name)
+            trace.outputs.append(tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__)
+        return hook
+
+    modules = {name: m for name, m in model.named_modules() if name}
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    handles += [m.register_forward_pre_hook(lambda *_: trace.attention_starts.append(len(trace.names)))
+                for m in modules.values() if isinstance(m, nn.MultiheadAttention)]
+    _traced_forward(model, example_input, handles)
+    return trace
+
+
+def default_cam_layer(model: nn.Module, example_input: Tensor, trace: Trace | None = None) -> str:
+    """The rectified output of the last convolutional block (SPEC §1.2), found by tracing one forward
+    (``trace``: one already taken of this model and input).
 
     Rule: take the last executed ``nn.Conv2d``; among the modules that contain it (not the model
     itself), the outermost whose output is B×K×h×w with h·w > 1 (torchvision ResNet ``layer4``,
@@ -75,69 +117,48 @@ def default_cam_layer(model: nn.Module, example_input: Tensor) -> str:
     block's ``ln_1``, pytorch-grad-cam's documented choice — after it only the class token reaches the
     classifier, so patch tokens get no gradient).
     """
-    modules = {name: m for name, m in model.named_modules() if name}
-    calls: list[tuple[str, bool]] = []  # (module name, output is B×K×h×w with h·w > 1), in finishing order
-    tokens: set[int] = set()  # positions in ``calls`` of outputs that are a grid of tokens
-    attention_starts: list[int] = []
-
-    def record(name: str):
-        def hook(_module, _inputs, output):
-            spatial = isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1
-            if isinstance(output, Tensor) and output.dim() == 3 and grid_side(output.shape[1]) is not None:
-                tokens.add(len(calls))
-            calls.append((name, spatial))
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
-    handles += [m.register_forward_pre_hook(lambda *_: attention_starts.append(len(calls)))
-                for m in modules.values() if isinstance(m, nn.MultiheadAttention)]
-    _traced_forward(model, example_input, handles)
-    feeding = [i for i in tokens if attention_starts and i < attention_starts[-1]]
+    trace = trace_forward(model, example_input) if trace is None else trace
+    modules = dict(model.named_modules())
+    calls = range(len(trace.names))
+    starts = trace.attention_starts
+    feeding = [i for i in calls if trace.tokens(i) and starts and i < starts[-1]]
     if feeding:
-        return calls[max(feeding)][0]
-    conv_calls = [i for i, (name, _) in enumerate(calls) if isinstance(modules[name], nn.Conv2d)]
+        return trace.names[max(feeding)]
+    conv_calls = [i for i in calls if isinstance(modules[trace.names[i]], nn.Conv2d)]
     if not conv_calls:
         raise ValueError("CAM methods need a convolutional layer, and the model runs no nn.Conv2d; "
                          "pass layer=<module name>")
     last = conv_calls[-1]
-    conv = calls[last][0]
-    last_call = {name: i for i, (name, spatial) in enumerate(calls) if spatial}
+    conv = trace.names[last]
+    last_call = {trace.names[i]: i for i in calls if trace.spatial(i)}
     parts = conv.split(".")
     for depth in range(1, len(parts)):
         ancestor = ".".join(parts[:depth])
         if last_call.get(ancestor, -1) > last:
             return ancestor
-    after = [name for name, spatial in calls[last + 1:] if spatial]
+    after = [trace.names[i] for i in calls[last + 1:] if trace.spatial(i)]
     return after[-1] if after else conv
 
 
-def cam_layout(model: nn.Module, example_input: Tensor, layer: str) -> str:
-    """The layout of ``layer``'s output (``LAYER_LAYOUTS``), from one traced forward: 3-D outputs whose
-    N is g² (+1) are tokens; a 4-D output is channels-first when its last two sizes fit in the input
-    (1×1 included) and its channels do not, channels-last when the reverse holds (h·w > 1); when both fit,
-    channels-last only if
-    the last module run inside the layer works on the last axis (LayerNorm, Linear). Anything else is
-    refused, naming the layer."""
-    module = dict(model.named_modules())[layer]
-    seen: dict[str, object] = {}
-
-    def leaf(child, _inputs, _output):
-        seen["last"] = child
-
-    def output(_module, _inputs, out):
-        seen["shape"] = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-
-    handles = [m.register_forward_hook(leaf) for m in module.modules() if not list(m.children())]
-    handles.append(module.register_forward_hook(output))
-    _traced_forward(model, example_input, handles)
-    shape, (height, width) = seen.get("shape"), example_input.shape[-2:]
+def cam_layout(model: nn.Module, example_input: Tensor, layer: str, trace: Trace | None = None) -> str:
+    """The layout of ``layer``'s output (``LAYER_LAYOUTS``), from one traced forward (``trace``: one already
+    taken): 3-D outputs whose N is g² (+1) are tokens; a 4-D output is channels-first when its last two
+    sizes fit in the input (1×1 included) and its channels do not, channels-last when the reverse holds
+    (h·w > 1); when both fit, channels-last only if the last module run inside the layer works on the last
+    axis (LayerNorm, Linear). Anything else is refused, naming the layer."""
+    trace = trace_forward(model, example_input) if trace is None else trace
+    modules = dict(model.named_modules())
+    leaves = {name for name, m in modules[layer].named_modules(prefix=layer) if not list(m.children())}
+    shape = next((trace.outputs[i] for i in reversed(range(len(trace.names))) if trace.names[i] == layer), None)
+    last = next((modules[name] for name in reversed(trace.names) if name in leaves), None)
+    height, width = example_input.shape[-2:]
     if isinstance(shape, tuple) and len(shape) == 3 and grid_side(shape[1]) is not None:
         return "tokens"
     if isinstance(shape, tuple) and len(shape) == 4:
         _, a, b, c = shape
         first = b <= height and c <= width
-        last = a * b > 1 and a <= height and b <= width
-        if last and (not first or isinstance(seen.get("last"), (nn.LayerNorm, nn.Linear))):
+        channels_last = a * b > 1 and a <= height and b <= width
+        if channels_last and (not first or isinstance(last, (nn.LayerNorm, nn.Linear))):
             return "channels_last"
         if first:
             return "channels_first"

@@ -494,6 +494,106 @@ def test_vmap_and_looped_backward_agree(small):
     assert len(batched.bias_terms) == len(looped.bias_terms) == 5  # conv1, bn1, conv2, bn2, conv3
 
 
+def _fullgrad_reductions():
+    from functools import partial
+
+    from saliency.methods.base import min_max
+    from saliency.methods.cam import _scaled_channel_sum, _sign_parts, min_max_per_layer
+
+    return {"sign parts": _sign_parts,
+            "abs, per layer": partial(_scaled_channel_sum, policy="abs", scale=min_max_per_layer),
+            "pos, per channel": partial(_scaled_channel_sum, policy="pos", scale=min_max)}
+
+
+def _assert_reduced_like_whole(whole, reduced, reductions, exact=True):
+    from saliency.passes import bias_term
+
+    assert reduced.bias_terms == []  # no layer's gradient is kept
+    for key, reduce in reductions.items():
+        expected = [reduce(bias_term(bias, grad)) for bias, grad in whole.bias_terms]
+        assert len(reduced.bias_reduced[key]) == len(expected) > 0, key
+        for got, want in zip(reduced.bias_reduced[key], expected):
+            for a, b in zip(got, want):
+                if exact:
+                    assert torch.equal(a, b), key
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bias_reductions_run_in_the_backward_and_equal_reducing_the_kept_gradients(monkeypatch):
+    """FullGrad's per-layer reductions run in tensor hooks as the looped backward produces each gradient, in
+    chunks of images: the same bits as reducing the whole kept gradients afterwards; the vmap path reduces
+    its kept gradients (to tolerance); recorded MPRT states (a prefix) give the same bits as whole passes."""
+    from saliency import passes
+    from saliency.passes import bias_term, evaluation, run_pass
+    from saliency.prefix import FrozenPrefix
+    from saliency.randomize import parameter_layers, states_in_place
+
+    monkeypatch.setattr(passes, "REDUCTION_CHUNK", 40_000)  # several chunks of the 16×32×32 terms
+    model, reductions = resnet18(), _fullgrad_reductions()
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8], [9, 0]])
+    with evaluation(model):
+        whole = run_pass(model, x, targets, layer="layer4", bias_layers=True)
+        assert len(whole.bias_terms) == 20  # resnet18's BatchNorms (its convolutions have no bias)
+        _assert_reduced_like_whole(whole, run_pass(model, x, targets, layer="layer4", bias_layers=True,
+                                                   bias_reductions=reductions), reductions)
+        _assert_reduced_like_whole(whole, run_pass(model, x, targets, layer="layer4", bias_layers=True,
+                                                   bias_reductions=reductions, batched=True), reductions, exact=False)
+    prefix = FrozenPrefix(model, x)
+    for _, k, state in states_in_place(model, parameter_layers(model, x[:1]), "cascade_top_down", [0, 5, 20], [0]):
+        whole = run_pass(state, x, targets, layer="layer4", bias_layers=True)
+        reduced = run_pass(state, x, targets, layer="layer4", bias_layers=True, bias_reductions=reductions,
+                           prefix=prefix)
+        _assert_reduced_like_whole(whole, reduced, reductions)
+    assert prefix.disabled is None
+
+
+class ConstantBranch(nn.Module):
+    """A BatchNorm on a learned constant: its output does not depend on x, so the backward from the logits
+    to x never reaches it, yet its bias term belongs to FullGrad's sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+        self.constant = nn.Parameter(torch.randn(1, 4, 8, 8))
+        self.bn.running_mean.normal_()
+        self.bn.bias.data.normal_()
+
+    def forward(self, x):
+        return self.head((self.conv(x) + self.bn(self.constant)).relu().mean(dim=(2, 3)))
+
+
+def test_a_bias_layer_off_the_inputs_path_is_reduced_too():
+    from saliency.passes import bias_term, evaluation, run_pass
+
+    model, reductions = ConstantBranch().eval(), _fullgrad_reductions()
+    x, targets = torch.randn(3, 3, 8, 8), torch.tensor([[0, 1], [1, 2], [2, 0]])
+    with evaluation(model):
+        whole = run_pass(model, x, targets, bias_layers=True)
+        reduced = run_pass(model, x, targets, bias_layers=True, bias_reductions=reductions)
+    assert len(whole.bias_terms) == 2  # the conv's bias and the constant branch's BatchNorm
+    for key, reduce in reductions.items():
+        assert len(reduced.bias_reduced[key]) == 2
+        for got, (bias, grad) in zip(reduced.bias_reduced[key], whole.bias_terms):
+            assert all(torch.equal(a, b) for a, b in zip(got, reduce(bias_term(bias, grad))))
+
+
+def test_explain_finds_the_cam_layer_and_its_layout_in_one_traced_forward():
+    model, calls = resnet18(), []
+    handle = model.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs[0].shape[0]))
+    try:
+        saliency.explain(model, torch.randn(4, 3, 32, 32), SHARED, torch.tensor([1, 2, 3, 4]))
+        assert calls == [1, 4]  # one image traced (layer and layout), then the batch's one forward
+        calls.clear()
+        saliency.explain(model, torch.randn(4, 3, 32, 32), SHARED, torch.tensor([1, 2, 3, 4]), layer="layer4",
+                         layer_layout="channels_first")
+        assert calls == [4]
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "alexnet"])
 def test_every_method_runs_on_torchvision_cnns(name):
     import torchvision

@@ -30,7 +30,8 @@ def test_explain_speed_prints_each_case_against_its_bound_or_peer():
     out = run_benchmark("explain_speed.py")
     lines = [line for line in out.splitlines() if RATIO.search(line)]
     names = [line.split(" ours ")[0].strip() for line in lines]
-    assert names == ["14 aggregation-family ids × 2 targets", "integrated_gradients(32)", "smoothgrad(16)",
+    assert names == ["14 aggregation-family ids × 2 targets", "the same, CAM layer given (features)",
+                     "integrated_gradients(32)", "smoothgrad(16)",
                      "fullgrad", "lrp_epsilon_plus_flat"], out
     assert all(line.endswith(("met", "MISSED")) for line in lines), out
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Hashable
 
 from torch import Tensor
 
@@ -32,7 +32,8 @@ class Method:
     """A saliency method: ``compute(ctx)`` returns B×T×C×H×W (input space) or B×T×H×W maps.
 
     ``needs_layer``/``needs_biases`` tell the engine what the shared pass must capture so that one
-    forward and one backward serve every method of the call. ``stochastic`` methods depend on the
+    forward and one backward serve every method of the call; a method that needs biases says, by
+    ``bias_reduction``, what it keeps of each bias term. ``stochastic`` methods depend on the
     ``seed`` (their retest level is two draws, SPEC §4). ``signed_counterpart`` names the method this
     one differs from only by keeping positive (or absolute) signal: the paper's paired comparison.
     """
@@ -53,6 +54,10 @@ class Method:
 
     def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
         raise NotImplementedError
+
+    def bias_reduction(self, options) -> tuple[Hashable, Callable[[Tensor], tuple[Tensor, ...]]]:
+        """(key, reduction) for ``saliency.passes.run_pass``'s ``bias_reductions``, where ``needs_biases``."""
+        raise NotImplementedError(f"{self.id} needs biases but says nothing of what it keeps of them")
 
 
 def min_max(maps: Tensor, eps: float = 1e-7) -> Tensor:

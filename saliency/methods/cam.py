@@ -6,6 +6,8 @@ keep only positive or absolute layer gradients. All variants read the same share
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -13,7 +15,7 @@ from torch import Tensor
 from saliency.choices import check_choice
 from saliency.methods.base import MAX_ABS_EPS, POLICIES, Method, apply_policy, min_max
 from saliency.checks import normalize_targets
-from saliency.passes import evaluation, run_pass
+from saliency.passes import bias_term, evaluation, run_pass
 from saliency.reshape import upsample
 
 GRADCAMPP_EPS = 1e-6
@@ -77,24 +79,35 @@ class FullGrad(Method):
     into mid-level offsets that make every map nearly constant). Biases are those of every Conv2d and
     BatchNorm2d (folded), read at call time.
 
-    Cost: as upsampling is linear, channels are summed first and the layers of one resolution are
-    summed before one upsampling per resolution. The four sign-preserving variants share one scan
-    of each term (``_sign_parts``): Σ_k φ(v) and max|φ(v)| of every φ follow from the channel sums of
-    v⁺ and v⁻ and from max v and min v, so adding variants costs almost nothing.
+    Cost: each layer's term is reduced to its channel sum (and what ψ needs) by the pass itself, as the
+    backward produces its gradient (``bias_reduction``), so no layer's B×T×K×h×w gradient is kept; as
+    upsampling is linear, the layers of one resolution are summed before one upsampling per resolution.
+    The four sign-preserving variants share one reduction (``_sign_parts``): Σ_k φ(v) and max|φ(v)| of
+    every φ follow from the channel sums of v⁺ and v⁻ and from max v and min v, so adding variants costs
+    almost nothing.
     """
 
     needs_biases: bool = True
     sign_preserving: bool = False
 
-    def compute(self, ctx) -> Tensor:
+    def bias_reduction(self, options) -> tuple[Hashable, Callable[[Tensor], tuple[Tensor, ...]]]:
+        """(key, reduction) of each term v = b ⊙ ∇_b y (B×T×K×h×w) for ``passes.run_pass``: what this
+        variant keeps of it (variants with the same key share it)."""
         if self.sign_preserving:
-            terms = [_policy_sum(parts, self.policy) for parts in ctx.derived("fullgrad_parts", _sign_parts)]
+            return "fullgrad_sign_parts", _sign_parts
+        scaling = options.fullgrad_scaling
+        return ("fullgrad", self.policy, scaling), partial(_scaled_channel_sum, policy=self.policy,
+                                                           scale=min_max if scaling == "channel" else min_max_per_layer)
+
+    def compute(self, ctx) -> Tensor:
+        p = ctx.shared_pass()
+        key, reduce = self.bias_reduction(ctx.options)
+        terms = [ctx.derived(("fullgrad input term", key), lambda c: reduce(c.x.unsqueeze(1) * p.input_grad))]
+        terms += p.bias_reduced[key]
+        if self.sign_preserving:
+            terms = [_policy_sum(parts, self.policy) for parts in terms]
         else:
-            p = ctx.shared_pass()
-            scale = min_max if ctx.options.fullgrad_scaling == "channel" else min_max_per_layer
-            terms = [scale(apply_policy(ctx.x.unsqueeze(1) * p.input_grad, self.policy)).sum(dim=2)]
-            terms += [scale(apply_policy(bias.view(1, 1, -1, 1, 1) * grad, self.policy)).sum(dim=2)
-                      for bias, grad in p.bias_terms]
+            terms = [channel_sum for (channel_sum,) in terms]
         by_size: dict[tuple[int, int], Tensor] = {}
         for term in terms:
             size = tuple(term.shape[-2:])
@@ -113,16 +126,16 @@ def min_max_per_layer(values: Tensor, eps: float = 1e-6) -> Tensor:
     return shifted / (eps + shifted.amax(dim=(-3, -2, -1), keepdim=True))
 
 
-def _sign_parts(ctx) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Per FullGrad term v (the input's x ⊙ ∇_x y, then each layer's b ⊙ ∇_b y), B×T×K×h×w: the channel
+def _scaled_channel_sum(values: Tensor, policy: str, scale) -> tuple[Tensor]:
+    """Σ_k ψ(v) of the published FullGrad: φ, then ``scale`` (min-max per layer or per channel)."""
+    return (scale(apply_policy(values, policy)).sum(dim=2),)
+
+
+def _sign_parts(values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of a FullGrad term v (the input's x ⊙ ∇_x y or a layer's b ⊙ ∇_b y), B×T×K×h×w: the channel
     sums of v⁺ = max(v, 0) and v⁻ = min(v, 0) (B×T×h×w) and max v, min v over K×h×w (B×T)."""
-    p = ctx.shared_pass()
-    values = [ctx.x.unsqueeze(1) * p.input_grad] + [bias.view(1, 1, -1, 1, 1) * grad for bias, grad in p.bias_terms]
-    parts = []
-    for v in values:
-        flat = v.flatten(2)
-        parts.append((v.clamp_min(0).sum(dim=2), v.clamp_max(0).sum(dim=2), flat.amax(dim=2), flat.amin(dim=2)))
-    return parts
+    flat = values.flatten(2)
+    return values.clamp_min(0).sum(dim=2), values.clamp_max(0).sum(dim=2), flat.amax(dim=2), flat.amin(dim=2)
 
 
 def _policy_sum(parts: tuple[Tensor, Tensor, Tensor, Tensor], policy: str) -> Tensor:
@@ -148,6 +161,5 @@ def fullgrad_completeness(model, x: Tensor, targets) -> tuple[Tensor, Tensor]:
         p = run_pass(model, x, t, bias_layers=True, linear_biases=True)
     total = (x.unsqueeze(1) * p.input_grad).flatten(2).sum(dim=2)
     for bias, grad in p.bias_terms:
-        shape = (1, 1, -1) + (1,) * (grad.dim() - 3)
-        total = total + (bias.view(shape) * grad).flatten(2).sum(dim=2)
+        total = total + bias_term(bias, grad).flatten(2).sum(dim=2)
     return p.logits.gather(1, t), total

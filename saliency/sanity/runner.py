@@ -10,10 +10,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from saliency.engine import cam_layer, explain
+from saliency.engine import cam_layer_and_layout, explain
 from saliency.methods import get_method
 from saliency.checks import check_input
-from saliency.layers import cam_layout
 from saliency.passes import forward_logits
 from saliency.prefix import FrozenPrefix, PerturbedPrefixes, record_budget
 from saliency.sanity.base import ORIGINAL, Block, Rows, SanityTest, Settings, as_2d, chance_partners, paired, retest_seed
@@ -70,10 +69,10 @@ class SanityRun:
         self.partners = chance_partners(self.image_ids, settings.chance_partners, settings.seed)
         self.explain_kwargs = {"seed": settings.seed, **settings.explain_kwargs}
         check_input(model, x)
-        self.layer = cam_layer(model, x, self.methods, settings.layer)
-        if (self.layer is not None and self.explain_kwargs.get("layer_layout") is None
-                and any(get_method(m).needs_layer for m in self.methods)):
-            self.explain_kwargs["layer_layout"] = cam_layout(model, x, self.layer)  # once per batch, not per call
+        self.layer, layout = cam_layer_and_layout(model, x, self.methods, settings.layer,
+                                                  self.explain_kwargs.get("layer_layout"))
+        if layout is not None:
+            self.explain_kwargs["layer_layout"] = layout  # once per batch, not per call
         self.logits: Tensor | None = None
         self.top: Tensor | None = None
         self.original: dict[str, Tensor] = {}
