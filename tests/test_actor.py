@@ -78,6 +78,7 @@ def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
     from torch import nn
 
     import saliency.engine
+    import saliency.layers
     import saliency.sanity.mprt
     import saliency.sanity.runner
     from saliency.data import load_dataset
@@ -93,8 +94,8 @@ def test_a_batch_reuses_what_the_planner_decided(monkeypatch):
     plain = ShardWorker(cfg.model_dump(mode="json"), run_id="t", model=model).run(Shard(0, 0, 4))
 
     counts = {"traces": 0, "deep copies": 0, "no-grad forwards": 0}
-    for where, name in [(saliency.engine, "default_cam_layer"), (saliency.engine, "cam_layout"),
-                        (saliency.sanity.runner, "cam_layout"), (saliency.sanity.mprt, "parameter_layers")]:
+    for where, name in [(saliency.engine, "trace_forward"), (saliency.layers, "trace_forward"),
+                        (saliency.sanity.mprt, "parameter_layers")]:  # every CAM-layer or layout trace
         def traced(*args, real=getattr(where, name), **kwargs):
             counts["traces"] += 1
             return real(*args, **kwargs)
