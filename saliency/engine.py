@@ -7,7 +7,7 @@ gradient, input×gradient and every CAM variant share one forward and one backwa
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,7 @@ class Context:
         self.perturbed = perturbed
         self._needs_layer, self._bias_reductions = needs_layer, bias_reductions
         self._passes: dict[tuple, Pass] = {}
-        self._derived: dict[str, object] = {}
+        self._derived: dict[Hashable, object] = {}
 
     @property
     def size(self) -> tuple[int, int]:
@@ -101,7 +101,7 @@ class Context:
                 positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
 
-    def derived(self, key: str, compute):
+    def derived(self, key: Hashable, compute):
         """``compute(self)``, once per call: intermediate results that several method ids share
         (GradCAM++'s α, FullGrad's per-layer sums), so each extra variant costs only its own last step."""
         if key not in self._derived:

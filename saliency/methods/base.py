@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import TYPE_CHECKING, Hashable
 
 from torch import Tensor
 
@@ -10,6 +10,7 @@ from saliency.choices import choice_error
 
 if TYPE_CHECKING:
     from saliency.engine import Context
+    from saliency.passes import BiasReduction
 
 POLICIES = ("signed", "pos", "abs", "neg")
 
@@ -55,7 +56,7 @@ class Method:
     def compute(self, ctx: "Context") -> Tensor:  # pragma: no cover - every method overrides it
         raise NotImplementedError
 
-    def bias_reduction(self, options) -> tuple[Hashable, Callable[[Tensor], tuple[Tensor, ...]]]:
+    def bias_reduction(self, options) -> tuple[Hashable, "BiasReduction"]:
         """(key, reduction) for ``saliency.passes.run_pass``'s ``bias_reductions``, where ``needs_biases``."""
         raise NotImplementedError(f"{self.id} needs biases but says nothing of what it keeps of them")
 

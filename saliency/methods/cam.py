@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Hashable
+from typing import Hashable
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from torch import Tensor
 from saliency.choices import check_choice
 from saliency.methods.base import MAX_ABS_EPS, POLICIES, Method, apply_policy, min_max
 from saliency.checks import normalize_targets
-from saliency.passes import bias_term, evaluation, run_pass
+from saliency.passes import BiasReduction, bias_term, evaluation, run_pass
 from saliency.reshape import upsample
 
 GRADCAMPP_EPS = 1e-6
@@ -90,7 +90,7 @@ class FullGrad(Method):
     needs_biases: bool = True
     sign_preserving: bool = False
 
-    def bias_reduction(self, options) -> tuple[Hashable, Callable[[Tensor], tuple[Tensor, ...]]]:
+    def bias_reduction(self, options) -> tuple[Hashable, BiasReduction]:
         """(key, reduction) of each term v = b ⊙ ∇_b y (B×T×K×h×w) for ``passes.run_pass``: what this
         variant keeps of it (variants with the same key share it)."""
         if self.sign_preserving:
