@@ -8,7 +8,7 @@ resnet18 (random init, no downloads). Every case times ours and its reference in
 
 - the 14 aggregation-family ids (gradient, input×gradient, GradCAM/GradCAM++/FullGrad × 4 policies) for
   2 targets in one call, against the bound of one forward and 2 backward passes (target ≤ 1.3×): as a
-  library user calls it (explain finds the CAM layer and its layout by a one-image traced forward) and as
+  library user calls it (explain finds the CAM layer and its layout in the pass's own forward) and as
   the pipeline does (the planner's layer and layout given);
 - FullGrad against pytorch-grad-cam's FullGrad (target ≥ 15× faster);
 - integrated gradients (32 steps) and SmoothGrad (16 samples) against steps × one forward+backward of the

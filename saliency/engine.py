@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from saliency.checks import check_input, normalize_targets
-from saliency.layers import Trace, cam_layout, check_layer, default_cam_layer, other_activations, trace_forward
+from saliency.layers import (FindingTrace, Trace, cam_layout, check_layer, default_cam_layer, other_activations,
+                             trace_forward)
 from saliency.methods import get_method
 from saliency.options import PROPAGATION_POLICIES, Options, make_options, signature_with_options
 from saliency.passes import Pass, ReLURule, chunk_images, evaluation, forward_logits, run_pass
@@ -76,6 +77,7 @@ class Context:
     def __init__(self, model: nn.Module, x: Tensor, targets: Tensor, options: Options,
                  needs_layer: bool, bias_reductions: dict, prefix: FrozenPrefix | None = None,
                  perturbed: PerturbedPrefixes | None = None):
+        """``needs_layer`` with ``options.layer`` None: the shared pass finds the layer in its own forward."""
         self.model, self.x, self.targets, self.options, self.prefix = model, x, targets, options, prefix
         self.perturbed = perturbed
         self._needs_layer, self._bias_reductions = needs_layer, bias_reductions
@@ -94,9 +96,12 @@ class Context:
         """The plain-gradient pass that serves gradient, input×gradient and every CAM variant."""
         key = ("shared",)
         if key not in self._passes:
+            find = self._needs_layer and self.options.layer is None
             self._passes[key] = run_pass(
                 self.model, self.x, self.targets,
-                layer=self.options.layer if self._needs_layer else None, layout=self.options.layer_layout,
+                layer=self.options.layer if self._needs_layer else None,
+                layout=self.options.layer_layout or "channels_first",
+                find_layer=FindingTrace(self.options.layer_layout) if find else None,
                 bias_layers=bool(self._bias_reductions), bias_reductions=self._bias_reductions or None,
                 positive=self.positive_propagation, prefix=self.prefix)
         return self._passes[key]
@@ -162,12 +167,14 @@ def explain(model: nn.Module, x: Tensor, methods: str | Sequence[str], targets=N
     check_input(model, x)
     check_relu_rules(model, x, method_ids, checked.propagation)
     needs_layer = any(m.needs_layer for m in resolved)
-    layer, layer_layout = cam_layer_and_layout(model, x, method_ids, layer, checked.layer_layout)
+    layer_layout = checked.layer_layout
+    if layer is not None or prefix is not None:  # else the shared pass finds the layer in its own forward
+        layer, layer_layout = cam_layer_and_layout(model, x, method_ids, layer, layer_layout)
     with evaluation(model):
         if targets is None:
             targets = forward_logits(model, x).argmax(dim=1)
         target_matrix = normalize_targets(targets, x.shape[0], x.device)
-        checked = replace(checked, layer=layer, layer_layout=layer_layout or "channels_first")
+        checked = replace(checked, layer=layer, layer_layout=layer_layout)
         reductions = dict(m.bias_reduction(checked) for m in resolved if m.needs_biases)
         ctx = Context(model, x, target_matrix, checked, needs_layer, reductions, prefix, perturbed)
         for method in resolved:

@@ -101,6 +101,19 @@ class Pass:
     layer_grad: Tensor | None = None     # B×T×K×h×w
     bias_terms: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (bias K, grad B×T×K×h×w)
     bias_reduced: dict[Hashable, list[tuple[Tensor, ...]]] = field(default_factory=dict)  # key → per layer call
+    layer: str | None = None             # the CAM layer, and how its output is laid out
+    layout: str | None = None
+
+
+class LayerFinder(Protocol):
+    """Finds the CAM layer in a pass's own forward (``saliency.layers.FindingTrace``): ``attach`` hooks the
+    model (the pass removes the handles); after the forward, ``found`` says the layer, its layout, and its
+    output in this forward (None where that output cannot be differentiated: the pass then runs again with
+    the layer named)."""
+
+    def attach(self, model: nn.Module) -> list: ...
+
+    def found(self, model: nn.Module, x: Tensor) -> tuple[str, str, Tensor | None]: ...
 
 
 #: What a method keeps of each bias term b ⊙ ∇_b y (B×T×K×h×w): a few tensors B×T×… per term. A function of
@@ -162,8 +175,8 @@ def _batched_grad(outputs: Tensor, inputs: list[Tensor], keep_graph: bool = Fals
 def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None = None,
              bias_layers: bool = False, linear_biases: bool = False, rule: ReLURule = GRADIENT,
              positive: bool = False, batched: bool | None = None, prefix: FrozenPrefix | None = None,
-             layout: str = "channels_first", bias_reductions: Mapping[Hashable, BiasReduction] | None = None
-             ) -> Pass:
+             layout: str = "channels_first", bias_reductions: Mapping[Hashable, BiasReduction] | None = None,
+             find_layer: LayerFinder | None = None) -> Pass:
     """One forward and one backward for all targets, capturing what the methods asked for.
 
     ``targets`` is B×T. ``rule``/``positive`` set the ReLU backward (SPEC §1.3). ``layout``: how the CAM
@@ -174,14 +187,24 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
     that finish before the first call of a module changed from the prefix's model are taken from its
     recorded forward instead of run (``saliency.prefix``); the result is the same. A forward that does
     not run as the recorded one did switches the prefix off (logged) and the pass is run whole.
+    ``find_layer`` (instead of ``layer``, without ``prefix``): the CAM layer and its layout are found in this
+    pass's own forward, and said in the result's ``layer`` and ``layout``.
 
     The bias layers' terms b ⊙ ∇_b y come back whole as ``bias_terms``, or, with ``bias_reductions``, only
     what each reduction keeps of them, as ``bias_reduced[key]`` (one tuple per layer call): on the looped
     backward the reductions run in tensor hooks as each gradient is produced, in chunks of images, so no
     layer's gradient outlives its step of the backward (FullGrad's memory and time: issue 21).
     """
-    options = {"layer": layer, "bias_layers": bias_layers, "linear_biases": linear_biases, "rule": rule,
-               "positive": positive, "batched": batched, "layout": layout, "bias_reductions": bias_reductions}
+    options = {"bias_layers": bias_layers, "linear_biases": linear_biases, "rule": rule,
+               "positive": positive, "batched": batched, "bias_reductions": bias_reductions}
+    if find_layer is not None:
+        if layer is not None or prefix is not None:
+            raise ValueError("find_layer finds the layer in the pass's own forward: give it without layer and prefix")
+        try:
+            return _run_pass(model, x, targets, prefix=None, layer=None, layout=layout, finder=find_layer, **options)
+        except _ChangedInPlace as changed:  # its output was overwritten after the call: capture a copy instead
+            layer, layout = changed.layer, changed.layout
+    options.update(layer=layer, layout=layout, finder=None)
     if prefix is not None:
         try:
             return _run_pass(model, x, targets, prefix=prefix, **options)
@@ -190,10 +213,19 @@ def run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None 
     return _run_pass(model, x, targets, prefix=None, **options)
 
 
+class _ChangedInPlace(Exception):
+    """The found layer's output was changed in place after its call (its gradient would be that of the
+    changed tensor)."""
+
+    def __init__(self, layer: str, layout: str):
+        super().__init__(layer)
+        self.layer, self.layout = layer, layout
+
+
 def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None, bias_layers: bool,
               linear_biases: bool, rule: ReLURule, positive: bool, batched: bool | None,
               prefix: FrozenPrefix | None, layout: str,
-              bias_reductions: Mapping[Hashable, BiasReduction] | None) -> Pass:
+              bias_reductions: Mapping[Hashable, BiasReduction] | None, finder: LayerFinder | None) -> Pass:
     if batched is None:
         batched = x.device.type != "cpu" and rule == GRADIENT and not positive
     captured: dict[str, Tensor] = {}
@@ -201,7 +233,7 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
     handles = []
     kinds = (BIAS_LAYER_TYPES if bias_layers else ()) + ((nn.Linear,) if linear_biases else ())
     # plain input gradients need no routing: the model's own (in-place) ReLUs are faster
-    plain = rule == GRADIENT and not positive and layer is None and not kinds
+    plain = rule == GRADIENT and not positive and layer is None and finder is None and not kinds
     routing = (lambda: contextlib.nullcontext()) if plain else (lambda: ReLURouting(rule, positive))
 
     def forward(model: nn.Module, x: Tensor) -> Tensor:  # as this pass runs it; recorded by the prefix
@@ -229,6 +261,8 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
     try:
         if layer is not None:
             handles.append(dict(model.named_modules())[layer].register_forward_hook(capture_layer))
+        if finder is not None:
+            handles += finder.attach(model)
         if kinds:
             for name, module in model.named_modules():
                 if isinstance(module, kinds):
@@ -251,6 +285,11 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
             check_calls(reuse, calls)
             if reuse is not None and reuse.layer_output is not None:  # the CAM layer was answered
                 captured["act"] = reuse.layer_output
+            if finder is not None:
+                layer, layout, act = finder.found(model, x)
+                if act is None:
+                    raise _ChangedInPlace(layer, layout)
+                captured["act"] = act
             check_logits(logits)
             check_targets(targets, logits.shape[1], x.shape[0])
             selected = logits.gather(1, targets)
@@ -273,7 +312,7 @@ def _run_pass(model: nn.Module, x: Tensor, targets: Tensor, *, layer: str | None
     finally:
         for handle in handles:
             handle.remove()
-    result = Pass(logits=logits.detach(), input_grad=grads[0])
+    result = Pass(logits=logits.detach(), input_grad=grads[0], layer=layer, layout=layout if layer else None)
     rest = grads[1:]
     if layer is not None:
         result.layer_act = as_channels_first(captured["act"].detach(), layout)

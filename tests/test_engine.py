@@ -580,18 +580,103 @@ def test_a_bias_layer_off_the_inputs_path_is_reduced_too():
             assert all(torch.equal(a, b) for a, b in zip(got, reduce(bias_term(bias, grad))))
 
 
-def test_explain_finds_the_cam_layer_and_its_layout_in_one_traced_forward():
+def test_explain_finds_the_cam_layer_and_its_layout_in_the_batchs_own_forward():
+    from saliency.engine import cam_layer_and_layout
+
     model, calls = resnet18(), []
     handle = model.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs[0].shape[0]))
     try:
-        saliency.explain(model, torch.randn(4, 3, 32, 32), SHARED, torch.tensor([1, 2, 3, 4]))
-        assert calls == [1, 4]  # one image traced (layer and layout), then the batch's one forward
+        x, targets = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+        found = saliency.explain(model, x, SHARED, targets)
+        assert calls == [4]  # no trace of its own: the batch's one forward finds the layer (issue 21)
         calls.clear()
-        saliency.explain(model, torch.randn(4, 3, 32, 32), SHARED, torch.tensor([1, 2, 3, 4]), layer="layer4",
-                         layer_layout="channels_first")
+        layer, layout = cam_layer_and_layout(model, x, SHARED)
+        assert (layer, layout) == ("layer4.1.conv2", "channels_first")  # at 32² every block of layer4 is 1×1
+        calls.clear()
+        given = saliency.explain(model, x, SHARED, targets, layer=layer, layer_layout=layout)
         assert calls == [4]
+        calls.clear()
+        saliency.explain(model, x, SHARED, targets, layer=layer)
+        assert calls == [1, 4]  # the layout of a given layer: one image traced
     finally:
         handle.remove()
+    for method_id in SHARED:
+        assert torch.equal(found[method_id], given[method_id]), method_id
+
+
+def _torchvision_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    torch.manual_seed(0)
+    if name == "vit":
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                     hidden_dim=16, mlp_dim=16, num_classes=7)
+        return model.eval(), torch.randn(2, 3, 32, 32)
+    return getattr(torchvision.models, name)(num_classes=7).eval(), torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "mobilenet_v3_small", "densenet121", "convnext_tiny", "vit"])
+def test_the_layer_found_in_the_pass_is_the_traced_one_and_its_maps_equal_the_given_layers(name):
+    """The layer found in the pass's own forward (the batch, with gradients) is the one a one-image trace
+    finds, with the same layout, and every CAM map is bit-identical to the layer given."""
+    from saliency.engine import cam_layer_and_layout
+    from saliency.layers import FindingTrace
+    from saliency.passes import evaluation, run_pass
+
+    model, x = _torchvision_model(name)
+    snapshot = state_snapshot(model)
+    methods = [m for m in SHARED if not (name == "vit" and m.startswith("fullgrad"))]
+    targets = torch.tensor([[1, 2], [3, 4]])
+    layer, layout = cam_layer_and_layout(model, x, methods)
+    with evaluation(model):
+        p = run_pass(model, x, targets, find_layer=FindingTrace())
+    assert (p.layer, p.layout) == (layer, layout)
+    found = saliency.explain(model, x, methods, targets)
+    given = saliency.explain(model, x, methods, targets, layer=layer, layer_layout=layout)
+    for method_id in methods:
+        assert torch.equal(found[method_id], given[method_id]), method_id
+    assert_model_untouched(model, snapshot)
+
+
+class ScaledInPlace(nn.Module):
+    """A conv whose output is changed in place after its call: its gradient must be taken before that."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.mul_(2.0)
+        return self.head(y.amax(dim=(2, 3)))
+
+
+def test_a_found_layer_changed_in_place_is_captured_by_a_second_pass():
+    model, calls = ScaledInPlace().eval(), []
+    x, targets = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    handle = model.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs[0].shape[0]))
+    try:
+        found = saliency.explain(model, x, ["gradcam/signed", "gradcampp/abs"], targets)
+        assert calls == [3, 3]  # the found layer's output was overwritten: the pass runs again, layer named
+    finally:
+        handle.remove()
+    given = saliency.explain(model, x, ["gradcam/signed", "gradcampp/abs"], targets, layer="conv",
+                             layer_layout="channels_first")
+    for method_id, m in found.items():
+        assert torch.equal(m, given[method_id]) and m.abs().sum() > 0, method_id
+    with torch.no_grad():  # the gradient is that of the conv's own output: twice the scaled one's
+        act = model.conv(x)
+    grad = torch.autograd.functional.jacobian(lambda a: model.head((2 * a).amax(dim=(2, 3)))[:, 0].sum(), act)
+    expected = (grad[0].mean(dim=(-2, -1))[:, None, None] * act[0]).sum(0)
+    assert torch.allclose(found["gradcam/signed"][0, 0], expected, atol=1e-6)
+
+
+def test_a_model_without_a_convolution_is_refused_when_the_pass_looks_for_its_layer():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    with pytest.raises(ValueError, match="CAM methods need a convolutional layer, and the model runs no nn.Conv2d"):
+        saliency.explain(model, torch.randn(2, 3, 2, 2), ["gradient", "gradcam"], torch.tensor([0, 1]))
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("name", ["resnet50", "vgg16_bn", "alexnet"])
