@@ -83,8 +83,11 @@ def ray_local():
 def mlflow_sqlite(tmp_path):
     import mlflow
 
+    from tasks.tracking import ensure_sqlite_store
+
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ensure_sqlite_store(uri)  # a copy of the cached empty store, as the pipeline makes its stores
     mlflow.set_tracking_uri(uri)  # also sets $MLFLOW_TRACKING_URI: restored below
     mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("t")

@@ -111,22 +111,50 @@ db_utils._initialize_tables = killed_midway
 ensure_sqlite_store(sys.argv[1])
 """
 
+HALF_COPIED_STORE = """
+import os
+import shutil
+import sys
+from tasks.tracking import ensure_sqlite_store
 
-def test_a_store_killed_while_being_created_does_not_break_the_next_run(tmp_path):
+def killed_midway(source, target):  # half the empty store copied, then the process dies
+    with open(source, "rb") as whole, open(target, "wb") as part:
+        part.write(whole.read()[:4096])
+    os._exit(9)
+
+shutil.copyfile = killed_midway
+ensure_sqlite_store(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("killed", ["the empty store", "the copy"])
+def test_a_store_killed_while_being_created_does_not_break_the_next_run(tmp_path, monkeypatch, killed):
+    """Killed while MLflow's migrations make the cached empty store (a new machine's first run), or while
+    that store is copied into place: neither a half-made store nor a half-made copy is left to be used."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import ensure_sqlite_store
+    from tasks.tracking import empty_sqlite_store, ensure_sqlite_store
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    killed = subprocess.run([sys.executable, "-c", HALF_MADE_STORE, uri], cwd=ROOT, capture_output=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
-    assert not (tmp_path / "mlflow.db").exists()  # the half-made schema stayed in its temporary file
-    stale = [path.name for path in tmp_path.iterdir()]
-    assert len(stale) == 1 and stale[0].startswith(".mlflow.db.") and stale[0].endswith(".tmp")
+    cache, store = tmp_path / "cache", tmp_path / "runs"
+    monkeypatch.setenv("SALIENCY_SANITY_CACHE", str(cache))
+    if killed == "the copy":
+        empty_sqlite_store()
+    uri = f"sqlite:///{store}/mlflow.db"
+    code = HALF_MADE_STORE if killed == "the empty store" else HALF_COPIED_STORE
+    done = subprocess.run([sys.executable, "-c", code, uri], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 9, done.stderr.decode()[-2000:]
+    # the half-made schema or copy stayed in its temporary file: no store, and no empty store, to be used
+    [stale] = (cache if killed == "the empty store" else store).iterdir()
+    assert stale.name.startswith(".mlflow") and stale.name.endswith(".tmp")
+    if killed == "the empty store":
+        assert not store.exists()
+    else:
+        assert [path.name for path in cache.iterdir()] == [empty_sqlite_store().name]
 
     ensure_sqlite_store(uri)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["mlflow.db"]  # the dead creator's file is gone
+    assert sorted(path.name for path in store.iterdir()) == ["mlflow.db"]  # the dead creator's file is gone
+    assert not list(cache.glob("*.tmp"))
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri()))
     client.log_metric(run.info.run_id, "m", 1.0, step=2)

@@ -39,7 +39,10 @@ def _answers(url: str) -> bool:
 def test_the_printed_mlflow_ui_command_works_without_the_venv_on_path(tmp_path):
     """Run the command exactly as printed (only the port changed, to a free one) with a PATH that does not
     contain the virtual environment: the UI must answer (it failed with `mlflow: command not found`)."""
+    from tasks.tracking import ensure_sqlite_store
+
     port = _free_port()
+    ensure_sqlite_store(f"sqlite:///{tmp_path}/mlflow.db")  # the command is printed for a run's store
     command = ui_command(f"sqlite:///{tmp_path}/mlflow.db", port=port)
     assert command == ui_command(f"sqlite:///{tmp_path}/mlflow.db").replace("--port 5000", f"--port {port}")
     clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path))}
