@@ -73,22 +73,27 @@ def run(config: ConfigArg = None, out: OutOption = None, set_: SetOption = None,
     --out resumes an interrupted run (refused if the code or libraries changed, unless --allow-code-change).
     Ends with the answer: the methods that fail per test and scope, and the controls."""
     overrides = list(set_ or [])
-    cfg = _validated(config, overrides)
     _quiet_prefect(verbose)
-    from flows.sanity_check import sanity_check
-
-    progress = progress and not json_
-    if not json_:
-        console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
-                      f"{len(cfg.methods.ids)} methods")
-    if not verbose:
-        _hide_prefect_errors()
-    from flows.services import EXIT_INTERRUPTED, RunInterrupted, prefect_api, protect_run, stop_on_signals
+    from flows.services import (EXIT_INTERRUPTED, RunInterrupted, prefect_api, prefect_server, protect_run,
+                                stop_on_signals)
 
     protect_run()
     try:
-        with stop_on_signals(on_force=_say_interrupted), prefect_api():
-            outcome = sanity_check(config=cfg, out=out, progress=progress, allow_code_change=allow_code_change)
+        # the temporary Prefect server boots while the config is checked and the flow's modules load
+        with stop_on_signals(on_force=_say_interrupted), prefect_server() as server:
+            cfg = _validated(config, overrides)
+            from flows.sanity_check import sanity_check
+
+            progress = progress and not json_
+            if not json_:
+                console.print(f"run [bold]{cfg.run_name()}[/bold]: {cfg.model.name} on {cfg.data.dataset}, "
+                              f"{len(cfg.methods.ids)} methods")
+            if not verbose:
+                _hide_prefect_errors()
+            with prefect_api(server):
+                outcome = sanity_check(config=cfg, out=out, progress=progress, allow_code_change=allow_code_change)
+    except typer.Exit:  # a config error, said already
+        raise
     except RunInterrupted:
         _say_interrupted()
         os._exit(EXIT_INTERRUPTED)  # the actors, Ray and the Prefect server are stopped by now; threads still

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -180,34 +181,63 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass
+class TemporaryServer:
+    process: subprocess.Popen
+    url: str  # its API
+
+
 @contextmanager
-def prefect_api() -> Iterator[None]:
-    """$PREFECT_API_URL when set; else a temporary Prefect server like Prefect's own ephemeral one, but
-    in its own session and dying with this process."""
-    import httpx
+def prefect_server() -> Iterator[TemporaryServer | None]:
+    """A temporary Prefect server like Prefect's own ephemeral one, but in its own session and dying with
+    this process, started now and not waited for (it boots in about 6 s here, while the caller checks the
+    config and imports the flow: ``prefect_api`` waits); None when $PREFECT_API_URL is set. Stopped at exit."""
     import prefect
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                                  get_current_settings, temporary_settings)
+    from prefect.settings import PREFECT_API_URL, get_current_settings
 
     if PREFECT_API_URL.value():
-        yield
+        yield None
         return
     port = _free_port()
-    server = subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
          "error", "--lifespan", "on"],
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
              **get_current_settings().to_environment_variables(exclude_unset=True)},
         start_new_session=True, preexec_fn=_die_with_parent(os.getpid()) if _LINUX else None)
-    url = f"http://127.0.0.1:{port}/api"
     try:
+        yield TemporaryServer(process, f"http://127.0.0.1:{port}/api")
+    finally:
+        if process.poll() is None:
+            send_queued_logs()  # while the server still answers: at exit Prefect would send them to a closed port
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def prefect_api(server: TemporaryServer | None = None) -> Iterator[None]:
+    """$PREFECT_API_URL when set; else ``server`` (from ``prefect_server``), or one started here, once it
+    answers."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with ExitStack() as stack:
+        if server is None:
+            server = stack.enter_context(prefect_server())
         deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {server.returncode}")
+            if server.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {server.process.returncode}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -215,16 +245,8 @@ def prefect_api() -> Iterator[None]:
                 raise RuntimeError(f"the temporary Prefect server did not start within "
                                    f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
             time.sleep(0.1)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
             yield
-    finally:
-        send_queued_logs()  # while the server still answers: at exit Prefect would send them to a closed port
-        server.terminate()
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def send_queued_logs(timeout: float = 5.0) -> None:
