@@ -24,6 +24,7 @@ from tasks.allocator import keep_freed_memory
 from tasks.config import Config, ConfigError
 from tasks.manifest import Manifest
 from tasks.pieces import MPRT, mprt_tests, piece_settings
+from tasks.progress import ProgressBoard
 from tasks.shards import Shard, example_input, inapplicable_tests, load_data
 from tasks.storage import FAILURE_SCHEMA, RunDir, maps_schema, tensor_column
 from tasks.write import write_shard
@@ -274,29 +275,6 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-
-
-class ProgressBoard:
-    """How many images of each shard (or piece of a shard) the actors have explained (a Ray actor), told
-    after every explain call of a batch as a fraction of its images.
-
-    The driver reads the total whenever it likes: a report is a number, not a message to consume, so a slow
-    driver misses nothing and the actors never wait. A shard's count only grows (a retried shard
-    recomputes images it had already counted)."""
-
-    def __init__(self) -> None:
-        self.done: dict[int | tuple[int, int], float] = {}
-        self.reports: list[tuple[int | tuple[int, int], float]] = []  # (shard, images), in arrival order
-
-    def report(self, shard: int | tuple[int, int], images: float) -> None:
-        self.reports.append((shard, images))
-        self.done[shard] = max(images, self.done.get(shard, 0))
-
-    def images(self) -> float:
-        return sum(self.done.values())
-
-    def history(self) -> list[tuple[int | tuple[int, int], float]]:
-        return list(self.reports)
 
 
 class PoolClosed(RuntimeError):

@@ -93,3 +93,16 @@ def test_the_report_modules_depend_one_way():
            for line, module, _ in imports_of(ROOT / "tasks" / f"{name}.py")
            if module in names and module.split(".")[1] not in ok]
     assert not bad, bad
+
+
+def test_the_progress_board_loads_nothing_but_itself():
+    """The progress board is a Ray actor of its own: its worker process must not import torch, the library
+    or Prefect for a dictionary (it did from tasks.actor: about 4 s of CPU and 300 MB per run)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "numpy", "pyarrow", "saliency", "prefect", "ray", "tasks.actor")
+    code = f"import sys, tasks.progress; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -203,7 +203,7 @@ def test_the_speed_column_says_seconds_per_image_below_a_tenth_of_an_image_per_s
 def test_the_progress_board_keeps_each_shards_furthest_count_whatever_the_order():
     """Reports are counts, not messages to consume: a driver that reads late sees the latest total, and a
     retried shard (counting from 0 again) does not move the bar back."""
-    from tasks.actor import ProgressBoard
+    from tasks.progress import ProgressBoard
 
     board = ProgressBoard()
     for shard, images in [(1, 50), (0, 50), (1, 100), (0, 100), (2, 50), (2, 20), (3, 0)]:
