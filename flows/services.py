@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -220,33 +220,30 @@ def prefect_server() -> Iterator[TemporaryServer | None]:
 
 
 @contextmanager
-def prefect_api(server: TemporaryServer | None = None) -> Iterator[None]:
-    """$PREFECT_API_URL when set; else ``server`` (from ``prefect_server``), or one started here, once it
-    answers."""
+def prefect_api(server: TemporaryServer | None) -> Iterator[None]:
+    """The Prefect API for the flow: $PREFECT_API_URL (``server`` None, as ``prefect_server`` gives then), else
+    ``server`` once it answers."""
     import httpx
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    if PREFECT_API_URL.value():
+    if server is None:
         yield
         return
-    with ExitStack() as stack:
-        if server is None:
-            server = stack.enter_context(prefect_server())
-        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        while True:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {server.process.returncode}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the temporary Prefect server did not start within "
-                                   f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
-            time.sleep(0.1)
-        with temporary_settings(updates={PREFECT_API_URL: server.url}):
-            yield
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with code {server.process.returncode}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the temporary Prefect server did not start within "
+                               f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
+        time.sleep(0.1)
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        yield
 
 
 def send_queued_logs(timeout: float = 5.0) -> None:
