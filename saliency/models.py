@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,9 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torchvision.models
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from saliency.choices import check_choice
 from saliency.cifar import CIFAR_RESNET20, load_cifar_resnet20
@@ -92,51 +91,33 @@ def reference_cnn() -> nn.Module:
     return ReferenceCNN()
 
 
-class ReferenceResNet(torchvision.models.ResNet):
-    """A small torchvision ResNet for 1×28×28 digits: stem conv3x3-bn-relu (no max-pool), three stages
-    of torchvision ``BasicBlock``s at 28², 14² and 7² (the first block of a stage strides by 2 and
-    projects the shortcut with conv1x1-bn), global average pooling and ``fc``.
-
-    It is a ``torchvision.models.ResNet`` with torchvision's attribute names (``conv1, bn1, relu,
-    layer1..layer3, avgpool, fc``) and blocks built by ResNet's own ``_make_layer``, so code that
-    recognises ResNets (zennit's ResNetCanonizer, block-wise randomisation) treats it as one. As in
-    torchvision, ReLUs are in-place and each block reuses its ReLU module twice. There is no
-    ``maxpool`` or ``layer4``: ``forward`` is this class's own.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10,
-                 widths: tuple[int, ...] = (16, 32, 64), blocks: tuple[int, ...] = (1, 1, 1)) -> None:
-        if len(widths) != 3 or len(blocks) != 3:
-            raise ValueError(f"ReferenceResNet has three stages, got widths={widths}, blocks={blocks}")
-        # ResNet.__init__ would build the ImageNet stem and four 64–512-channel stages; set the state
-        # that ResNet._make_layer reads instead and build the small network with it.
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
-        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
-        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[2] * BasicBlock.expansion, num_classes)
-        for module in self.modules():  # torchvision's initialisation
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.constant_(module.weight, 1)
-                nn.init.constant_(module.bias, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def reference_resnet() -> nn.Module:
     """The reference ResNet architecture (1×28×28 in, 10 logits out) with random initialisation."""
+    from saliency.reference_resnet import ReferenceResNet
+
     return ReferenceResNet()
+
+
+def __getattr__(name: str) -> Any:
+    """``ReferenceResNet`` on first use: it subclasses torchvision's ResNet, and importing torchvision
+    costs about 2 s per process (it imports torch._dynamo), which a run of the reference CNN, its Ray
+    workers included, would otherwise pay without using it."""
+    if name == "ReferenceResNet":
+        from saliency.reference_resnet import ReferenceResNet
+
+        return ReferenceResNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def reference_architecture(model: nn.Module) -> str | None:
+    """The name of the reference architecture ``model`` is an instance of ("reference",
+    "reference_resnet"), or None. A ReferenceResNet exists only where its module has been imported."""
+    if type(model) is ReferenceCNN:
+        return REFERENCE
+    resnet = sys.modules.get("saliency.reference_resnet")
+    if resnet is not None and type(model) is resnet.ReferenceResNet:
+        return REFERENCE_RESNET
+    return None
 
 
 @dataclass(frozen=True)
@@ -193,6 +174,8 @@ def load_model(name: str, *, weights: str | Path | None = None, num_classes: int
         if weights is not None:
             load_weights_file(model, Path(weights))
         return model.eval()
+    import torchvision.models
+
     if name not in torchvision.models.list_models():
         raise ValueError(f"unknown model {name!r}; allowed: a torchvision.models name (e.g. resnet18, "
                          f"resnet50, vgg16, vgg16_bn, alexnet), {REFERENCE!r}, {REFERENCE_RESNET!r}, "
@@ -224,6 +207,8 @@ def has_random_weights(name: str, *, weights: str | Path | None = None, num_clas
 
 def _torchvision_model(name: str, weights: str | Path | None, num_classes: int | None,
                        kw: dict[str, Any]) -> nn.Module:
+    import torchvision.models
+
     options = dict(kw)
     if num_classes is not None:
         options["num_classes"] = num_classes
@@ -486,5 +471,5 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 __all__ = ["REFERENCE_MODELS", "ReferenceCNN", "ReferenceResNet", "ReferenceSpec", "evaluate_reference",
            "has_random_weights", "load_label_twin", "load_model", "load_reference", "load_weights_file",
-           "reference_cache_key", "reference_cnn", "reference_resnet", "reference_spec", "train_reference",
+           "reference_architecture", "reference_cache_key", "reference_cnn", "reference_resnet", "reference_spec", "train_reference",
            "training_labels"]

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import VGG, ResNet
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from saliency.choices import check_choice
 from saliency.seeds import stable_seed
@@ -287,12 +286,20 @@ def _vgg_stages(features_name: str, features: nn.Module) -> list[tuple[str, int,
     return stages
 
 
+def _loaded(module: str, *names: str) -> tuple[type, ...]:
+    """torchvision.models.<module>'s classes ``names`` if that module is loaded, else none: a model built
+    from them has loaded it, and a process whose models do not need torchvision is spared its import
+    (about 2 s: it imports torch._dynamo)."""
+    loaded = sys.modules.get(f"torchvision.models.{module}")
+    return () if loaded is None else tuple(getattr(loaded, name) for name in names)
+
+
 def _block_units(model: nn.Module):
     """Return a function mapping a module name to the name of its block unit."""
     modules = dict(model.named_modules())
-    blocks = [name for name, m in modules.items() if isinstance(m, (BasicBlock, Bottleneck))]
-    networks = [name for name, m in modules.items() if isinstance(m, (ResNet, VGG))]
-    stages = [stage for name in networks if isinstance(modules[name], VGG)
+    blocks = [name for name, m in modules.items() if isinstance(m, _loaded("resnet", "BasicBlock", "Bottleneck"))]
+    networks = [name for name, m in modules.items() if isinstance(m, _loaded("resnet", "ResNet") + _loaded("vgg", "VGG"))]
+    stages = [stage for name in networks if isinstance(modules[name], _loaded("vgg", "VGG"))
               for stage in _vgg_stages(_join(name, "features"), modules[name].features)]
 
     def unit_of(name: str) -> str:

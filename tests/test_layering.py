@@ -4,6 +4,7 @@ import the engine that drives them (no cycles hidden in function-level imports).
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,34 @@ def test_the_progress_board_loads_nothing_but_itself():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_worker_of_the_reference_cnn_loads_neither_torchvision_scipy_nor_matplotlib():
+    """A Ray worker imports tasks.actor, unpickles the model and computes shards. The reference CNN needs
+    none of torchvision (about 2 s per process: it imports torch._dynamo), scipy.stats (1 s) or matplotlib,
+    which every worker of every run paid. Computed here: a shard under every test enabled by default but
+    data randomisation (whose twin would be trained first on a new cache), deletion's blur included, with
+    every default method but LRP's: their rules are zennit's, and zennit's package imports torchvision."""
+    import subprocess
+    import sys
+
+    heavy = ("torchvision", "torch._dynamo", "scipy", "matplotlib", "prefect", "mlflow", "sklearn", "skimage")
+    code = f"""
+import pickle, sys
+from saliency.models import reference_cnn
+model = pickle.loads(pickle.dumps(reference_cnn().eval()))
+from tasks.actor import ShardWorker
+from tasks.config import Config
+from tasks.shards import Shard
+methods = [m for m in Config.model_validate({{}}).methods.ids if not m.startswith("lrp")]
+config = {{"data": {{"limit": 2}}, "methods": {{"ids": methods}},
+          "tests": {{"data_randomization": {{"enabled": False}}, "mprt": {{"seeds": [0]}}}}}}
+worker = ShardWorker(config, "run", model=model)
+assert "deletion" in worker.settings.tests and len(methods) == 20, (worker.settings.tests, methods)
+result = worker.run(Shard(0, 0, 2))
+assert result["scores"].num_rows > 0 and result["failures"].num_rows == 0, result["failures"]
+print([m for m in {heavy!r} if m in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["[]"], done.stdout + done.stderr[-3000:]

@@ -25,15 +25,13 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from saliency.models import (REFERENCE, REFERENCE_RESNET, ReferenceCNN, ReferenceResNet, load_label_twin,
-                             load_weights_file)
+from saliency.models import load_label_twin, load_weights_file, reference_architecture
 from saliency.options import check_options, option
 from saliency.passes import forward_logits
 from saliency.sanity.base import Block, SanityTest, as_2d
 
 logger = logging.getLogger(__name__)
 STATE = "label_randomised"
-_REFERENCES = {ReferenceCNN: REFERENCE, ReferenceResNet: REFERENCE_RESNET}
 
 
 @dataclass(frozen=True)
@@ -61,8 +59,8 @@ def label_twin(model: nn.Module, options: DataRandomizationOptions) -> tuple[nn.
             raise ValueError(f"the data randomisation twin's weights file {str(path)!r} does not exist")
         stat = path.stat()
         source: tuple = ("file", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    elif type(model) in _REFERENCES:
-        source = ("reference", _REFERENCES[type(model)])
+    elif reference_architecture(model) is not None:
+        source = ("reference", reference_architecture(model))
     else:
         return None, ("no label-randomised twin: the project trains one for the reference models only; give the "
                       "test's `weights` option, a state_dict of this architecture trained on permuted labels")

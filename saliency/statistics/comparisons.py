@@ -9,7 +9,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy import stats
 
 from saliency.methods import signed_pairs
 from saliency.sanity import get_test, sanity_tests
@@ -46,7 +45,9 @@ def rank_biserial(differences: np.ndarray) -> float:
     d = differences[differences != 0]
     if d.size == 0:
         return 0.0
-    ranks = stats.rankdata(np.abs(d))
+    from scipy.stats import rankdata  # imported where used: see ComparisonAccumulator.table
+
+    ranks = rankdata(np.abs(d))
     return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
 
 
@@ -134,6 +135,10 @@ class ComparisonAccumulator:
 
     def table(self) -> pa.Table:
         """The comparison table (COMPARISON_SCHEMA) of everything added."""
+        # scipy.stats is imported here and in rank_biserial, not at the top: it takes about 1 s, and every
+        # Ray worker imports this package (through the run's config) without ever comparing
+        from scipy.stats import wilcoxon
+
         rows = []
         names = list(self._codes)  # code → image id (dicts keep insertion order)
         for key in sorted(self._values):
@@ -156,7 +161,7 @@ class ComparisonAccumulator:
                     with np.errstate(invalid="ignore", divide="ignore"):
                         low, high = _percentile_interval((weights @ d) / weights.sum(axis=1))
                     if np.any(d != 0):
-                        result = stats.wilcoxon(d)
+                        result = wilcoxon(d)
                         statistic, p = float(result.statistic), float(result.pvalue)
                     else:
                         statistic, p = 0.0, 1.0
