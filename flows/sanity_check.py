@@ -164,7 +164,8 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
         n_actors = min(n_actors, len(work))
         pool = ActorPool(cfg, plan.model, plan.run_id, n_actors, use_gpu, plan.run_dir, plan.manifest)
         ready = time.perf_counter()
-        logger.info("%d actors (%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
+        logger.info("%d actors (%s%s) on nodes %s", n_actors, "GPU" if use_gpu else "CPU",
+                    f", {pool.reused} kept from the run before" if pool.reused else "",
                     sorted({w["node"][:12] for w in pool.workers}))
         if len(work) > len(plan.pending):
             logger.info("fewer shards than actors: MPRT's %d states of each shard shared out to %d pieces",
@@ -172,6 +173,7 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
         explain = explain_shard.with_options(retries=cfg.compute.retries)
         waiting = iter(work)
         running = {explain.submit(shard, pool) for shard in islice(waiting, n_actors)}
+        finished = False  # every shard ran and none failed: the actors may be kept (tasks.actor.kept_workers)
         try:
             with shard_progress(show_progress, pool, sum(s.n_images for s in plan.pending),
                                 f"{done_before}/{len(plan.shards)}") as (bar, job):
@@ -212,8 +214,9 @@ def run_shards(plan: Plan, cfg, show_progress: bool) -> tuple[list[dict[str, Any
                     if bar is not None:
                         bar.update(job, shards=f"{done_before + len(results)}/{len(plan.shards)}")
             seconds = time.perf_counter() - ready
+            finished = not errors
         finally:
-            pool.shutdown()
+            pool.shutdown(keep=finished)
     if errors:
         raise shards_failed(errors, len(plan.pending), len(results))
     return results, seconds

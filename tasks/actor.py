@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +42,13 @@ class ShardWorker:
     def __init__(self, config: dict[str, Any], run_id: str, device: str = "cpu",
                  model: nn.Module | None = None, progress: Any = None,
                  run_dir: str | RunDir | None = None, manifest: Manifest | None = None) -> None:
+        self.start(config, run_id, device, model, progress, run_dir, manifest)
+
+    def start(self, config: dict[str, Any], run_id: str, device: str = "cpu",
+              model: nn.Module | None = None, progress: Any = None,
+              run_dir: str | RunDir | None = None, manifest: Manifest | None = None) -> None:
+        """Take on a run: its config, the planner's decisions, the data and (optionally) the model. A kept
+        worker (``kept_workers``) is started again for each run; nothing of the run before is left."""
         self.cfg = Config.model_validate(config)
         self.settings = self.cfg.sanity_settings(manifest)  # the planner's tests, CAM layer, layout and layers
         self.planned = manifest is not None
@@ -57,6 +66,12 @@ class ShardWorker:
         self.run_dir = RunDir(run_dir) if isinstance(run_dir, str) else run_dir  # where explain_and_write writes
         if model is not None:
             self.set_model(model)
+
+    def stop(self) -> None:
+        """Let go of the run's model, data and progress board: the worker is kept idle for the next run."""
+        self.model = self.dataset = self.progress = self.run_dir = self._within_batch = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def set_model(self, model: nn.Module) -> dict[str, Any]:
         """Hold the model (the planner's copy, so that every actor explains the very same weights)."""
@@ -281,6 +296,71 @@ class PoolClosed(RuntimeError):
     """The pool was shut down (the run stops): not an error a retry could cure."""
 
 
+class KeptWorkers:
+    """Idle ShardWorker actors kept between runs (``kept_workers``), by what they were made for: Ray job,
+    threads per actor, GPU or not. Each holds its CPUs (or GPU) while idle."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[tuple, Any]] = []  # (needs, actor)
+
+    def take(self, needs: tuple, n: int) -> list:
+        """Up to n kept actors made for ``needs``. Those kept for other needs in this job are killed first:
+        their CPUs may be what the run needs; those of another job (a Ray connection since shut down) are
+        gone with it."""
+        import ray
+
+        with self._lock:
+            mine = [actor for kept_for, actor in self._idle if kept_for == needs]
+            others = [(kept_for, actor) for kept_for, actor in self._idle if kept_for != needs]
+            self._idle = [(needs, actor) for actor in mine[n:]]
+        for kept_for, actor in others:
+            if kept_for[0] == needs[0]:
+                ray.kill(actor)
+        return mine[:n]
+
+    def keep(self, needs: tuple, actors: list) -> None:
+        with self._lock:
+            self._idle += [(needs, actor) for actor in actors]
+
+    def release(self) -> int:
+        """Kill every kept actor (their CPUs and GPUs are free again); returns how many."""
+        import ray
+
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, actor in idle:
+            try:
+                ray.kill(actor)
+            except Exception:  # its Ray connection has ended: the actor ended with it
+                pass
+        return len(idle)
+
+
+_kept: KeptWorkers | None = None  # set inside kept_workers()
+
+
+@contextmanager
+def kept_workers() -> Iterator[KeptWorkers]:
+    """Within this block, the actors of a run that ends cleanly are kept, and the next run in this process
+    on the same Ray connection, with the same threads per actor and device, takes them instead of starting
+    its own: their processes have already imported torch and the library (seconds per actor; minutes of
+    GPU set-up on a cluster add up over a sweep). A kept actor is started again for each run (its config,
+    data and model; nothing of the run before is left) and holds its CPUs or GPU while idle, so use it for
+    runs one after another (a sweep, a test session), not around other work on the same cluster. Leaving
+    the block (or ``release()``) kills them. Nested blocks share the outermost's."""
+    global _kept
+    if _kept is not None:
+        yield _kept
+        return
+    _kept = KeptWorkers()
+    try:
+        yield _kept
+    finally:
+        kept, _kept = _kept, None
+        kept.release()
+
+
 class ActorPool:
     """Ray actors running ShardWorker; ``run`` borrows a free actor (thread-safe, for Prefect threads)."""
 
@@ -296,11 +376,31 @@ class ActorPool:
                       run_dir.location, manifest)
         self._model = ray.put(model.cpu())
         self._free: queue.Queue = queue.Queue()
-        self.actors = [self._remote.remote(*self._args) for _ in range(n_actors)]
+        self._needs = (ray.get_runtime_context().get_job_id(), cfg.compute.threads_per_actor, use_gpu)
+        self._kept = _kept
+        reused = [] if self._kept is None else self._kept.take(self._needs, n_actors)
+        self.actors = [actor for actor, alive in zip(reused, self._started(reused)) if alive]
+        self.reused = len(self.actors)  # actors taken from kept_workers
+        self.actors += [self._remote.remote(*self._args) for _ in range(n_actors - self.reused)]
         self.workers = ray.get([actor.set_model.remote(self._model) for actor in self.actors])
         self.closed = False  # set by shutdown: a shard still running then fails with PoolClosed
         for actor in self.actors:
             self._free.put(actor)
+
+    def _started(self, kept: list) -> list[bool]:
+        """Start kept actors on this run; whether each did. One that died while idle, or whose start
+        raised, is dropped (killed): a new actor takes its place and meets any error as a first one would."""
+        import ray
+
+        alive = []
+        for actor, ref in [(actor, actor.start.remote(*self._args)) for actor in kept]:
+            try:
+                ray.get(ref)
+                alive.append(True)
+            except Exception:
+                ray.kill(actor)
+                alive.append(False)
+        return alive
 
     def _replace(self, dead):
         """A new actor for one that died (its process crashed or its node left)."""
@@ -343,11 +443,22 @@ class ActorPool:
         except Exception:  # progress is only for show: never fail the run over it
             return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the actors and the progress board. With ``keep`` (the run ended cleanly) inside the
+        ``kept_workers`` block the pool was made in, the actors are stopped and kept for the next run."""
         import ray
 
         self.closed = True
-        for actor in [*self.actors, self.progress]:
+        ray.kill(self.progress)
+        if keep and self._kept is not None and self._kept is _kept:
+            try:
+                ray.get([actor.stop.remote() for actor in self.actors], timeout=60)
+            except Exception:  # one died or hangs: keep none of them
+                pass
+            else:
+                self._kept.keep(self._needs, self.actors)
+                return
+        for actor in self.actors:
             ray.kill(actor)
 
 

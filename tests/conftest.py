@@ -75,8 +75,22 @@ def ray_local():
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = previous
-    yield ray
+    from tasks.actor import kept_workers
+
+    with kept_workers():  # in-process runs take the actors of the run before (their start: seconds each)
+        yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_address(ray_local) -> str:
+    """The session Ray's address, for a run in a subprocess. The actors kept from the in-process runs are
+    killed first: the subprocess's own actors would wait for the CPUs they hold."""
+    from tasks.actor import kept_workers
+
+    with kept_workers() as kept:  # the session's (ray_local's) block
+        kept.release()
+    return ray_local.get_runtime_context().gcs_address
 
 
 @pytest.fixture

@@ -92,13 +92,13 @@ def serve_one_run(deployment):
     return asyncio.run(run())
 
 
-def test_deployment_run_started_through_the_api_completes(prefect_server, ray_local, tmp_path, monkeypatch):
+def test_deployment_run_started_through_the_api_completes(prefect_server, ray_address, tmp_path, monkeypatch):
     """Served like `saliency-sanity serve`: a runner picks up a run created by the API and finishes it."""
     from flows.sanity_check import DEFAULT_CRON, sanity_check
     from tasks.storage import RunDir
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)  # the run's subprocess
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)  # the run's subprocess
     out = str(tmp_path / "out")
     deployment = sanity_check.to_deployment(name="api-run", cron=DEFAULT_CRON,
                                             parameters={"out": out, "overrides": TINY_OVERRIDES})
@@ -151,7 +151,7 @@ def test_a_deployment_run_with_a_factory_off_the_list_fails_before_any_work(pref
 
 @pytest.mark.slow
 def test_a_scheduled_config_exits_fast_when_done_and_starts_a_new_revision_after_a_code_change(
-        prefect_server, ray_local, tmp_path, monkeypatch):
+        prefect_server, ray_address, tmp_path, monkeypatch):
     """Issue 23 item 1, as a nightly job meets it: served deployment runs of one config, triggered three
     times through the API. The second (nothing changed) computes and logs nothing; after an edit of the
     code (as after a `git pull`) the third starts the next revision beside the finished run directory
@@ -164,7 +164,7 @@ def test_a_scheduled_config_exits_fast_when_done_and_starts_a_new_revision_after
     for package in ("saliency", "tasks", "flows"):
         shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(code)  # the served runs' processes import this copy
-    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("tracking.")] + [f"tracking.uri={uri}",
                                                                                "storage.report=true"]

@@ -233,7 +233,7 @@ def wait_for_first_shard(process: subprocess.Popen, run_dir: RunDir, timeout: fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_server, ray_local, tmp_path, signal_name):
+def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_server, ray_address, tmp_path, signal_name):
     """SIGINT (as a terminal's Ctrl-C: to the CLI's whole process group) or SIGTERM (to the CLI) after the
     first shard: exit 130 within seconds, one line saying how to resume, no traceback, the finished
     parts untouched; re-running (after SIGINT) computes only the rest and ends with exactly the expected rows."""
@@ -244,7 +244,7 @@ def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_serve
     out = tmp_path / "out"
     run_dir = RunDir(str(out / load_config(SLOW).run_name()))
     env = cli_env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value(),
-                  RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+                  RAY_ADDRESS=ray_address)
     process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=env, start_new_session=True, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_first_shard(process, run_dir)

@@ -68,9 +68,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference_run(prefect_server, ray_local, tmp_path_factory):
-    """The uninterrupted one-actor run every other run is compared with."""
+    """The uninterrupted one-actor run every other run is compared with, on a new actor (none kept)."""
     from flows.sanity_check import sanity_check
+    from tasks.actor import kept_workers
 
+    with kept_workers() as kept:  # the session's block (conftest.ray_local)
+        kept.release()
     outcome = sanity_check(config=tiny(), out=str(tmp_path_factory.mktemp("one-actor")))
     return outcome, run_tables(outcome["run_dir"])
 
@@ -196,14 +199,42 @@ def test_a_dataset_of_one_batch_keeps_both_actors_busy_and_gives_the_same_tables
 
 
 @pytest.mark.slow
-def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_local, tmp_path):
+def test_a_kept_actor_runs_the_next_run_and_gives_the_tables_of_a_new_one(reference_run, tmp_path):
+    """tasks.actor.kept_workers (the session's Ray keeps them): a run on the actor that has just explained
+    another model, other data and other methods gives the very tables of a run on a new actor, and its actor
+    is that actor (same process). Released, the kept actor's process ends."""
+    from flows.sanity_check import sanity_check
+    from tasks.actor import kept_workers
+
+    with kept_workers() as kept:  # the session's block: the other run starts the one actor kept after it
+        kept.release()
+    other = sanity_check(config=tiny(model={"name": "models_for_tests:untrained_cnn"}, data={"limit": 6},
+                                     methods={"ids": ["integrated_gradients", "lrp_epsilon"]}),
+                         out=str(tmp_path / "other"))
+    again = sanity_check(config=tiny(), out=str(tmp_path / "again"))
+    pids = {pid for outcome in (other, again) for shard in outcome["shards"].values() for pid in shard["pids"]}
+    assert len(pids) == 1, pids
+    theirs = reference_run[1]
+    for name, table in run_tables(again["run_dir"]).items():
+        assert_same_table(table, theirs[name], name)
+    with kept_workers() as kept:
+        assert kept.release() == 1
+    pid = pids.pop()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_interrupted_run_equals_uninterrupted(reference_run, ray_address, tmp_path):
     """Kill a CLI run (SIGKILL) after its first shard, re-run with the same --out: same tables."""
     from flows.sanity_check import sanity_check
 
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(json.dumps(tiny()))  # JSON is YAML
     run_dir = RunDir(str(tmp_path / "out" / load_config(tiny()).run_name()))
-    env = subprocess_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = subprocess_env(RAY_ADDRESS=ray_address)
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config_file), "--out",
                                 str(tmp_path / "out"), "--no-progress"], cwd=ROOT, env=env,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
