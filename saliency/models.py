@@ -471,5 +471,5 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 __all__ = ["REFERENCE_MODELS", "ReferenceCNN", "ReferenceResNet", "ReferenceSpec", "evaluate_reference",
            "has_random_weights", "load_label_twin", "load_model", "load_reference", "load_weights_file",
-           "reference_architecture", "reference_cache_key", "reference_cnn", "reference_resnet", "reference_spec", "train_reference",
-           "training_labels"]
+           "reference_architecture", "reference_cache_key", "reference_cnn", "reference_resnet", "reference_spec",
+           "train_reference", "training_labels"]

@@ -297,9 +297,10 @@ def _loaded(module: str, *names: str) -> tuple[type, ...]:
 def _block_units(model: nn.Module):
     """Return a function mapping a module name to the name of its block unit."""
     modules = dict(model.named_modules())
-    blocks = [name for name, m in modules.items() if isinstance(m, _loaded("resnet", "BasicBlock", "Bottleneck"))]
-    networks = [name for name, m in modules.items() if isinstance(m, _loaded("resnet", "ResNet") + _loaded("vgg", "VGG"))]
-    stages = [stage for name in networks if isinstance(modules[name], _loaded("vgg", "VGG"))
+    block_types, vgg = _loaded("resnet", "BasicBlock", "Bottleneck"), _loaded("vgg", "VGG")
+    blocks = [name for name, m in modules.items() if isinstance(m, block_types)]
+    networks = [name for name, m in modules.items() if isinstance(m, _loaded("resnet", "ResNet") + vgg)]
+    stages = [stage for name in networks if isinstance(modules[name], vgg)
               for stage in _vgg_stages(_join(name, "features"), modules[name].features)]
 
     def unit_of(name: str) -> str:

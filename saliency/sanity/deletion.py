@@ -62,8 +62,8 @@ def baseline_images(x: Tensor, baseline: str = "blur", blur_sigma: float = 0.1) 
 
 
 def gaussian_blur(x: Tensor, half: int, sigma: float) -> Tensor:
-    """Floating-point B×C×H×W ``x`` convolved per channel with a (2·half+1)² Gaussian of σ, reflect-padded: computed as
-    torchvision's ``gaussian_blur`` computes it (the same kernel, padding and grouped convolution: the
+    """Floating-point B×C×H×W ``x`` convolved per channel with a (2·half+1)² Gaussian of σ, reflect-padded:
+    computed as torchvision's ``gaussian_blur`` computes it (the same kernel, padding and grouped convolution: the
     same bits), without importing torchvision in every Ray worker (about 2 s: it imports torch._dynamo)."""
     offsets = torch.linspace(-half, half, steps=2 * half + 1, dtype=x.dtype, device=x.device)
     density = torch.exp(-0.5 * (offsets / sigma).pow(2))
