@@ -59,8 +59,8 @@ def label_twin(model: nn.Module, options: DataRandomizationOptions) -> tuple[nn.
             raise ValueError(f"the data randomisation twin's weights file {str(path)!r} does not exist")
         stat = path.stat()
         source: tuple = ("file", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    elif reference_architecture(model) is not None:
-        source = ("reference", reference_architecture(model))
+    elif (architecture := reference_architecture(model)) is not None:
+        source = ("reference", architecture)
     else:
         return None, ("no label-randomised twin: the project trains one for the reference models only; give the "
                       "test's `weights` option, a state_dict of this architecture trained on permuted labels")
