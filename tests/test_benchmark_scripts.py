@@ -35,12 +35,16 @@ def test_aggregate_scale_rows_benchmark_runs_and_counts_every_row(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_script_dry_runs_on_the_cpu():
+def test_gpu_check_script_dry_runs_on_the_cpu(prefect_server, ray_address):
     """benchmarks/gpu_check.sh --cpu-dry-run: the pipeline with CPU actors and both engine benchmarks at
     toy sizes (step 1, the CUDA tests, is skipped here: their bodies run on the CPU with
-    SALIENCY_TEST_DEVICE=cpu); it proves the script runs, not that CUDA works."""
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("RAY_ADDRESS", None)
+    SALIENCY_TEST_DEVICE=cpu); it proves the script runs, not that CUDA works. Its pipeline step joins the
+    session's Ray and Prefect API, as on a cluster (a local Ray and a temporary Prefect server per run are
+    tested elsewhere: test_fail_fast, test_quiet_start)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": ray_address,
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--skip-tests"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-4000:])

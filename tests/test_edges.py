@@ -315,7 +315,7 @@ def full_disk_run(tmp_path_factory):
     try:
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
         run_dir = RunDir(str(disk / load_config(FULL_DISK).run_name()))
-        process = subprocess.Popen(cli_run(FULL_DISK, disk), cwd=ROOT, env=cli_env(tmp, SALIENCY_TEST_TAG=tag),
+        process = subprocess.Popen(cli_run(FULL_DISK, disk), cwd=ROOT, env=cli_env(SALIENCY_TEST_TAG=tag),
                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while not any("ray::ShardWorker" in command for command in tagged(tag).values()):
@@ -410,7 +410,7 @@ def test_serve_refuses_a_deployment_whose_factory_is_not_allowed(tmp_path, monke
 
     command = [sys.executable, str(ROOT / "deployments" / "serve.py"), "--set", "model.name=models_for_tests:small_cnn",
                "--out", str(tmp_path / "out")]
-    env = {k: v for k, v in cli_env(tmp_path).items() if k != ALLOWED_FACTORIES_ENV}
+    env = {k: v for k, v in cli_env().items() if k != ALLOWED_FACTORIES_ENV}
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
     assert refused.stdout.startswith("config error: not serving: its own config could never run: config field "

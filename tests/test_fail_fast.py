@@ -162,12 +162,12 @@ def test_a_store_killed_while_being_created_does_not_break_the_next_run(tmp_path
 
 
 # ------------------------------------------------------------------------------------ case 11: fail fast
-def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A CLI subprocess with its own Prefect home, its own local Ray and the test models importable."""
+def cli_env(**extra: str) -> dict[str, str]:
+    """A CLI subprocess with its own temporary Prefect server, its own local Ray and the test models
+    importable. Its server's database is the session's Prefect home's (conftest), migrated by the first
+    such run (about 10 s of CPU, which a new home per test paid each time)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    home = tmp_path / "prefect-home"
-    home.mkdir(exist_ok=True)
-    return {**env, "PREFECT_HOME": str(home), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra}
+    return {**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra}
 
 
 def cli_run(config: dict, out: Path, *args: str) -> list[str]:
@@ -186,7 +186,7 @@ def test_an_error_every_shard_would_repeat_is_not_retried(tmp_path):
     out = tmp_path / "out"
     started = time.monotonic()
     done = subprocess.run(cli_run(config, out), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=cli_env(tmp_path, SALIENCY_TEST_COUNT_FILE=str(count)))
+                          env=cli_env(SALIENCY_TEST_COUNT_FILE=str(count)))
     seconds = time.monotonic() - started
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     print(f"failed in {seconds:.1f} s")
@@ -243,7 +243,7 @@ def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_serve
 
     out = tmp_path / "out"
     run_dir = RunDir(str(out / load_config(SLOW).run_name()))
-    env = cli_env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value(),
+    env = cli_env(PREFECT_API_URL=PREFECT_API_URL.value(),
                   RAY_ADDRESS=ray_address)
     process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=env, start_new_session=True, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -295,7 +295,7 @@ def test_no_process_of_a_killed_run_survives(tmp_path):
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "out"
     run_dir = RunDir(str(out / load_config(SLOW).run_name()))
-    process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=cli_env(tmp_path, SALIENCY_TEST_TAG=tag),
+    process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=cli_env(SALIENCY_TEST_TAG=tag),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_first_shard(process, run_dir)
     started = tagged(tag)
