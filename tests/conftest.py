@@ -7,21 +7,31 @@ from __future__ import annotations
 import os
 import tempfile
 
+#: pytest-xdist's worker name ("gw0", "gw1", …) in a worker of ``pytest -n N``, else None
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 _PREFECT_HOME = tempfile.mkdtemp(prefix="prefect-home-")
+if XDIST_WORKER:  # each worker its own (the subprocess runs' temporary servers would migrate one database at once)
+    os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# a fresh reference-model cache per session: the suite behaves as on a new machine (trains it once)
-os.environ["SALIENCY_SANITY_CACHE"] = tempfile.mkdtemp(prefix="saliency-cache-")
+# a fresh reference-model cache per session: the suite behaves as on a new machine (trains it once). The
+# workers of `pytest -n N` share the one their controller made (they inherit its environment): each model is
+# trained once, by whichever worker asks first, while the others wait on its cache file's lock
+if not (XDIST_WORKER and "SALIENCY_SANITY_CACHE" in os.environ):
+    os.environ["SALIENCY_SANITY_CACHE"] = tempfile.mkdtemp(prefix="saliency-cache-")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if XDIST_WORKER:  # the workers share the cores: one thread each, not two per worker fighting over two cores
+    torch.set_num_threads(1)
 
 #: A run of at least this many tests (the whole suite, most of it) trains the reference CNN and its
 #: label-randomised twin in the background from its start (tests that need them wait for the cache lock).
@@ -35,12 +45,14 @@ def pytest_collection_finish(session):
     suite's single longest wait); ``saliency.models`` locks a model's cache file while it is trained, so a
     test that asks for it meanwhile waits and loads it. The models are trained exactly as on a new machine."""
     global _warm_up
-    if len(session.items) >= WARM_UP_TESTS and _warm_up is None:
+    if len(session.items) >= WARM_UP_TESTS and _warm_up is None and XDIST_WORKER in (None, "gw0"):
         code = ("from saliency.models import load_label_twin, load_reference; "
                 "load_reference(); load_label_twin('reference')")
         _warm_up = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=lambda: os.nice(19))  # the CPU time the tests leave (Ray's workers: 15)
+                                    # the CPU time the tests leave (Ray's workers: 15); none is left under
+                                    # xdist, and the workers' first tests would wait for it
+                                    preexec_fn=None if XDIST_WORKER else lambda: os.nice(19))
 
 
 def pytest_sessionfinish(session, exitstatus):

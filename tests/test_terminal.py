@@ -48,20 +48,23 @@ def test_the_printed_mlflow_ui_command_works_without_the_venv_on_path(tmp_path):
     clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path))}
     server = subprocess.Popen(shlex.split(command), env=clean, cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    answered, deadline = False, time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None and not _answers(
-                f"http://127.0.0.1:{port}/health"):
-            time.sleep(0.5)
-        assert server.poll() is None, server.stdout.read().decode(errors="replace")[-2000:]
-        assert _answers(f"http://127.0.0.1:{port}/health"), "the MLflow UI did not answer within 120 s"
+        while not answered and server.poll() is None and time.monotonic() < deadline:
+            answered = _answers(f"http://127.0.0.1:{port}/health")
+            if not answered:
+                time.sleep(0.5)
     finally:
+        exited = server.poll()
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers, by the PID started here
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+    said = server.stdout.read().decode(errors="replace")[-3000:]
+    assert exited is None, f"the server exited with {exited}: {said}"
+    assert answered, f"the MLflow UI did not answer within 120 s: {said}"
 
 
 TINY_SETS = ["data.limit=6", "methods.ids=gradient,edge_sobel", "compute.images_per_shard=3",
