@@ -9,10 +9,9 @@ import tempfile
 
 #: pytest-xdist's worker name ("gw0", "gw1", …) in a worker of ``pytest -n N``, else None
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-_PREFECT_HOME = tempfile.mkdtemp(prefix="prefect-home-")
-if XDIST_WORKER:  # each worker its own (the subprocess runs' temporary servers would migrate one database at once)
-    os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+# each xdist worker its own Prefect home (the subprocess runs' temporary servers would migrate one database at once)
+if XDIST_WORKER or "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

